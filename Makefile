@@ -1,0 +1,31 @@
+# One virtual environment for every target; created on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RECIPE ?= demo
+STAMP := $(VENV)/.medclip-installed
+
+.PHONY: test lint pretrain bench clean-venv
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall when the package metadata changes.
+$(STAMP): $(PY) setup.cfg pyproject.toml
+	$(PY) -m pip install --quiet -e '.[dev,dicom]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check medclip tests bench
+
+test: lint
+	$(VENV)/bin/pytest -q tests
+
+pretrain: $(STAMP)
+	$(VENV)/bin/medclip pretrain --config pretrain/$(RECIPE).yaml
+
+bench: $(STAMP)
+	@set -e; for b in bench/*.py; do echo "== $$b"; $(PY) $$b; done
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,3 @@
+from medclip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Model zoo, loading/saving and the encoder wrapper."""

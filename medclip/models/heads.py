@@ -1,0 +1,62 @@
+"""PC-Align projection heads: patch states and concept-span states into a shared concept space.
+
+Kept outside the open_clip model so exported checkpoints stay loadable by plain open_clip;
+medclip saves them beside the model (``medclip_heads.safetensors``) and loads them back.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class ConceptHeadsConfig:
+    image_width: int
+    text_width: int
+    embed_dim: int
+    hidden_dim: int | None = None  # defaults to embed_dim
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float = -10.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_dim, bias=False))
+
+
+class ConceptHeads(nn.Module):
+    """Patch head, concept head, and PC-Align's own learnable scale t_c and bias b_c."""
+
+    def __init__(self, config: ConceptHeadsConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_dim or config.embed_dim
+        self.patch_head = _mlp(config.image_width, hidden, config.embed_dim)
+        self.concept_head = _mlp(config.text_width, hidden, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
+
+    def embed_patches(self, patch_states: torch.Tensor) -> torch.Tensor:
+        """[B, P, Wv] -> [B, P, D] (not normalized)."""
+        return self.patch_head(patch_states)
+
+    def embed_spans(self, token_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of token states over each concept span, then the concept head.
+
+        token_states [B, L, Wt]; span_mask [B, C, L] (1 on the span's tokens) -> [B, C, D].
+        Empty spans (padding) give zero vectors and must be masked out by the caller.
+        """
+        mask = span_mask.to(token_states.dtype)
+        counts = mask.sum(-1, keepdim=True).clamp_min(1.0)
+        pooled = torch.einsum("bcl,blw->bcw", mask, token_states) / counts
+        return self.concept_head(pooled)
+
+    def embed_pooled_text(self, text_states: torch.Tensor) -> torch.Tensor:
+        """A concept given by name: pooled token states [N, Wt] -> [N, D]."""
+        return self.concept_head(text_states)

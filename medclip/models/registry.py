@@ -1,0 +1,72 @@
+"""Registers medclip's JSON model configs (open_clip schema) with open_clip.
+
+Configs may reference files shipped in the package with the placeholder ``{medclip_assets}``
+(for example the offline WordPiece text tower). open_clip only reads config files, so resolved
+copies are written once to a cache directory and that directory is registered through
+open_clip's public ``add_model_config``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import open_clip
+
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
+ASSETS_DIR = PACKAGE_DIR / "assets"
+ASSETS_PLACEHOLDER = "{medclip_assets}"
+MODEL_PREFIX = "medclip-"
+
+_registered_dir: Path | None = None
+
+
+def _resolved_text(path: Path) -> str:
+    return path.read_text().replace(ASSETS_PLACEHOLDER, str(ASSETS_DIR))
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("MEDCLIP_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    root = Path(base) / "medclip" if base else Path.home() / ".cache" / "medclip"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".write-probe"
+        probe.touch()
+        probe.unlink()
+        return root
+    except OSError:  # read-only home (containers, clusters): fall back to the temp dir
+        return Path(tempfile.gettempdir()) / f"medclip-{os.getuid()}"
+
+
+def register_model_configs() -> Path:
+    """Write resolved configs to a content-addressed cache dir and register it with open_clip."""
+    global _registered_dir
+    if _registered_dir is not None:
+        return _registered_dir
+    files = sorted(CONFIG_DIR.glob("*.json"))
+    texts = {f.name: _resolved_text(f) for f in files}
+    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
+    target = _cache_root() / "model_configs" / digest
+    if not all((target / name).is_file() for name in texts):
+        target.mkdir(parents=True, exist_ok=True)
+        for name, text in texts.items():
+            tmp = target / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, target / name)  # atomic: concurrent imports never see half a file
+    open_clip.add_model_config(target)
+    _registered_dir = target
+    return target
+
+
+def list_models() -> list[str]:
+    """Names of the architectures medclip ships (all also usable through open_clip)."""
+    return [name for name in open_clip.list_models() if name.startswith(MODEL_PREFIX)]
+
+
+def get_model_config(name: str) -> dict | None:
+    """A deep copy of a registered config (medclip's or open_clip's), or None."""
+    return open_clip.get_model_config(name)

@@ -1,0 +1,88 @@
+"""Token-level forward passes shared by the encoder, the losses and the trainer.
+
+open_clip returns pooled features; PC-Align and heatmaps also need the per-patch states of the
+image tower and the per-position states of the text tower. These functions produce both in a
+single pass, for open_clip's native towers, timm image towers and HF text towers.
+"""
+
+from __future__ import annotations
+
+import torch
+from open_clip.timm_model import TimmModel
+from open_clip.transformer import VisionTransformer
+
+
+def image_width(model) -> int:
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        return visual.proj.shape[0] if visual.proj is not None else visual.transformer.width
+    if isinstance(visual, TimmModel):
+        return visual.trunk.num_features
+    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+
+
+def text_width(model) -> int:
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "config"):  # HF tower
+        return text.config.hidden_size
+    tower = text if text is not None else model
+    return tower.transformer.width
+
+
+def grid_size(model) -> tuple[int, int]:
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        return tuple(visual.grid_size)
+    return tuple(visual.trunk.patch_embed.grid_size)
+
+
+def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled image features [B, D] unnormalized, patch states [B, P, W] before projection)."""
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        x = visual._embeds(images)
+        x = visual.transformer(x)
+        pooled, tokens = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return pooled, tokens
+    if isinstance(visual, TimmModel):
+        feats = visual.trunk.forward_features(images)
+        pooled = visual.head(visual.trunk.forward_head(feats))
+        return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
+    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+
+
+def project_patches(model, tokens: torch.Tensor) -> torch.Tensor:
+    """Patch states into the joint embedding space through the tower's own projection."""
+    visual = model.visual
+    if isinstance(visual, VisionTransformer):
+        return tokens @ visual.proj if visual.proj is not None else tokens
+    return visual.head(tokens)
+
+
+def text_tokens(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled text features [B, D] unnormalized, states [B, L, W] aligned with token_ids positions)."""
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "config"):  # open_clip HFTextEncoder
+        mask = (token_ids != text.config.pad_token_id).long()
+        out = text.transformer(input_ids=token_ids, attention_mask=mask)
+        pooled = text.proj(text.pooler(out, mask))
+        return pooled, out.last_hidden_state
+    if text is None:  # open_clip CLIP keeps the text tower's modules on the model itself
+        from open_clip.transformer import text_global_pool
+
+        cast = model.transformer.get_cast_dtype()
+        x = model.token_embedding(token_ids).to(cast) + model.positional_embedding.to(cast)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
+        pooled = text_global_pool(x, token_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
+        proj = model.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
+        return pooled, x
+    was = text.output_tokens  # CustomTextCLIP's TextTransformer returns its states when asked
+    text.output_tokens = True
+    try:
+        return text(token_ids)
+    finally:
+        text.output_tokens = was
