@@ -22,7 +22,7 @@ def build_wordpiece_tower(
     hidden_size: int = 128,
     num_layers: int = 2,
     num_heads: int = 4,
-    max_positions: int = 128,
+    max_positions: int = 512,
 ) -> Path:
     """Train an uncased WordPiece vocab on ``texts`` and write a BERT config + tokenizer files."""
     from tokenizers import BertWordPieceTokenizer
