@@ -1,0 +1,5 @@
+"""Data: shard builder, manifests, resumable WebDataset stream and the synthetic demo set."""
+
+from medclip.data.concepts import concept_key, normalize_cui
+
+__all__ = ["concept_key", "normalize_cui"]
