@@ -1,0 +1,105 @@
+"""IT-Align: global image-text alignment, InfoNCE (CLIP) or sigmoid (SigLIP).
+
+Semantics match open_clip's ``ClipLoss(local_loss=True, gather_with_grad=True)`` and ``SigLipLoss``:
+each rank scores its own rows against the batch gathered from all ranks (with gradients), so the
+mean of the per-rank losses is the loss of the global batch, and DDP's gradient averaging gives the
+global batch's gradients. Rank batches must have equal size (drop the last partial batch).
+
+The scale and bias are the open_clip model's own ``logit_scale`` (log-space) and ``logit_bias``
+parameters, so an exported model stays a plain open_clip model. open_clip clamps the scale in place
+after each optimizer step; ``clamp_logit_scales_`` does the same here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from medclip.errors import MedclipError
+from medclip.losses.distributed import World, all_gather_with_grad, resolve
+
+# Initial (log scale, bias) for a sigmoid IT-Align: CLIP-style temperature or SigLIP's paper values.
+SIGMOID_INITS = {
+    "clip": (math.log(1 / 0.07), -10.0),
+    "siglip": (math.log(10.0), -10.0),
+}
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def infonce_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+    world: World | None = None,
+) -> torch.Tensor:
+    """Symmetric cross-entropy over scaled cosine logits (features already normalized).
+
+    ``logit_scale`` is the multiplier (``model.logit_scale.exp()``), as open_clip passes it.
+    """
+    world = resolve(world)
+    all_text = torch.cat(all_gather_with_grad(text_features, world))
+    all_image = torch.cat(all_gather_with_grad(image_features, world))
+    logits_per_image = logit_scale * image_features @ all_text.T
+    logits_per_text = logit_scale * text_features @ all_image.T
+    if logit_bias is not None:
+        logits_per_image = logits_per_image + logit_bias
+        logits_per_text = logits_per_text + logit_bias
+    n = image_features.shape[0]
+    labels = torch.arange(n, device=image_features.device) + n * world.rank
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def sigmoid_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    world: World | None = None,
+) -> torch.Tensor:
+    """Pairwise binary loss of the local images against every text of the global batch.
+
+    Normalised like SigLIP: summed over texts, divided by the local batch size.
+    """
+    world = resolve(world)
+    all_text = torch.cat(all_gather_with_grad(text_features, world))
+    logits = logit_scale * image_features @ all_text.T + logit_bias
+    n = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    own = torch.arange(n, device=logits.device) + n * world.rank
+    labels[torch.arange(n, device=logits.device), own] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / n
+
+
+def model_logit_params(model: torch.nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(scale multiplier, bias) from the open_clip model's own parameters."""
+    scale = model.logit_scale.exp()
+    bias = getattr(model, "logit_bias", None)
+    if kind == "sigmoid" and bias is None:
+        raise MedclipError(
+            "sigmoid IT-Align needs the model's logit_bias: create the model with 'init_logit_bias' "
+            "in its config (e.g. -10)"
+        )
+    return scale, bias
+
+
+def init_logit_params_(model: torch.nn.Module, preset: str) -> None:
+    """Reset the model's logit scale and bias to a SIGMOID_INITS preset ('clip' or 'siglip')."""
+    if preset not in SIGMOID_INITS:
+        raise MedclipError(f"unknown logit init {preset!r}; choose one of {sorted(SIGMOID_INITS)}")
+    if getattr(model, "logit_bias", None) is None:
+        raise MedclipError("the model has no logit_bias: create it with 'init_logit_bias' in its config")
+    scale, bias = SIGMOID_INITS[preset]
+    with torch.no_grad():
+        model.logit_scale.fill_(scale)
+        model.logit_bias.fill_(bias)
+
+
+@torch.no_grad()
+def clamp_logit_scales_(*modules: torch.nn.Module | None, max_log_scale: float = MAX_LOGIT_SCALE) -> None:
+    """Clamp each module's log-space ``logit_scale`` to [0, ln 100] in place (call after optimizer.step)."""
+    for module in modules:
+        if module is not None and getattr(module, "logit_scale", None) is not None:
+            module.logit_scale.clamp_(0, max_log_scale)

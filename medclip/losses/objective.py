@@ -1,0 +1,244 @@
+"""The training objective: total = IT-Align + lambda * PC-Align (PC-Align from a start step on).
+
+The trainer calls ``Objective(config).compute(model, heads, batch, step)``. For gradient
+accumulation with re-forward (open_clip's accum_freq) it calls the two halves separately:
+``features = objective.forward_features(model, heads, batch)`` per micro-batch, then
+``objective.losses(concat_features(all_features), step, model, heads)``.
+
+Batch fields (see the data contract): images [B,3,H,W], text [B,L], concept_spans [B,C,2] (token
+start, end-exclusive, position 0 = start token), concept_ids [B,C], concept_mask [B,C]; and, with
+``use_concept_names``, concept_name_tokens [B,C,L'] (the concept's name tokenized like a caption,
+pad ids where there is no concept).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from medclip.errors import MedclipError
+from medclip.losses.distributed import World
+from medclip.losses.it_align import infonce_loss, model_logit_params, sigmoid_loss
+from medclip.losses.pc_align import POOLS, PCAlignConfig, pc_align_loss
+from medclip.models import towers
+
+log = logging.getLogger(__name__)
+
+IT_KINDS = ("infonce", "sigmoid")
+
+
+@dataclass
+class ObjectiveConfig:
+    it_kind: str = "infonce"  # 'infonce' (CLIP) or 'sigmoid' (SigLIP; the model needs a logit_bias)
+    pc_weight: float = 1.0  # lambda; 0 turns PC-Align off
+    pc_start_step: int = 0  # ConceptCLIP turns PC-Align on in a second stage
+    pc_pool: str = "max"  # 'max' | 'topk' | 'lse'
+    pc_topk: int = 4
+    pc_lse_temperature: float = 0.1
+    pc_chunk_size: int | None = 64  # concepts per chunk; None = naive (all at once)
+    use_concept_names: bool = False  # also align the embedding of each concept's name
+
+    def __post_init__(self):
+        if self.it_kind not in IT_KINDS:
+            raise MedclipError(f"it_kind must be one of {IT_KINDS}, got {self.it_kind!r}")
+        if self.pc_weight < 0:
+            raise MedclipError(f"pc_weight must be >= 0, got {self.pc_weight}")
+        if self.pc_start_step < 0:
+            raise MedclipError(f"pc_start_step must be >= 0, got {self.pc_start_step}")
+        if self.pc_pool not in POOLS:
+            raise MedclipError(f"pc_pool must be one of {POOLS}, got {self.pc_pool!r}")
+        self.pc_config()  # validates the remaining PC-Align values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> ObjectiveConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MedclipError(f"unknown objective option(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def pc_config(self) -> PCAlignConfig:
+        return PCAlignConfig(pool=self.pc_pool, topk=self.pc_topk, lse_temperature=self.pc_lse_temperature,
+                             chunk_size=self.pc_chunk_size)
+
+    def pc_active(self, step: int | None) -> bool:
+        return self.pc_weight > 0 and (step is None or step >= self.pc_start_step)
+
+
+@dataclass
+class Features:
+    """What the losses need from one forward pass of both towers (and the PC-Align heads)."""
+
+    image: torch.Tensor  # [B, D] normalized
+    text: torch.Tensor  # [B, D] normalized
+    patches: torch.Tensor | None = None  # [B, P, Dc] heads.embed_patches, not normalized
+    concepts: torch.Tensor | None = None  # [B, C, Dc] span (and name) embeddings, not normalized
+    concept_mask: torch.Tensor | None = None  # [B, C] bool
+    concept_ids: torch.Tensor | None = None  # [B, C] long
+
+    @property
+    def has_concepts(self) -> bool:
+        return self.patches is not None
+
+    def detach(self) -> Features:
+        return Features(*(t.detach() if isinstance(t, torch.Tensor) else t for t in dataclasses.astuple(self)))
+
+
+def _pad_concepts(t: torch.Tensor, size: int, value=0) -> torch.Tensor:
+    pad = size - t.shape[1]
+    if pad == 0:
+        return t
+    return torch.cat([t, t.new_full((t.shape[0], pad, *t.shape[2:]), value)], dim=1)
+
+
+def concat_features(parts: list[Features]) -> Features:
+    """Features of several micro-batches as one batch (concept slots padded to the largest C)."""
+    if not parts:
+        raise MedclipError("no features to concatenate")
+    image = torch.cat([p.image for p in parts])
+    text = torch.cat([p.text for p in parts])
+    if not all(p.has_concepts for p in parts):
+        return Features(image, text)
+    c = max(p.concept_mask.shape[1] for p in parts)
+    return Features(
+        image, text,
+        patches=torch.cat([p.patches for p in parts]),
+        concepts=torch.cat([_pad_concepts(p.concepts, c) for p in parts]),
+        concept_mask=torch.cat([_pad_concepts(p.concept_mask, c, False) for p in parts]),
+        concept_ids=torch.cat([_pad_concepts(p.concept_ids, c) for p in parts]),
+    )
+
+
+def _text_pad_id(model) -> int:
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "config"):
+        return int(text.config.pad_token_id)
+    return 0  # open_clip's SimpleTokenizer pads with 0
+
+
+def name_token_mask(token_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """[N, L] bool: the tokens of a tokenized name between its start and end tokens."""
+    real = token_ids != pad_id
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+    last = (real * positions).amax(dim=1, keepdim=True)  # the end token ([SEP] / <end_of_text>)
+    return real & (positions > 0) & (positions < last)
+
+
+class Objective:
+    def __init__(self, config: ObjectiveConfig | None = None, world: World | None = None):
+        self.config = config or ObjectiveConfig()
+        self.world = world  # None: ask torch.distributed at every call
+        self.skipped_spans = 0  # concept mentions dropped because their token span was unusable
+
+    # ---- batch -> features -------------------------------------------------------------------------
+
+    def span_mask(self, concept_spans: torch.Tensor, concept_mask: torch.Tensor, length: int):
+        """([B, C, L] bool span mask, [B, C] mask with unusable spans dropped and counted)."""
+        start, end = concept_spans[..., 0], concept_spans[..., 1]
+        usable = (start >= 0) & (end <= length) & (start < end)
+        bad = concept_mask & ~usable
+        n_bad = int(bad.sum())
+        if n_bad:
+            self.skipped_spans += n_bad
+            log.warning("skipped %d concept mention(s) with spans outside [0, %d) or empty (%d so far)",
+                        n_bad, length, self.skipped_spans)
+        mask = concept_mask & usable
+        positions = torch.arange(length, device=concept_spans.device)
+        spans = (positions >= start[..., None]) & (positions < end[..., None]) & mask[..., None]
+        return spans, mask
+
+    def _concept_fields(self, batch: dict, batch_size: int):
+        missing = [k for k in ("concept_spans", "concept_ids", "concept_mask") if k not in batch]
+        if missing:
+            raise MedclipError(f"PC-Align needs batch fields {missing} (see the training batch contract)")
+        spans, ids, mask = batch["concept_spans"], batch["concept_ids"], batch["concept_mask"].bool()
+        if spans.ndim != 3 or spans.shape[-1] != 2 or spans.shape[:2] != mask.shape or ids.shape != mask.shape \
+                or mask.shape[0] != batch_size:
+            raise MedclipError(
+                f"concept fields disagree: concept_spans {tuple(spans.shape)} (want [B, C, 2]), concept_ids "
+                f"{tuple(ids.shape)}, concept_mask {tuple(mask.shape)}, batch size {batch_size}")
+        return spans, ids.long(), mask
+
+    def _name_embeddings(self, model, heads, batch, mask: torch.Tensor):
+        """[B, C, Dc] embeddings of the concept names and the [B, C] mask of names that have tokens."""
+        if "concept_name_tokens" not in batch:
+            raise MedclipError("use_concept_names needs the batch field concept_name_tokens [B, C, L']")
+        names = batch["concept_name_tokens"]
+        if names.ndim != 3 or names.shape[:2] != mask.shape:
+            raise MedclipError(f"concept_name_tokens must be [B, C, L'] with [B, C] = {tuple(mask.shape)}, "
+                               f"got {tuple(names.shape)}")
+        rows, cols = mask.nonzero(as_tuple=True)
+        ids = names[rows, cols].long()
+        words = name_token_mask(ids, _text_pad_id(model))
+        out = None
+        if len(ids):
+            _, states = towers.text_tokens(model, ids)
+            weights = words.to(states.dtype)
+            pooled = (weights[..., None] * states).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
+            out = heads.embed_pooled_text(pooled)
+        dim = heads.config.embed_dim
+        embeds = torch.zeros(*mask.shape, dim, dtype=out.dtype if out is not None else torch.float32,
+                             device=mask.device)
+        name_mask = torch.zeros_like(mask)
+        if out is not None:
+            embeds = embeds.index_put((rows, cols), out)
+            name_mask[rows, cols] = words.any(dim=1)
+        return embeds, name_mask
+
+    def forward_features(self, model, heads, batch: dict, step: int | None = None) -> Features:
+        """Run both towers once; add PC-Align's patch and concept embeddings when PC-Align is active."""
+        for key in ("images", "text"):
+            if key not in batch:
+                raise MedclipError(f"training batch has no {key!r} field")
+        images, text = batch["images"], batch["text"]
+        if images.shape[0] != text.shape[0]:
+            raise MedclipError(f"{images.shape[0]} images but {text.shape[0]} captions in the batch")
+        image_pooled, patch_states = towers.image_tokens(model, images)
+        text_pooled, token_states = towers.text_tokens(model, text)
+        features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1))
+        if heads is None or not self.config.pc_active(step):
+            return features
+        spans, ids, mask = self._concept_fields(batch, images.shape[0])
+        span_mask, mask = self.span_mask(spans, mask, text.shape[1])
+        concepts = heads.embed_spans(token_states, span_mask)
+        if self.config.use_concept_names:
+            names, name_mask = self._name_embeddings(model, heads, batch, mask)
+            # Names are extra mentions of the same concepts: positives for their own image, and the
+            # same CUI rule keeps them out of the other images' negatives.
+            concepts = torch.cat([concepts, names.to(concepts.dtype)], dim=1)
+            ids = torch.cat([ids, ids], dim=1)
+            mask = torch.cat([mask, name_mask], dim=1)
+        features.patches = heads.embed_patches(patch_states)
+        features.concepts, features.concept_mask, features.concept_ids = concepts, mask, ids
+        return features
+
+    # ---- features -> losses ------------------------------------------------------------------------
+
+    def losses(self, features: Features, step: int, model, heads) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        scale, bias = model_logit_params(model, cfg.it_kind)
+        if cfg.it_kind == "sigmoid":
+            it = sigmoid_loss(features.image, features.text, scale, bias, world=self.world)
+        else:
+            it = infonce_loss(features.image, features.text, scale, bias, world=self.world)
+        if not cfg.pc_active(step):
+            pc = torch.zeros((), dtype=it.dtype, device=it.device)
+            return {"total": it, "it": it, "pc": pc}
+        if heads is None:
+            raise MedclipError("PC-Align is on (pc_weight > 0) but the model has no concept heads")
+        if not features.has_concepts:
+            raise MedclipError("PC-Align is on at this step but the features were computed without it; "
+                               "pass the step to forward_features")
+        pc = pc_align_loss(features.patches, features.concepts, features.concept_mask, features.concept_ids,
+                           heads.logit_scale, heads.logit_bias, cfg.pc_config(), world=self.world)
+        return {"total": it + cfg.pc_weight * pc, "it": it, "pc": pc}
+
+    def compute(self, model, heads, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """{'total', 'it', 'pc'} losses of one batch (scalars; backward on 'total')."""
+        return self.losses(self.forward_features(model, heads, batch, step), step, model, heads)
+
+    __call__ = compute

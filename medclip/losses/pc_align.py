@@ -1,0 +1,226 @@
+"""PC-Align: sigmoid alignment of image patches with the concepts mentioned in captions.
+
+Score of image i for concept c: ``pool_p(t_c * cos(patch_ip, concept_c) + b_c)`` where pool is the
+max over patches (ConceptCLIP), the mean of the top-k patches, or a smooth maximum
+``tau * log(mean_p exp(logit_p / tau))`` (between the mean and the max; the max as tau -> 0).
+t_c = exp(heads.logit_scale) and b_c = heads.logit_bias, separate from IT-Align's.
+
+Pairs (image i of this rank, concept c of the global batch):
+  * positive  -- c is a (non-negated, non-padding) concept of i's own caption;
+  * ignored   -- c belongs to another caption but has the same concept id (CUI) as one of i's own
+                 concepts (ConceptCLIP counts these as negatives: false negatives);
+  * negative  -- every other valid concept.
+Images whose caption has no valid concept are not scored (an unannotated caption says nothing about
+which concepts are absent); padding and negated mentions are never scored as concepts.
+
+Normalisation (documented, SigLIP-like): the sum of the binary losses over counted pairs of the
+global batch divided by the number of scored images in the global batch. Each rank returns
+``world_size * (its own rows' sum) / global_images``, so the mean over ranks is the global loss and
+DDP's gradient averaging yields the global gradients (as with open_clip's local_loss).
+
+Memory: ``chunk_size`` concepts at a time. The chunked scores are a custom autograd Function that
+keeps only its inputs and recomputes each chunk in backward, so forward and backward hold
+O(B x P x chunk) besides the inputs, their gradients and the [B, N] score matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from medclip.errors import MedclipError
+from medclip.losses.distributed import (
+    World,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_max,
+    all_reduce_sum,
+    resolve,
+)
+
+POOLS = ("max", "topk", "lse")
+
+
+@dataclass(frozen=True)
+class PCAlignConfig:
+    pool: str = "max"
+    topk: int = 4  # patches averaged by pool='topk'
+    lse_temperature: float = 0.1  # tau of pool='lse', in logit units
+    chunk_size: int | None = 64  # concepts per chunk; None computes all concepts at once (naive)
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise MedclipError(f"PC-Align pool must be one of {POOLS}, got {self.pool!r}")
+        if self.topk < 1:
+            raise MedclipError(f"PC-Align topk must be >= 1, got {self.topk}")
+        if not self.lse_temperature > 0:
+            raise MedclipError(f"PC-Align lse temperature must be > 0, got {self.lse_temperature}")
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise MedclipError(f"PC-Align chunk size must be >= 1 or None, got {self.chunk_size}")
+
+
+def _pool(logits: torch.Tensor, cfg: PCAlignConfig) -> torch.Tensor:
+    """[B, P, K] patch logits -> [B, K] concept scores (autograd-differentiable)."""
+    if cfg.pool == "max":
+        return logits.max(dim=1).values
+    if cfg.pool == "topk":
+        k = min(cfg.topk, logits.shape[1])
+        return logits.topk(k, dim=1).values.mean(dim=1)
+    tau = cfg.lse_temperature
+    return tau * (torch.logsumexp(logits / tau, dim=1) - math.log(logits.shape[1]))
+
+
+def _pool_weights(logits: torch.Tensor, cfg: PCAlignConfig) -> torch.Tensor:
+    """d score / d logits for _pool, [B, P, K]."""
+    if cfg.pool == "max":
+        index = logits.max(dim=1, keepdim=True).indices
+        return torch.zeros_like(logits).scatter_(1, index, 1.0)
+    if cfg.pool == "topk":
+        k = min(cfg.topk, logits.shape[1])
+        index = logits.topk(k, dim=1).indices
+        return torch.zeros_like(logits).scatter_(1, index, 1.0 / k)
+    return torch.softmax(logits / cfg.lse_temperature, dim=1)
+
+
+def naive_scores(patches, concepts, scale, bias, cfg: PCAlignConfig) -> torch.Tensor:
+    """[B, P, D] x [N, D] -> [B, N] with the full [B, P, N] logits kept for autograd."""
+    return _pool(scale * (patches @ concepts.T) + bias, cfg)
+
+
+class _ChunkedScores(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, patches, concepts, scale, bias, cfg: PCAlignConfig):
+        chunk = cfg.chunk_size
+        out = patches.new_empty(patches.shape[0], concepts.shape[0])
+        for start in range(0, concepts.shape[0], chunk):
+            c = concepts[start:start + chunk]
+            out[:, start:start + chunk] = _pool(scale * (patches @ c.T) + bias, cfg)
+        ctx.cfg = cfg
+        ctx.save_for_backward(patches, concepts, scale, bias)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_scores):
+        patches, concepts, scale, bias = ctx.saved_tensors
+        cfg = ctx.cfg
+        flat_patches = patches.reshape(-1, patches.shape[-1])
+        grad_patches = torch.zeros(patches.shape, dtype=patches.dtype, device=patches.device)
+        grad_concepts = torch.empty_like(concepts)
+        grad_scale = torch.zeros_like(scale)
+        grad_bias = torch.zeros_like(bias)
+        for start in range(0, concepts.shape[0], cfg.chunk_size):
+            c = concepts[start:start + cfg.chunk_size]
+            sims = patches @ c.T  # recomputed: [B, P, K]
+            g = _pool_weights(scale * sims + bias, cfg)
+            g.mul_(grad_scores[:, None, start:start + cfg.chunk_size])  # d loss / d logits
+            grad_bias += g.sum()
+            grad_scale += (g * sims).sum()
+            del sims
+            g.mul_(scale)  # d loss / d cosine
+            grad_patches.view(-1, c.shape[-1]).addmm_(g.reshape(-1, g.shape[-1]), c)  # no [B, P, D] temporary
+            grad_concepts[start:start + cfg.chunk_size] = g.reshape(-1, g.shape[-1]).T @ flat_patches
+            del g
+        return grad_patches, grad_concepts, grad_scale, grad_bias, None
+
+
+def concept_scores(patches, concepts, scale, bias, cfg: PCAlignConfig) -> torch.Tensor:
+    """Pooled patch-concept scores [B, N] of normalized patches [B, P, D] and concepts [N, D]."""
+    if cfg.chunk_size is None or concepts.shape[0] <= cfg.chunk_size:
+        return naive_scores(patches, concepts, scale, bias, cfg)
+    return _ChunkedScores.apply(patches, concepts, scale, bias, cfg)
+
+
+@dataclass
+class GlobalConcepts:
+    """The valid concepts of the whole (global) batch, padded to the same count on every rank."""
+
+    embeddings: torch.Tensor  # [N, D] normalized, with gradients to the owning rank
+    ids: torch.Tensor  # [N] long concept ids
+    owners: torch.Tensor  # [N] long global image index of the caption the concept came from
+    valid: torch.Tensor  # [N] bool, False for padding
+    image_offset: int  # global index of this rank's first image
+
+
+def gather_concepts(concepts, concept_mask, concept_ids, world: World) -> GlobalConcepts | None:
+    """Compact the local valid concepts and gather them from every rank; None when no rank has any."""
+    batch = concept_mask.shape[0]
+    rows, cols = concept_mask.nonzero(as_tuple=True)
+    local_n = rows.numel()
+    n_max = all_reduce_max(local_n, world, device=concepts.device)
+    sizes = torch.stack(all_gather_no_grad(torch.tensor([batch], device=concepts.device), world)).flatten()
+    offset = int(sizes[:world.rank].sum())
+    if n_max == 0:
+        return None
+    pad = n_max - local_n
+    emb = torch.cat([concepts[rows, cols], concepts.new_zeros(pad, concepts.shape[-1])])
+    meta = torch.stack([
+        torch.cat([concept_ids[rows, cols], concept_ids.new_zeros(pad)]),
+        torch.cat([rows + offset, rows.new_zeros(pad)]),
+        torch.cat([torch.ones_like(rows), rows.new_zeros(pad)]),
+    ], dim=1).to(torch.long)
+    all_meta = torch.cat(all_gather_no_grad(meta, world))
+    return GlobalConcepts(
+        embeddings=torch.cat(all_gather_with_grad(emb, world)),
+        ids=all_meta[:, 0],
+        owners=all_meta[:, 1],
+        valid=all_meta[:, 2].bool(),
+        image_offset=offset,
+    )
+
+
+def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive [B, N] bool, counted [B, N] bool) for this rank's images against the global concepts."""
+    batch = concept_mask.shape[0]
+    me = torch.arange(batch, device=concept_mask.device) + global_concepts.image_offset
+    valid = global_concepts.valid[None, :]
+    positive = valid & (global_concepts.owners[None, :] == me[:, None])
+    # Another caption's mention of one of my own CUIs: neither positive nor negative.
+    same_id = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :])
+               & concept_mask[:, :, None]).any(dim=1)
+    negative = valid & ~positive & ~same_id
+    scored_image = concept_mask.any(dim=1, keepdim=True)
+    return positive, (positive | negative) & scored_image
+
+
+def pc_align_loss(
+    patch_embeds: torch.Tensor,
+    concept_embeds: torch.Tensor,
+    concept_mask: torch.Tensor,
+    concept_ids: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    cfg: PCAlignConfig = PCAlignConfig(),
+    world: World | None = None,
+) -> torch.Tensor:
+    """PC-Align loss of this rank (see module doc).
+
+    patch_embeds [B, P, D] and concept_embeds [B, C, D] (not normalized), concept_mask [B, C] bool,
+    concept_ids [B, C] long; logit_scale is log-space (t_c = exp), logit_bias is b_c.
+    """
+    world = resolve(world)
+    if concept_embeds.shape[:2] != concept_mask.shape or concept_ids.shape != concept_mask.shape:
+        raise MedclipError(
+            f"concept embeddings {tuple(concept_embeds.shape)}, mask {tuple(concept_mask.shape)} and ids "
+            f"{tuple(concept_ids.shape)} disagree on [B, C]")
+    if patch_embeds.shape[0] != concept_mask.shape[0]:
+        raise MedclipError(f"{patch_embeds.shape[0]} images but {concept_mask.shape[0]} concept rows")
+    concept_mask = concept_mask.bool()
+    scale = logit_scale.exp()
+    concepts = F.normalize(concept_embeds, dim=-1)
+    gathered = gather_concepts(concepts, concept_mask, concept_ids, world)
+    # Keeps every input in the graph (DDP expects gradients for all parameters) when nothing is scored.
+    zero = (patch_embeds.sum() + concepts.sum() + scale + logit_bias) * 0.0
+    if gathered is None:
+        return zero
+    positive, counted = pair_labels(gathered, concept_mask, concept_ids)
+    scored_images = all_reduce_sum(concept_mask.any(dim=1).sum().to(patch_embeds.dtype), world)
+    patches = F.normalize(patch_embeds, dim=-1)
+    scores = concept_scores(patches, gathered.embeddings, scale, logit_bias, cfg)
+    sign = positive.to(scores.dtype) * 2 - 1
+    pair_loss = -F.logsigmoid(sign * scores) * counted.to(scores.dtype)
+    return zero + pair_loss.sum() * world.size / scored_images.clamp_min(1.0)
