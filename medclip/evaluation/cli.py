@@ -1,0 +1,118 @@
+"""`medclip eval zero-shot|retrieval|linear-probe|suite`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medclip.errors import MedclipError
+from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
+from medclip.evaluation.model import EmbedOptions, resolve_model
+from medclip.evaluation.report import write_plots, write_result, write_summary
+from medclip.evaluation.runner import RunOptions, evaluate_dataset
+from medclip.evaluation.suites import DatasetSpec, Source, load_suite, parse_classes
+
+log = logging.getLogger(__name__)
+
+TASK_OF_COMMAND = {"zero-shot": "zero-shot", "retrieval": "retrieval", "linear-probe": "linear-probe"}
+
+
+def _common(p) -> None:
+    p.add_argument("--model", action="append", required=True,
+                   help="medclip name or directory, open_clip name, local-dir:DIR or checkpoint (repeatable)")
+    p.add_argument("--out", default="eval_results", help="output directory (JSON per dataset, summary, plots)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--precision", default=None)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2, help="image preprocessing worker processes")
+    p.add_argument("--cache-dir", default=None, help="linear-probe feature cache (default ~/.cache/medclip/features)")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--shots", type=int, nargs="*", default=[], help="linear probe: k per class settings")
+    p.add_argument("--fractions", type=float, nargs="*", default=[1.0],
+                   help="linear probe: fractions of the training set (e.g. 0.01 0.1 1)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--no-progress", action="store_true")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="zero-shot, retrieval and linear-probe evaluation")
+    sub = parser.add_subparsers(dest="eval_command", metavar="TASK")
+    sub.required = True
+    suite = sub.add_parser("suite", help="run a benchmark suite (zero_shot/NAME.yaml or a YAML path)")
+    suite.add_argument("suite")
+    suite.add_argument("--root", default=None, help="data root (overrides the suite's)")
+    suite.add_argument("--datasets", nargs="*", default=None, help="only these datasets of the suite")
+    _common(suite)
+    suite.set_defaults(func=run)
+    for command in TASK_OF_COMMAND:
+        p = sub.add_parser(command, help=f"{command} on one dataset (from a suite or given inline)")
+        p.add_argument("--suite", default=None, help="take the dataset definition from this suite")
+        p.add_argument("--dataset", default=None, help="dataset name (in the suite, or the result name)")
+        p.add_argument("--root", default=None, help="data root")
+        p.add_argument("--reader", default=None, help="inline: reader (image_folder, csv, jsonl, wds)")
+        p.add_argument("--data", default=None, help="inline: path for the reader (file, folder or shard glob)")
+        p.add_argument("--train-data", default=None, help="inline linear-probe: training split path")
+        p.add_argument("--label", default=None, help="inline: label field")
+        p.add_argument("--classes", nargs="*", default=None, help="inline: class labels")
+        p.add_argument("--template", action="append", default=None, help="inline: prompt template with {c}")
+        p.add_argument("--headline", default="", help="inline: headline metric")
+        _common(p)
+        p.set_defaults(func=run)
+
+
+def _inline_spec(args, task: str) -> DatasetSpec:
+    if not args.reader or not args.data:
+        raise MedclipError("give --suite and --dataset, or --reader and --data")
+    classes = None
+    if args.classes:
+        templates = args.template or ["a medical image of {c}."]
+        classes = parse_classes(args.classes, templates, "command line")
+    label = args.label or ("label" if args.reader == "image_folder" else None)
+    train = Source(args.reader, {"path": args.train_data}) if args.train_data else None
+    return DatasetSpec(name=args.dataset or Path(args.data).stem, task=task, source=Source(args.reader,
+                       {"path": args.data}), label=label, classes=classes, headline=args.headline, train=train)
+
+
+def _plan(args) -> tuple[str, Path | None, list[DatasetSpec]]:
+    if args.eval_command == "suite":
+        suite = load_suite(args.suite)
+        root = Path(args.root).resolve() if args.root else suite.root
+        return suite.name, root, suite.select(args.datasets)
+    task = TASK_OF_COMMAND[args.eval_command]
+    if args.suite:
+        if not args.dataset:
+            raise MedclipError("--suite needs --dataset")
+        suite = load_suite(args.suite)
+        spec = suite.select([args.dataset])[0]
+        if spec.task != task and not (task == "zero-shot" and spec.task == "multilabel"):
+            raise MedclipError(f"dataset {spec.name} is a {spec.task} task, not {task}")
+        return suite.name, Path(args.root).resolve() if args.root else suite.root, [spec]
+    root = Path(args.root).resolve() if args.root else Path.cwd()
+    return "", root, [_inline_spec(args, task)]
+
+
+def run(args) -> int:
+    suite_name, root, specs = _plan(args)
+    options = RunOptions(
+        embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress),
+        probe=ProbeConfig(shots=tuple(args.shots), fractions=tuple(args.fractions), seeds=tuple(args.seeds)),
+        cache=FeatureCache(args.cache_dir),
+    )
+    out = Path(args.out)
+    for name in args.model:
+        model = resolve_model(name, device=args.device, precision=args.precision)
+        for spec in tqdm(specs, desc=f"{name}", disable=args.no_progress):
+            record = evaluate_dataset(model, spec, root, options, suite_name)
+            path = write_result(record, out)
+            value = record["headline"]
+            shown = "n/a" if value is None else f"{value:.4f}"
+            print(f"{name}  {spec.name}  {spec.headline}={shown}  (n={record['n_samples']}, "
+                  f"skipped={record['n_skipped']})  -> {path}")
+    md, csv_path = write_summary(out)
+    print(f"summary: {md} {csv_path}")
+    if not args.no_plots:
+        plots = write_plots(out)
+        print(f"plots: {len(plots)} PNG files in {out / 'plots'}")
+    return 0

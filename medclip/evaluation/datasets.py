@@ -1,0 +1,216 @@
+"""Evaluation data: one record per image (image source, raw label values, captions).
+
+Readers are registered by name (``@register_reader("jsonl")``), so a suite YAML names a reader
+and its arguments and a new layout is one function, not a branch in a chain. Every reader
+returns an :class:`EvalData`; labels stay raw (``labels[field]`` as stored) and the task maps
+them to class indices, skipping and counting samples whose label is not one of the classes.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from medclip.errors import MedclipError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+
+@dataclass
+class EvalData:
+    """Images with their label fields and captions. ``images`` are paths or encoded bytes."""
+
+    name: str
+    images: list
+    labels: list[dict]
+    captions: list[list[str]]
+    keys: list[str]
+    identity_parts: list[str] = field(default_factory=list)  # what the feature cache key hashes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, indices) -> EvalData:
+        idx = list(indices)
+        return EvalData(self.name, [self.images[i] for i in idx], [self.labels[i] for i in idx],
+                        [self.captions[i] for i in idx], [self.keys[i] for i in idx],
+                        [self.identity_parts[i] for i in idx] if self.identity_parts else [])
+
+    def identity(self) -> str:
+        """Digest of what the data is: file paths with sizes and mtimes, or content hashes of bytes."""
+        h = hashlib.sha256()
+        for part in self.identity_parts:
+            h.update(part.encode())
+            h.update(b"\0")
+        return h.hexdigest()
+
+
+def open_image(source) -> Image.Image | str:
+    """What ``Encoder.preprocess`` accepts: a path stays a path, bytes become a PIL image."""
+    if isinstance(source, (bytes, bytearray)):
+        with Image.open(io.BytesIO(source)) as img:
+            img.load()
+            return img.copy()
+    return source
+
+
+def file_identity(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise MedclipError(f"image not found: {path}") from exc
+    return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+
+ReaderFn = Callable[..., EvalData]
+READERS: dict[str, ReaderFn] = {}
+
+
+def register_reader(name: str):
+    def wrap(fn: ReaderFn) -> ReaderFn:
+        READERS[name] = fn
+        return fn
+    return wrap
+
+
+def read_dataset(reader: str, root: Path | str, name: str = "", **kwargs) -> EvalData:
+    """Build an :class:`EvalData` with the reader registered as ``reader``."""
+    fn = READERS.get(reader)
+    if fn is None:
+        raise MedclipError(f"unknown dataset reader {reader!r}; choose one of {', '.join(sorted(READERS))}")
+    try:
+        data = fn(Path(root), name=name, **kwargs)
+    except TypeError as exc:
+        raise MedclipError(f"bad arguments for reader {reader!r}: {exc}") from exc
+    if len(data) == 0:
+        raise MedclipError(f"dataset {name or root} ({reader}) holds no samples")
+    return data
+
+
+def _resolve(root: Path, path: str | None) -> Path:
+    p = Path(path) if path else root
+    return p if p.is_absolute() else root / p
+
+
+def _as_captions(value) -> list[str]:
+    if value is None:
+        return []
+    values = value if isinstance(value, list) else [value]
+    return [str(v).strip() for v in values if str(v).strip()]
+
+
+@register_reader("image_folder")
+def read_image_folder(root: Path, name: str = "", path: str | None = None, label_field: str = "label") -> EvalData:
+    """``DIR/<class>/*.jpg``: the subfolder name is the label (stored under ``label_field``)."""
+    base = _resolve(root, path)
+    if not base.is_dir():
+        raise MedclipError(f"image folder not found: {base}")
+    images, labels, keys, ident = [], [], [], []
+    for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
+        for img in sorted(class_dir.rglob("*")):
+            if img.suffix.lower() in IMAGE_SUFFIXES and img.is_file():
+                images.append(str(img))
+                labels.append({label_field: class_dir.name})
+                keys.append(f"{class_dir.name}/{img.relative_to(class_dir)}")
+                ident.append(file_identity(img))
+    return EvalData(name or base.name, images, labels, [[] for _ in images], keys, ident)
+
+
+def _table_rows(rows, base: Path, image_field: str, caption_field: str | None, source: str) -> EvalData:
+    images, labels, captions, keys, ident = [], [], [], [], []
+    for i, row in enumerate(rows):
+        if image_field not in row:
+            raise MedclipError(f"{source}: row {i + 1} has no {image_field!r} field")
+        img = _resolve(base, str(row[image_field]))
+        images.append(str(img))
+        labels.append(row)
+        captions.append(_as_captions(row.get(caption_field)) if caption_field else [])
+        keys.append(str(row[image_field]))
+        ident.append(file_identity(img))
+    return EvalData(Path(source).stem, images, labels, captions, keys, ident)
+
+
+@register_reader("csv")
+def read_csv(root: Path, name: str = "", path: str = "", image_field: str = "path",
+             caption_field: str | None = None, image_root: str | None = None) -> EvalData:
+    """A CSV with an image path column (relative to ``image_root`` or the CSV's folder) and label columns."""
+    file = _resolve(root, path)
+    if not file.is_file():
+        raise MedclipError(f"CSV file not found: {file}")
+    with open(file, newline="") as f:
+        rows = list(csv.DictReader(f))
+    data = _table_rows(rows, _resolve(root, image_root) if image_root else file.parent, image_field,
+                       caption_field, str(file))
+    data.name = name or data.name
+    return data
+
+
+@register_reader("jsonl")
+def read_jsonl(root: Path, name: str = "", path: str = "", image_field: str = "image",
+               caption_field: str | None = "caption", image_root: str | None = None) -> EvalData:
+    """One JSON object per line with an image path (relative to the file's folder) and label fields."""
+    file = _resolve(root, path)
+    if not file.is_file():
+        raise MedclipError(f"JSONL file not found: {file}")
+    rows = []
+    with open(file) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise MedclipError(f"{file}:{n}: invalid JSON: {exc}") from exc
+    data = _table_rows(rows, _resolve(root, image_root) if image_root else file.parent, image_field,
+                       caption_field, str(file))
+    data.name = name or data.name
+    return data
+
+
+@register_reader("wds")
+def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
+    """Shards ``KEY.jpg|png`` + ``KEY.json`` (labels dict, captions) + ``KEY.txt``; ``path`` is a glob."""
+    import tarfile
+
+    pattern = str(_resolve(root, path))
+    shards = sorted(glob.glob(pattern))
+    if not shards:
+        raise MedclipError(f"no webdataset shards match {pattern}")
+    images, labels, captions, keys, ident = [], [], [], [], []
+    for shard in shards:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError) as exc:
+            raise MedclipError(f"cannot read shard {shard}: {exc}") from exc
+        for key, parts in samples.items():
+            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+            if image is None:
+                log.warning("shard %s: sample %s has no image; skipped", shard, key)
+                continue
+            meta = json.loads(parts["json"]) if "json" in parts else {}
+            row = dict(meta.get("labels") or {})
+            for extra in ("modality", "source"):
+                row.setdefault(extra, meta.get(extra))
+            caps = _as_captions(meta.get("captions")) or _as_captions(parts.get("txt", b"").decode("utf-8"))
+            images.append(image)
+            labels.append(row)
+            captions.append(caps)
+            keys.append(key)
+            ident.append(f"{key}|{hashlib.sha256(image).hexdigest()}|{len(caps)}")
+    return EvalData(name or Path(shards[0]).parent.name, images, labels, captions, keys, ident)

@@ -1,0 +1,206 @@
+"""Linear probes on frozen image features, on the CPU with scikit-learn.
+
+Features are cached on disk under a key that hashes the model weights and preprocessing, the
+data identity (file paths + sizes + mtimes, or content hashes of shard bytes) and the split
+name, so any change to one of them computes fresh features instead of reusing stale ones.
+The regularisation strength C is chosen on a validation split (given, or a stratified part of
+the training set), then the probe is refit on train + validation. Few-shot settings (k per
+class, or a fraction of the training set) run over several seeds and report mean and std.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+
+from medclip.errors import MedclipError
+from medclip.evaluation.datasets import EvalData
+from medclip.evaluation.metrics import topk_accuracy
+from medclip.evaluation.model import EmbedOptions, EvalModel
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("MEDCLIP_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) / "medclip" if base else Path.home() / ".cache" / "medclip") / "features"
+
+
+def feature_cache_key(model_fingerprint: str, data_identity: str, split: str) -> str:
+    h = hashlib.sha256()
+    for part in (model_fingerprint, data_identity, split):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:32]
+
+
+class FeatureCache:
+    """Image features on disk, one file per (model, data, split) key."""
+
+    def __init__(self, directory: Path | str | None = None):
+        self.directory = Path(directory) if directory else default_cache_dir()
+        self.hits = 0
+        self.misses = 0
+
+    def features(self, model: EvalModel, data: EvalData, split: str,
+                 options: EmbedOptions | None = None) -> torch.Tensor:
+        key = feature_cache_key(model.fingerprint(), data.identity(), split)
+        path = self.directory / f"{key}.pt"
+        if path.is_file():
+            try:
+                cached = torch.load(path, map_location="cpu", weights_only=True)
+                if isinstance(cached, torch.Tensor) and len(cached) == len(data):
+                    self.hits += 1
+                    return cached
+            except Exception as exc:  # a truncated file from an interrupted run: recompute it
+                log.warning("feature cache %s unreadable (%s); recomputing", path, exc)
+        self.misses += 1
+        feats = model.embed_images(data, options)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save(feats, tmp)
+        os.replace(tmp, path)
+        return feats
+
+
+@dataclass
+class ProbeConfig:
+    cs: tuple[float, ...] = DEFAULT_CS
+    val_fraction: float = 0.2  # used only without a validation split
+    max_iter: int = 1000
+    seeds: tuple[int, ...] = (0, 1, 2)
+    shots: tuple[int, ...] = ()  # k per class
+    fractions: tuple[float, ...] = (1.0,)  # of the training set
+
+    def __post_init__(self):
+        if not self.cs or any(c <= 0 for c in self.cs):
+            raise MedclipError(f"linear-probe C values must be positive, got {self.cs}")
+        if not 0 < self.val_fraction < 1:
+            raise MedclipError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if any(not 0 < f <= 1 for f in self.fractions):
+            raise MedclipError(f"fractions must be in (0, 1], got {self.fractions}")
+        if any(k < 1 for k in self.shots):
+            raise MedclipError(f"shots must be >= 1, got {self.shots}")
+
+
+def _fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int) -> LogisticRegression:
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    return clf.fit(x, y)
+
+
+def _scores(clf: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """[N, num_classes] probabilities; classes absent from training get -inf."""
+    out = np.full((len(x), num_classes), -np.inf)
+    out[:, clf.classes_] = clf.predict_proba(x)
+    return out
+
+
+def probe_metrics(scores: np.ndarray, y: np.ndarray, num_classes: int) -> dict:
+    logits = torch.from_numpy(scores).float()
+    target = torch.from_numpy(y).long()
+    if num_classes >= 5:
+        acc1, acc5 = topk_accuracy(logits, target, (1, 5))
+    else:
+        (acc1,), acc5 = topk_accuracy(logits, target, (1,)), float("nan")
+    return {"lp_acc1": acc1, "lp_acc5": acc5,
+            "lp_mean_per_class_recall": float(balanced_accuracy_score(y, scores.argmax(1)))}
+
+
+def select_c(x_train, y_train, x_val, y_val, cfg: ProbeConfig, seed: int) -> tuple[float, dict[float, float]]:
+    """The C with the best balanced accuracy on the validation split (ties -> stronger regularisation)."""
+    results = {}
+    for c in sorted(cfg.cs):
+        clf = _fit(x_train, y_train, c, cfg.max_iter, seed)
+        results[c] = float(balanced_accuracy_score(y_val, clf.predict(x_val)))
+    best = max(results.values())
+    return next(c for c in sorted(cfg.cs) if results[c] == best), results
+
+
+def subsample(y: np.ndarray, rng: np.random.Generator, shots: int | None = None,
+              fraction: float | None = None) -> np.ndarray:
+    """Indices of k per class (all when a class has fewer) or a stratified fraction (>= 1 per class)."""
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        n = min(len(idx), shots) if shots is not None else max(1, round(len(idx) * fraction))
+        picked.append(rng.choice(idx, size=n, replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: ProbeConfig, seed: int,
+                    x_val=None, y_val=None) -> dict:
+    """Choose C on validation, refit on train + validation, score the test split."""
+    if len(np.unique(y_train)) < 2:
+        raise MedclipError("linear probe needs at least two classes in the training data")
+    if x_val is None:
+        counts = np.bincount(y_train)
+        stratify = y_train if counts[counts > 0].min() >= 2 else None
+        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=cfg.val_fraction,
+                                                          random_state=seed, stratify=stratify)
+    best_c, per_c = select_c(x_train, y_train, x_val, y_val, cfg, seed)
+    clf = _fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), best_c, cfg.max_iter, seed)
+    metrics = probe_metrics(_scores(clf, x_test, num_classes), y_test, num_classes)
+    metrics["best_c"] = best_c
+    metrics["val_mean_per_class_recall_by_c"] = {str(c): v for c, v in per_c.items()}
+    return metrics
+
+
+@dataclass
+class ProbeResult:
+    metrics: dict  # the full-data setting's metrics, plus "settings"
+    settings: dict = field(default_factory=dict)  # setting name -> {"mean": {...}, "std": {...}, "runs": [...]}
+
+
+def _mean_std(runs: list[dict]) -> tuple[dict, dict]:
+    keys = [k for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall") if k in runs[0]]
+    mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
+    std = {k: float(np.std([r[k] for r in runs])) for k in keys}
+    return mean, std
+
+
+def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                          num_classes: int, cfg: ProbeConfig | None = None,
+                          x_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> ProbeResult:
+    """All configured settings on precomputed features. Few-shot subsets are drawn from the training split."""
+    cfg = cfg or ProbeConfig()
+    settings = {}
+    plans = [(f"{k}-shot", k, None) for k in cfg.shots] + \
+            [(f"{round(f * 100, 3):g}%", None, f) for f in cfg.fractions]
+    for name, shots, fraction in plans:
+        runs = []
+        for seed in cfg.seeds:
+            rng = np.random.default_rng(seed)
+            idx = np.arange(len(y_train)) if fraction == 1.0 else subsample(y_train, rng, shots, fraction)
+            runs.append(train_and_score(x_train[idx], y_train[idx], x_test, y_test, num_classes, cfg, seed,
+                                        x_val, y_val))
+            if fraction == 1.0 and x_val is not None:
+                break  # nothing random left: same data, deterministic solver
+        mean, std = _mean_std(runs)
+        settings[name] = {"mean": mean, "std": std, "runs": runs}
+    headline = settings.get("100%") or next(iter(settings.values()))
+    metrics = dict(headline["mean"])
+    metrics.update({f"{k}_std": v for k, v in headline["std"].items()})
+    return ProbeResult(metrics, settings)
+
+
+def linear_probe(model: EvalModel, train: EvalData, y_train: np.ndarray, test: EvalData, y_test: np.ndarray,
+                 num_classes: int, cfg: ProbeConfig | None = None, cache: FeatureCache | None = None,
+                 val: EvalData | None = None, y_val: np.ndarray | None = None,
+                 options: EmbedOptions | None = None) -> ProbeResult:
+    """Frozen features (cached) of each split, then :func:`linear_probe_features`."""
+    cache = cache or FeatureCache()
+    f_train = cache.features(model, train, "train", options).numpy()
+    f_test = cache.features(model, test, "test", options).numpy()
+    f_val = cache.features(model, val, "val", options).numpy() if val is not None else None
+    return linear_probe_features(f_train, y_train, f_test, y_test, num_classes, cfg, f_val, y_val)

@@ -1,0 +1,132 @@
+"""The model under evaluation: a medclip encoder, an open_clip name / ``local-dir:``, or any object
+with ``encode_image`` and ``encode_text``.
+
+:class:`EvalModel` gives every kind the same two calls, both returning L2-normalized float32 CPU
+tensors: ``embed_images(data)`` (a DataLoader with worker processes preprocesses the images
+while the model runs) and ``embed_texts(texts)`` (one batched pass over all prompts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from medclip.errors import MedclipError
+from medclip.evaluation.datasets import EvalData, open_image
+
+
+class _ImageDataset(Dataset):
+    def __init__(self, images: list, preprocess):
+        self.images = images
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.preprocess(open_image(self.images[i]))
+
+
+@dataclass
+class EmbedOptions:
+    batch_size: int = 128
+    num_workers: int = 0
+    progress: bool = False
+
+
+class EvalModel:
+    """Uniform embedding interface over the accepted model kinds."""
+
+    def __init__(self, model, name: str = ""):
+        if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
+            raise MedclipError(f"model of type {type(model).__name__} has no encode_image / encode_text")
+        self.model = model
+        self.name = name or getattr(model, "name", "") or type(model).__name__
+        self.preprocess = getattr(model, "preprocess", None)
+        self._fingerprint: str | None = None
+
+    @property
+    def is_medclip(self) -> bool:
+        from medclip.models.encoder import Encoder
+
+        return isinstance(self.model, Encoder)
+
+    def _torch_module(self):
+        module = getattr(self.model, "model", self.model)
+        return module if isinstance(module, torch.nn.Module) else None
+
+    def fingerprint(self) -> str:
+        """Digest of the weights (every tensor's bytes) and the preprocessing; keys feature caches."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            module = self._torch_module()
+            if module is None:
+                raise MedclipError(f"cannot fingerprint a model of type {type(self.model).__name__} "
+                                   f"(no state_dict): give a cache key or disable the feature cache")
+            for key, value in module.state_dict().items():
+                h.update(key.encode())
+                h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                         if value.numel() else b"")
+            h.update(repr(self.preprocess).encode())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
+
+    @torch.inference_mode()
+    def embed_images(self, data: EvalData | list, options: EmbedOptions | None = None) -> torch.Tensor:
+        options = options or EmbedOptions()
+        images = data.images if isinstance(data, EvalData) else list(data)
+        if self.preprocess is None:
+            raise MedclipError("the model has no .preprocess; pass one with EvalModel.preprocess = ...")
+        loader = DataLoader(_ImageDataset(images, self.preprocess), batch_size=options.batch_size,
+                            num_workers=options.num_workers, shuffle=False,
+                            persistent_workers=False)
+        out = []
+        for batch in tqdm(loader, desc="images", disable=not options.progress, leave=False):
+            out.append(self._encode_image_batch(batch))
+        if not out:
+            return torch.empty(0, 0)
+        return F.normalize(torch.cat(out), dim=-1)
+
+    def _encode_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.is_medclip:
+            return self.model.encode_image(batch, batch_size=len(batch), normalize=False)
+        device = _device_of(self._torch_module())
+        return self.model.encode_image(batch.to(device)).float().cpu()
+
+    @torch.inference_mode()
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        if self.is_medclip:
+            return self.model.encode_text(list(texts), batch_size=batch_size)
+        tokenizer = getattr(self.model, "tokenizer", None)
+        device = _device_of(self._torch_module())
+        out = []
+        for start in range(0, len(texts), batch_size):
+            chunk = list(texts[start:start + batch_size])
+            ids = tokenizer(chunk).to(device) if tokenizer is not None else chunk
+            out.append(self.model.encode_text(ids).float().cpu())
+        return F.normalize(torch.cat(out), dim=-1)
+
+
+def _device_of(module) -> torch.device:
+    if module is None:
+        return torch.device("cpu")
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def resolve_model(model, device=None, precision: str | None = None, **load_kwargs) -> EvalModel:
+    """A medclip name/path, an open_clip name or ``local-dir:DIR``, or an object with encoders."""
+    if isinstance(model, EvalModel):
+        return model
+    if isinstance(model, str):
+        import medclip
+
+        return EvalModel(medclip.load(model, device=device, precision=precision, **load_kwargs), name=model)
+    return EvalModel(model)

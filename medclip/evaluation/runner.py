@@ -1,0 +1,91 @@
+"""Runs suite entries for a model and returns CLIP_benchmark-format result records."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from medclip.errors import MedclipError
+from medclip.evaluation.datasets import EvalData, read_dataset
+from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig, linear_probe
+from medclip.evaluation.model import EmbedOptions, EvalModel
+from medclip.evaluation.retrieval import retrieval
+from medclip.evaluation.suites import DatasetSpec, Source
+from medclip.evaluation.zeroshot import build_targets, zero_shot
+
+log = logging.getLogger(__name__)
+
+# Lists and matrices live beside the scalar metrics, so "metrics" stays a flat table row.
+DETAIL_KEYS = ("per_class_auc", "per_class_average_precision", "confusion_matrix")
+
+
+@dataclass
+class RunOptions:
+    embed: EmbedOptions
+    probe: ProbeConfig
+    cache: FeatureCache | None = None
+    recall_ks: tuple[int, ...] = (1, 5, 10)
+
+
+def _read(source: Source, root: Path | None, name: str) -> EvalData:
+    if root is None:
+        raise MedclipError(f"dataset {name}: no data root (give --root)")
+    return read_dataset(source.reader, root, name=name, **source.args)
+
+
+def _clean(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None  # JSON has no NaN; CLIP_benchmark's NaN acc5 is written as null
+    return value
+
+
+def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, options: RunOptions,
+                     suite: str = "") -> dict:
+    """One dataset, one model -> a result record (CLIP_benchmark keys plus headline and details)."""
+    data = _read(spec.source, root, spec.name)
+    details: dict = {}
+    if spec.task in ("zero-shot", "multilabel"):
+        res = zero_shot(model, data, spec.label, spec.classes, multilabel=spec.task == "multilabel",
+                        separator=spec.separator, options=options.embed)
+        metrics, n, skipped = res.metrics, res.n_samples, res.n_skipped
+    elif spec.task == "retrieval":
+        res = retrieval(model, data, options.recall_ks, options.embed)
+        metrics, n, skipped = res.metrics, res.n_images, res.n_skipped
+        details["n_texts"] = res.n_texts
+    else:
+        train = _read(spec.train, root, spec.name + ":train")
+        val = _read(spec.val, root, spec.name + ":val") if spec.val else None
+        tr = build_targets(train, spec.label, spec.classes)
+        te = build_targets(data, spec.label, spec.classes)
+        va = build_targets(val, spec.label, spec.classes) if val is not None else None
+        res = linear_probe(model, train.subset(tr.indices), tr.target.numpy(), data.subset(te.indices),
+                           te.target.numpy(), len(spec.classes.labels), options.probe, options.cache,
+                           val.subset(va.indices) if va else None, va.target.numpy() if va else None,
+                           options.embed)
+        metrics, n, skipped = res.metrics, len(te.indices), te.skipped
+        details["settings"] = {k: {"mean": v["mean"], "std": v["std"]} for k, v in res.settings.items()}
+        details["n_train"] = len(tr.indices)
+    for key in DETAIL_KEYS:
+        if key in metrics:
+            details[key] = metrics.pop(key)
+    record = {
+        "dataset": spec.name,
+        "model": model.name,
+        "pretrained": "",
+        "task": spec.benchmark_task,
+        "metrics": {k: _clean(v) for k, v in metrics.items() if not isinstance(v, (dict, list))},
+        "language": "en",
+        "suite": suite,
+        "headline_metric": spec.headline,
+        "headline": _clean(metrics.get(spec.headline)),
+        "n_samples": n,
+        "n_skipped": skipped,
+        "details": details,
+    }
+    if spec.classes is not None:
+        record["classnames"] = spec.classes.names
+    return record
+
+
