@@ -85,7 +85,8 @@ class Features:
         return self.patches is not None
 
     def detach(self) -> Features:
-        return Features(*(t.detach() if isinstance(t, torch.Tensor) else t for t in dataclasses.astuple(self)))
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return Features(*(t.detach() if isinstance(t, torch.Tensor) else t for t in values))
 
 
 def _pad_concepts(t: torch.Tensor, size: int, value=0) -> torch.Tensor:

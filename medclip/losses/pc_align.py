@@ -214,7 +214,8 @@ def pc_align_loss(
     concepts = F.normalize(concept_embeds, dim=-1)
     gathered = gather_concepts(concepts, concept_mask, concept_ids, world)
     # Keeps every input in the graph (DDP expects gradients for all parameters) when nothing is scored.
-    zero = (patch_embeds.sum() + concepts.sum() + scale + logit_bias) * 0.0
+    kept = torch.where(concept_mask[..., None], concepts, torch.zeros_like(concepts))  # padding may hold anything
+    zero = (patch_embeds.sum() + kept.sum() + scale + logit_bias) * 0.0
     if gathered is None:
         return zero
     positive, counted = pair_labels(gathered, concept_mask, concept_ids)
