@@ -145,13 +145,22 @@ def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: Pro
         raise MedclipError("linear probe needs at least two classes in the training data")
     if x_val is None:
         counts = np.bincount(y_train)
-        stratify = y_train if counts[counts > 0].min() >= 2 else None
-        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=cfg.val_fraction,
-                                                          random_state=seed, stratify=stratify)
+        n_classes = int((counts > 0).sum())
+        if counts[counts > 0].min() < 2:
+            # 1-shot: nothing can be held out per class, so C cannot be validated; use the middle C.
+            best_c = sorted(cfg.cs)[len(cfg.cs) // 2]
+            clf = _fit(x_train, y_train, best_c, cfg.max_iter, seed)
+            metrics = probe_metrics(_scores(clf, x_test, num_classes), y_test, num_classes)
+            metrics.update(best_c=best_c, c_selection="default (a class has one training sample)")
+            return metrics
+        n_val = min(len(y_train) - n_classes, max(n_classes, round(cfg.val_fraction * len(y_train))))
+        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=n_val,
+                                                          random_state=seed, stratify=y_train)
     best_c, per_c = select_c(x_train, y_train, x_val, y_val, cfg, seed)
     clf = _fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), best_c, cfg.max_iter, seed)
     metrics = probe_metrics(_scores(clf, x_test, num_classes), y_test, num_classes)
     metrics["best_c"] = best_c
+    metrics["c_selection"] = "validation"
     metrics["val_mean_per_class_recall_by_c"] = {str(c): v for c, v in per_c.items()}
     return metrics
 
