@@ -1,0 +1,1 @@
+"""Pretraining engine: recipes, distributed setup, optimisation, checkpoints, logging."""

@@ -1,0 +1,28 @@
+"""`medclip pretrain --config pretrain/RECIPE.yaml [--set key=value ...] [--resume latest|PATH]`."""
+
+from __future__ import annotations
+
+from medclip.training.config import load_recipe
+
+
+def run(args) -> int:
+    from medclip.training.trainer import pretrain
+
+    recipe = load_recipe(args.config, args.set)
+    if args.print_recipe:
+        import yaml
+
+        print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+        return 0
+    pretrain(recipe, resume=args.resume)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="pretrain a dual encoder from a YAML recipe")
+    parser.add_argument("--config", required=True, help="recipe YAML, e.g. pretrain/demo.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
+    parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")
+    parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.set_defaults(func=run)

@@ -1,0 +1,231 @@
+"""Typed recipe: YAML -> nested dataclasses, with `--set a.b=value` overrides and strict keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from medclip.errors import MedclipError
+from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
+
+
+@dataclass
+class ModelConfig:
+    name: str = "medclip-tiny"
+    checkpoint: str | None = None  # any weights medclip.load accepts, to initialise from
+    hf_text_dir: str | None = None
+    precision: str = "fp32"  # fp32 | amp_bf16 | amp (fp16 with grad scaler) | bf16 | pure_bf16
+    grad_checkpointing: bool = False
+    compile: bool = False
+    attention: str = "sdpa"  # sdpa | xformers | math
+    freeze_image: bool = False
+    freeze_text: bool = False
+    unlocked_image_layers: int = 0  # with freeze_image: keep the last N groups trainable
+    unlocked_text_layers: int = 0
+    logit_init: str | None = None  # sigmoid IT-Align start: 'clip' (ln 1/0.07, -10) or 'siglip' (ln 10, -10)
+
+
+@dataclass
+class SourceConfig:
+    manifest: str
+    weight: float | None = None  # overrides the manifest's own sampling weight
+    root: str | None = None  # overrides the manifest's shard root
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    demo: bool = False  # build the embedded synthetic demo set under output_dir and train on it
+    demo_train_samples: int = 2400
+    demo_val_samples: int = 300
+    batch_size: int = 64  # per process
+    num_workers: int = 2
+    shuffle_buffer: int = 1000
+    augment: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr: float = 0.0
+    grad_clip: float | None = None
+    accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole
+    logit_scale_max: float = 4.6052  # ln(100), as CLIP
+
+
+@dataclass
+class EvalConfig:
+    suites: list[str] = field(default_factory=list)  # zero_shot suite names or YAML paths
+    every_steps: int = 0  # 0: only at the end
+    root: str | None = None
+    batch_size: int = 128
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/demo"
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    strategy: str = "ddp"  # ddp | fsdp
+    log_every: int = 10
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "medclip"
+    progress: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+
+CHOICES = {
+    "model.precision": ("fp32", "amp", "amp_bf16", "bf16", "pure_bf16", "fp16", "pure_fp16"),
+    "model.attention": ("sdpa", "xformers", "math"),
+    "optim.schedule": ("cosine", "constant"),
+    "run.device": ("auto", "cpu", "cuda"),
+    "run.strategy": ("ddp", "fsdp"),
+}
+POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every", "optim.lr", "run.keep_checkpoints", "run.checkpoint_every")
+NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr")
+
+
+def _is_optional(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _coerce(value, tp, where: str):
+    """Check/convert one YAML or command-line value to the field's declared type."""
+    if _is_optional(tp):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
+            return None
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MedclipError(f"recipe key {where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise MedclipError(f"recipe key {where}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise MedclipError(f"recipe key {where}: expected true/false, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise MedclipError(f"recipe key {where}: expected a number, got {value!r}")
+        try:
+            number = float(value)
+            if tp is int and number != int(number):
+                raise ValueError
+            return tp(int(number)) if tp is int else number
+        except (TypeError, ValueError):
+            raise MedclipError(f"recipe key {where}: expected {tp.__name__}, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, (str, int, float)):
+            raise MedclipError(f"recipe key {where}: expected a string, got {value!r}")
+        return str(value)
+    raise MedclipError(f"recipe key {where}: unsupported type {tp}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise MedclipError(f"unknown recipe key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MedclipError(f"recipe section {prefix or 'top level'}: {exc}") from exc
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise MedclipError(f"--set {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def validate(recipe: Recipe) -> Recipe:
+    flat = {}
+    for section in dataclasses.fields(recipe):
+        for f in dataclasses.fields(getattr(recipe, section.name)):
+            flat[f"{section.name}.{f.name}"] = getattr(getattr(recipe, section.name), f.name)
+    for key, allowed in CHOICES.items():
+        if flat[key] not in allowed:
+            raise MedclipError(f"recipe key {key}: {flat[key]!r} is not one of {', '.join(allowed)}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise MedclipError(f"recipe key {key} must be positive, got {flat[key]!r}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise MedclipError(f"recipe key {key} must not be negative, got {flat[key]!r}")
+    if not recipe.data.sources and not recipe.data.demo:
+        raise MedclipError("recipe has no data: set data.demo: true or list data.sources")
+    if recipe.data.batch_size % recipe.optim.accum_steps:
+        raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
+                           f"optim.accum_steps {recipe.optim.accum_steps}")
+    if recipe.model.logit_init not in (None, "clip", "siglip"):
+        raise MedclipError(f"recipe key model.logit_init: {recipe.model.logit_init!r} is not one of clip, siglip")
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
+    """Read a YAML recipe (or start from defaults) and apply `key.sub=value` overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MedclipError(f"recipe not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise MedclipError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+        if not isinstance(values, dict):
+            raise MedclipError(f"recipe {path} must be a mapping of sections")
+    for item in overrides or []:
+        if "=" not in item:
+            raise MedclipError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        _set_path(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    return validate(_build(Recipe, values))

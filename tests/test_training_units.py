@@ -1,0 +1,162 @@
+"""Pretraining engine pieces that need no data stream: recipes, optimiser rules, checkpoints, attention."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import medclip
+from medclip.errors import MedclipError
+from medclip.training import checkpoint as ckpt
+from medclip.training.attention import KernelAttention, set_attention_backend, xformers_available
+from medclip.training.config import load_recipe
+from medclip.training.distributed import _first_slurm_host, detect_env
+from medclip.training.optim import build_optimizer, lr_lambda, no_decay
+
+REPO = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def test_shipped_recipes_load_and_validate():
+    for name in ("demo", "shared_real", "unimed_vitb16", "medconcept_siglip"):
+        recipe = load_recipe(REPO / "pretrain" / f"{name}.yaml")
+        assert recipe.run.steps > 0
+    demo = load_recipe(REPO / "pretrain" / "demo.yaml", ["optim.lr=1e-4", "run.steps=7", "data.demo=false",
+                                                         "data.sources=[{manifest: m.yaml, weight: 2}]"])
+    assert demo.optim.lr == 1e-4 and demo.run.steps == 7
+    assert demo.data.sources[0].manifest == "m.yaml" and demo.data.sources[0].weight == 2.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.lr=-1"], "optim.lr must be positive"),
+    (["optim.learning_rate=1"], "unknown recipe key optim.learning_rate"),
+    (["model.precision=fp8"], "model.precision: 'fp8' is not one of"),
+    (["run.steps=ten"], "run.steps: expected int"),
+    (["objective.it_kind=cosine"], "it_kind must be one of"),
+    (["data.batch_size=10", "optim.accum_steps=3"], "not divisible"),
+    (["run.tensorboard=maybe"], "expected true/false"),
+])
+def test_bad_recipe_values_are_one_clear_error(overrides, message):
+    with pytest.raises(MedclipError, match=message):
+        load_recipe(REPO / "pretrain" / "demo.yaml", overrides)
+
+
+def test_bad_recipe_is_one_line_from_the_cli(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "medclip", "pretrain", "--config", "pretrain/demo.yaml",
+                           "--set", "optim.betas=1"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "medclip: error: unknown recipe key optim.betas (valid keys here: accum_steps, beta1, beta2, eps, "
+        "grad_clip, logit_scale_max, lr, min_lr, schedule, warmup_steps, weight_decay)"]
+    missing = subprocess.run([sys.executable, "-m", "medclip", "pretrain", "--config", str(tmp_path / "x.yaml")],
+                             capture_output=True, text=True, cwd=REPO)
+    assert missing.returncode == 2 and "recipe not found" in missing.stderr
+
+
+def test_no_weight_decay_on_norms_biases_and_scales():
+    model = medclip.load("medclip-tiny-bert").model
+    decayed = {n for n, p in model.named_parameters() if not no_decay(n, p)}
+    assert "logit_scale" not in decayed
+    assert not any("bias" in n or "LayerNorm" in n or ".ln_" in n or n.startswith("ln_") for n in decayed)
+    assert "visual.conv1.weight" in decayed and "visual.proj" in decayed
+    assert any(n.startswith("text.transformer.encoder.layer.0.attention.self.query.weight") for n in decayed)
+    from medclip.training.config import OptimConfig
+
+    opt = build_optimizer(model.named_parameters(), OptimConfig(weight_decay=0.2))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.2, 0.0]
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_warmup_then_cosine_schedule():
+    from medclip.training.config import OptimConfig
+
+    f = lr_lambda(OptimConfig(lr=1.0, warmup_steps=10, min_lr=0.1), total_steps=110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 110))
+
+
+def test_env_detection_torchrun_and_slurm():
+    assert detect_env({}).world_size == 1
+    tr = detect_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.launcher) == (3, 8, 1, "torchrun")
+    sl = detect_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.launcher) == (5, 16, 1, "slurm")
+    assert _first_slurm_host("gpu[07-09,12],cpu1") == "gpu07"
+    assert _first_slurm_host("node3") == "node3"
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = ckpt.checkpoint_dir(tmp_path) / "step_1.pt"
+    ckpt.save_atomic({"step": 1, "model": {"w": torch.ones(3)}}, path)
+
+    def crash(obj, fh):
+        fh.write(b"partial bytes")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_atomic({"step": 2, "model": {"w": torch.zeros(3)}}, ckpt.checkpoint_dir(tmp_path) / "step_2.pt")
+    monkeypatch.undo()
+    assert [p.name for p in ckpt.checkpoint_dir(tmp_path).iterdir()] == ["step_1.pt"]  # no temp left, no step_2
+    assert ckpt.resolve_resume("latest", tmp_path) == path
+    assert torch.equal(ckpt.read_checkpoint(path)["model"]["w"], torch.ones(3))
+
+
+def test_rotation_keeps_the_last_n(tmp_path):
+    for step in (5, 10, 15, 20):
+        ckpt.save_atomic({"step": step, "model": {}}, ckpt.checkpoint_dir(tmp_path) / f"step_{step}.pt")
+        ckpt.rotate(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_15.pt", "step_20.pt"]
+
+
+def test_rng_state_round_trip_is_weights_only_safe(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = ckpt.rng_state()
+    ckpt.save_atomic({"rng": state, "step": 0, "model": {}}, tmp_path / "r.pt")
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    ckpt.set_rng_state(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(expected[0], again[0]) and expected[1:] == again[1:]
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"] + (["xformers"] if xformers_available() else []))
+def test_attention_backends_match_plain_attention(backend):
+    torch.manual_seed(0)
+    encoder = medclip.load("medclip-tiny")
+    images, text = torch.randn(2, 3, 64, 64), encoder.tokenize(["a chest x-ray", "brain mri"])
+    with torch.no_grad():
+        ref_img, ref_txt = encoder.model.encode_image(images), encoder.model.encode_text(text)
+    switched = set_attention_backend(encoder.model, backend)
+    assert switched == 6  # 3 image + 3 text blocks
+    assert all(isinstance(m, KernelAttention) for m in encoder.model.modules() if isinstance(m, nn.MultiheadAttention))
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.model.encode_image(images), ref_img, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(encoder.model.encode_text(text), ref_txt, atol=1e-5, rtol=1e-5)
+    assert "visual.transformer.resblocks.0.attn.in_proj_weight" in encoder.model.state_dict()
+
+
+def test_xformers_backend_without_xformers_is_a_clear_error():
+    if xformers_available():
+        pytest.skip("xformers is installed here")
+    with pytest.raises(MedclipError, match="gpu' extra"):
+        set_attention_backend(medclip.load("medclip-tiny").model, "xformers")
+
+
+def test_hf_text_tower_gradient_checkpointing_takes_effect():
+    model = medclip.load("medclip-tiny-bert").model.train()
+    model.set_grad_checkpointing(True)
+    assert model.text.transformer.is_gradient_checkpointing
+    assert model.visual.transformer.grad_checkpointing
+    ids = torch.randint(5, 100, (2, 16))
+    loss = model.encode_text(ids).sum() + model.encode_image(torch.randn(2, 3, 64, 64)).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.text.transformer.encoder.parameters() if p.requires_grad)
+    assert math.isfinite(loss.item())
