@@ -1,0 +1,173 @@
+"""Concept explanations: per-patch concept maps, heatmap PNGs, ranked concepts, zero-shot annotation."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from medclip.concepts.scoring import ConceptScorer
+from medclip.errors import MedclipError
+from medclip.imaging import load_image
+
+
+@dataclass
+class ConceptMaps:
+    """Concept maps of one image.
+
+    ``scores`` [C, gh, gw]: per-patch logits (method 'pc_align') or cosines ('cosine');
+    ``image_scores`` [C]: one score per concept (max patch logit, or pooled image-text cosine);
+    ``image``: the image as the model sees it (after resize and crop), which the grid covers;
+    ``source_size``: (width, height) of the original image; ``crop``: (x0, y0, width, height) of
+    the original-image region the grid covers.
+    """
+
+    concepts: list[str]
+    scores: torch.Tensor
+    image_scores: torch.Tensor
+    image: Image.Image
+    method: str
+    source_size: tuple[int, int]
+    crop: tuple[float, float, float, float]
+
+    def ranked(self) -> list[tuple[str, float]]:
+        order = torch.argsort(self.image_scores, descending=True).tolist()
+        return [(self.concepts[i], float(self.image_scores[i])) for i in order]
+
+    def heatmaps(self, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """[C, H, W] maps bilinearly upsampled to ``size`` = (width, height) (default: the model's view)."""
+        width, height = size or self.image.size
+        return F.interpolate(self.scores[None].float(), size=(height, width), mode="bilinear",
+                             align_corners=False)[0]
+
+    def source_heatmaps(self) -> torch.Tensor:
+        """[C, H, W] maps in the original image's pixels; where the model saw nothing (cropped away),
+        the map holds its own minimum, so that region never wins the pointing game."""
+        width, height = self.source_size
+        x0, y0, cw, ch = self.crop
+        region = F.interpolate(self.scores[None].float(), size=(max(1, round(ch)), max(1, round(cw))),
+                               mode="bilinear", align_corners=False)[0]
+        floor = region.flatten(1).min(dim=1).values
+        canvas = floor[:, None, None].expand(-1, height, width).clone()
+        ox, oy = round(x0), round(y0)
+        # Paste the region at (ox, oy), clipped to the canvas (a padded view extends past the image).
+        sx, sy = max(0, -ox), max(0, -oy)
+        dx, dy = max(0, ox), max(0, oy)
+        w = min(region.shape[2] - sx, width - dx)
+        h = min(region.shape[1] - sy, height - dy)
+        if w > 0 and h > 0:
+            canvas[:, dy:dy + h, dx:dx + w] = region[:, sy:sy + h, sx:sx + w]
+        return canvas
+
+    def save_png(self, path: str | Path, ranked: list[tuple[str, float]] | None = None, max_maps: int = 6) -> Path:
+        return render_heatmaps(self, path, ranked, max_maps)
+
+
+def view_region(source_size: tuple[int, int], preprocess_cfg: dict) -> tuple[float, float, float, float]:
+    """(x0, y0, width, height) of the original image covered by the model's input (open_clip resize modes)."""
+    width, height = source_size
+    mode = preprocess_cfg.get("resize_mode", "shortest")
+    if mode == "squash":
+        return 0.0, 0.0, float(width), float(height)
+    side = max(width, height) if mode == "longest" else min(width, height)  # longest pads, shortest crops
+    return (width - side) / 2.0, (height - side) / 2.0, float(side), float(side)
+
+
+def model_view(tensor: torch.Tensor, preprocess_cfg: dict) -> Image.Image:
+    """The preprocessed tensor [3, H, W] back to an RGB image (undo mean/std normalization)."""
+    mean = torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
+    std = torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
+    pixels = (tensor.float().cpu() * std + mean).clamp(0, 1)
+    return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+
+
+def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | None = None) -> ConceptMaps:
+    """Per-patch scores of ``concepts`` on one image (path, PIL image, DICOM path, array)."""
+    scorer = scorer or ConceptScorer(encoder)
+    names = [c.strip() for c in ([concepts] if isinstance(concepts, str) else concepts)]
+    source = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    tensor = encoder.preprocess(source)
+    image_scores, patch = scorer.score(tensor[None], names)
+    gh, gw = encoder.grid_size
+    if patch.shape[-1] != gh * gw:
+        raise MedclipError(f"model returned {patch.shape[-1]} patches for a {gh}x{gw} grid")
+    return ConceptMaps(names, patch[0].reshape(len(names), gh, gw), image_scores[0],
+                       model_view(tensor, encoder.preprocess_cfg), scorer.method, source.size,
+                       view_region(source.size, encoder.preprocess_cfg))
+
+
+def rank_concepts(encoder, image, vocabulary: Sequence[str], top_k: int = 10,
+                  scorer: ConceptScorer | None = None) -> list[tuple[str, float]]:
+    """The image's ``top_k`` concepts from ``vocabulary``, best first, with their scores."""
+    scorer = scorer or ConceptScorer(encoder)
+    scores, _ = scorer.score([image], list(vocabulary))
+    values, index = scores[0].topk(min(top_k, scores.shape[1]))
+    return [(vocabulary[i], float(v)) for v, i in zip(values.tolist(), index.tolist())]
+
+
+def annotate_images(encoder, images: Sequence, concepts: Sequence[str], top_k: int = 5,
+                    threshold: float | None = None, batch_size: int = 16) -> list[list[dict]]:
+    """Zero-shot concept annotation: for each image, its concepts as ``{"name", "score"}`` best first.
+
+    With PC-Align heads the score is a logit; ``threshold`` (e.g. 0.0, i.e. probability 0.5) keeps
+    the concepts above it. Without heads scores are cosines and only ``top_k`` is meaningful.
+    """
+    scorer = ConceptScorer(encoder)
+    names = list(concepts)
+    concept_vecs = scorer.concept_vectors(names)
+    out: list[list[dict]] = []
+    for start in range(0, len(images), batch_size):  # patches of one batch at a time: bounded memory
+        pooled, patches = scorer.image_features(list(images[start:start + batch_size]), batch_size)
+        scores = scorer.image_scores(pooled, scorer.patch_scores(patches, concept_vecs), concept_vecs)
+        for row in scores:
+            order = torch.argsort(row, descending=True).tolist()
+            picked = [{"name": names[i], "score": float(row[i])} for i in order
+                      if threshold is None or float(row[i]) > threshold]
+            out.append(picked[:top_k] if top_k else picked)
+    return out
+
+
+def render_heatmaps(maps: ConceptMaps, path: str | Path, ranked: list[tuple[str, float]] | None = None,
+                    max_maps: int = 6, display_size: int = 256) -> Path:
+    """PNG: the model's view of the image, each concept's map over it, and the ranked concepts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    shown = list(range(min(max_maps, len(maps.concepts))))
+    panels = 1 + len(shown) + (1 if ranked else 0)
+    cols = min(panels, 4)
+    rows = math.ceil(panels / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    view = maps.image.resize((display_size, display_size), Image.BICUBIC)
+    heat = maps.heatmaps((display_size, display_size)).numpy()
+    lo, hi = float(heat.min()), float(heat.max())
+    axes_flat = axes.ravel()
+    axes_flat[0].imshow(view)
+    axes_flat[0].set_title("image (model view)", fontsize=9)
+    for slot, c in enumerate(shown, start=1):
+        ax = axes_flat[slot]
+        ax.imshow(view)
+        im = ax.imshow(heat[c], cmap="jet", alpha=0.45, vmin=lo, vmax=hi if hi > lo else lo + 1e-6)
+        ax.set_title(f"{maps.concepts[c]}\n{maps.method} {float(maps.image_scores[c]):.3f}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    if ranked:
+        ax = axes_flat[1 + len(shown)]
+        lines = [f"{i + 1:2d}. {name}  {score:.3f}" for i, (name, score) in enumerate(ranked[:15])]
+        ax.text(0.02, 0.98, "top concepts\n" + "\n".join(lines), va="top", ha="left", fontsize=8,
+                family="monospace", transform=ax.transAxes)
+    for ax in axes_flat:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
