@@ -40,7 +40,11 @@ class EmbedOptions:
 
 
 class EvalModel:
-    """Uniform embedding interface over the accepted model kinds."""
+    """Uniform embedding interface over the accepted model kinds.
+
+    Image features are memoized per data identity for the life of this object, so wrap a model
+    whose weights change (mid-training evaluation) in a fresh ``EvalModel`` each time.
+    """
 
     def __init__(self, model, name: str = ""):
         if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
@@ -49,6 +53,8 @@ class EvalModel:
         self.name = name or getattr(model, "name", "") or type(model).__name__
         self.preprocess = getattr(model, "preprocess", None)
         self._fingerprint: str | None = None
+        # Suite entries often share images (one test split, several label fields): embed them once.
+        self._image_memo: dict[str, torch.Tensor] = {}
 
     @property
     def is_medclip(self) -> bool:
@@ -79,6 +85,9 @@ class EvalModel:
     @torch.inference_mode()
     def embed_images(self, data: EvalData | list, options: EmbedOptions | None = None) -> torch.Tensor:
         options = options or EmbedOptions()
+        memo_key = data.identity() if isinstance(data, EvalData) and data.identity_parts else None
+        if memo_key in self._image_memo:
+            return self._image_memo[memo_key]
         images = data.images if isinstance(data, EvalData) else list(data)
         if self.preprocess is None:
             raise MedclipError("the model has no .preprocess; pass one with EvalModel.preprocess = ...")
@@ -90,7 +99,10 @@ class EvalModel:
             out.append(self._encode_image_batch(batch))
         if not out:
             return torch.empty(0, 0)
-        return F.normalize(torch.cat(out), dim=-1)
+        feats = F.normalize(torch.cat(out), dim=-1)
+        if memo_key is not None:
+            self._image_memo[memo_key] = feats
+        return feats
 
     def _encode_image_batch(self, batch: torch.Tensor) -> torch.Tensor:
         if self.is_medclip:
