@@ -12,6 +12,7 @@ from medclip.errors import MedclipError
 # Modules that define `register(subparsers)`; each adds its own subcommands.
 COMMAND_MODULES = [
     "medclip.info",
+    "medclip.concepts.cli",
     "medclip.evaluation.cli",
 ]
 

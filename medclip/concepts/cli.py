@@ -1,0 +1,133 @@
+"""`medclip concepts annotate` and `medclip explain`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from medclip.errors import MedclipError
+
+log = logging.getLogger(__name__)
+
+
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _read_names(path: str) -> list[str]:
+    """Concept names from a text file (one per line) or any vocabulary file (its preferred names)."""
+    p = Path(path)
+    if p.suffix == ".txt" and p.is_file():
+        return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from medclip.concepts.vocab import load_vocabulary
+
+    return sorted({c.name for c in load_vocabulary(p).concepts.values()})
+
+
+def run_annotate(args) -> int:
+    from medclip.concepts.annotator import AnnotatorConfig, ConceptAnnotator
+    from medclip.concepts.negation import NegationConfig
+    from medclip.concepts.shards import AnnotationStats, annotate_jsonl, annotate_shard
+    from medclip.concepts.vocab import load_vocabularies
+
+    vocab = load_vocabularies(args.vocab, args.vocab_format, _split(args.semantic_types) or None, args.mrsty)
+    config = AnnotatorConfig(negation=not args.no_negation, min_chars=args.min_chars,
+                             negation_config=NegationConfig(comma_ends_scope=args.comma_ends_negation))
+    annotator = ConceptAnnotator(vocab, config)
+    log.info("vocabulary: %d concepts, %d match keys", len(vocab), annotator.n_keys)
+    inputs = [Path(p) for p in args.inputs]
+    if args.output and len(inputs) > 1:
+        raise MedclipError("-o/--output takes one input; without it shards are annotated in place")
+    total = AnnotationStats()
+    for src in inputs:
+        if src.suffix == ".jsonl":
+            if not args.output and not args.in_place:
+                raise MedclipError(f"{src}: give -o OUT.jsonl (or --in-place to rewrite it)")
+            stats = annotate_jsonl(src, args.output or src, annotator, args.field, args.out_field)
+        elif src.suffix == ".tar":
+            stats = annotate_shard(src, annotator, args.output, args.out_field, args.overwrite)
+        else:
+            raise MedclipError(f"{src}: expected a .jsonl file or a .tar shard")
+        log.info("%s: %s", src, stats.summary())
+        total.add(stats)
+    print(json.dumps({"records": total.records, "annotated": total.annotated, "mentions": total.mentions,
+                      "negated": total.negated, "skipped": total.skipped}))
+    return 0
+
+
+def _load_encoder(args):
+    import medclip
+
+    return medclip.load(args.model, device=args.device, checkpoint=args.checkpoint, hf_text_dir=args.hf_text_dir)
+
+
+def run_explain(args) -> int:
+    if args.grounding:
+        from medclip.concepts.grounding import evaluate_grounding, grounding_records_from_shards
+
+        records = grounding_records_from_shards(args.grounding)
+        result = evaluate_grounding(_load_encoder(args), records, tolerance=args.tolerance)
+        text = json.dumps(result.to_dict(), indent=2)
+        if args.output:
+            Path(args.output).write_text(text + "\n")
+        print(text)
+        return 0
+    if not args.image:
+        raise MedclipError("give an IMAGE to explain (or --grounding SHARDS)")
+    from medclip.concepts.explain import explain, rank_concepts
+
+    concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
+    if not concepts:
+        raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
+    encoder = _load_encoder(args)
+    maps = explain(encoder, args.image, concepts)
+    ranked = None
+    if args.vocab:
+        ranked = rank_concepts(encoder, args.image, _read_names(args.vocab), args.top_k)
+    output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
+    maps.save_png(output, ranked or maps.ranked())
+    print(json.dumps({"png": str(output), "method": maps.method,
+                      "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
+                      **({"top_concepts": [{"name": n, "score": s} for n, s in ranked]} if ranked else {})},
+                     indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    concepts = subparsers.add_parser("concepts", help="concept annotation of captions")
+    sub = concepts.add_subparsers(dest="concepts_command", metavar="SUBCOMMAND")
+    sub.required = True
+    ann = sub.add_parser("annotate", help="find vocabulary concepts in captions (JSONL or tar shards in place)")
+    ann.add_argument("inputs", nargs="+", help="INPUT.jsonl or shard .tar files (shards are rewritten atomically)")
+    ann.add_argument("--vocab", action="append", required=True,
+                     help="MRCONSO.RRF (or a UMLS META dir), MeSH TSV, plain TSV (id, name, syn|syn) or a "
+                          "CheXpert phrase dir; repeatable")
+    ann.add_argument("--vocab-format", default="auto", choices=["auto", "umls", "mesh", "tsv", "chexpert"])
+    ann.add_argument("--semantic-types", help="UMLS only: keep these TUIs / type names / groups, e.g. T047,ANAT")
+    ann.add_argument("--mrsty", help="UMLS only: MRSTY.RRF (default: beside MRCONSO.RRF)")
+    ann.add_argument("-o", "--output", help="output file (JSONL input: required unless --in-place)")
+    ann.add_argument("--in-place", action="store_true", help="rewrite a JSONL input in place")
+    ann.add_argument("--field", default="caption", help="JSONL field holding the caption (or list of captions)")
+    ann.add_argument("--out-field", default="concepts", help="field to write the mentions to")
+    ann.add_argument("--overwrite", action="store_true", help="shards: replace concepts a sample already has")
+    ann.add_argument("--no-negation", action="store_true", help="do not detect negated mentions")
+    ann.add_argument("--comma-ends-negation", action="store_true", help="a comma ends a negation's scope")
+    ann.add_argument("--min-chars", type=int, default=3, help="ignore synonyms shorter than this")
+    ann.set_defaults(func=run_annotate)
+
+    exp = subparsers.add_parser("explain", help="concept heatmaps of an image, or grounding scores on boxed shards")
+    exp.add_argument("image", nargs="?", help="image file (JPEG/PNG/DICOM)")
+    exp.add_argument("--model", required=True, help="model name, hub directory or checkpoint")
+    exp.add_argument("--checkpoint", help="weights for a model name")
+    exp.add_argument("--hf-text-dir", help="local HF text tower directory (offline)")
+    exp.add_argument("--device", default=None)
+    exp.add_argument("--concepts", help="comma-separated concept names to map")
+    exp.add_argument("--concepts-file", help="concept names, one per line (or a vocabulary file)")
+    exp.add_argument("--vocab", help="rank the image's top concepts from these names (file)")
+    exp.add_argument("--top-k", type=int, default=10)
+    exp.add_argument("-o", "--output", help="PNG (explain) or JSON (grounding) output path")
+    exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
+                     help="shards or directories whose samples carry 'boxes': print pointing game and energy")
+    exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")
+    exp.set_defaults(func=run_explain)
