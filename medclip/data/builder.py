@@ -1,0 +1,325 @@
+"""Shard builder: JSONL/CSV tables, class folders with caption templates, DICOM, MedConcept-23M.
+
+Images are decoded, optionally shrunk to a maximum side and re-encoded in a process pool; the
+results are consumed in input order, so the output is identical for any number of processes.
+Bad inputs are skipped, counted by kind and listed in the summary; the build always finishes.
+
+``part=(i, n)`` builds a disjoint part: rows are grouped in blocks of ``PART_BLOCK`` and block
+``b`` belongs to part ``b % n`` (works on a stream, no need to count rows first). Sample keys are
+the global row index, so parts never collide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import multiprocessing as mp
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from medclip.data.records import (
+    RecordError,
+    SourceRecord,
+    clean_captions,
+    record_json,
+    reindex_concepts,
+    validate_concepts,
+)
+from medclip.data.shards import ShardInfo, ShardSink, write_summary
+from medclip.errors import MedclipError
+from medclip.imaging import Window, load_image
+
+log = logging.getLogger(__name__)
+
+PART_BLOCK = 1000
+MAX_LISTED_SKIPS = 10_000
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
+
+
+@dataclass
+class BuildConfig:
+    out_dir: str | Path
+    prefix: str = "shard"
+    max_samples: int = 10_000  # per shard
+    max_bytes: int = 1 << 30  # per shard
+    max_side: int | None = None  # shrink larger images at write time
+    image_format: str = "jpg"  # jpg | png
+    jpeg_quality: int = 90
+    processes: int = 1
+    part: tuple[int, int] = (0, 1)
+    window: tuple[float, float] | None = None  # DICOM/16-bit window (center, width)
+
+    def __post_init__(self):
+        if self.image_format not in ("jpg", "png"):
+            raise MedclipError(f"image_format must be jpg or png, got {self.image_format!r}")
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            raise MedclipError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
+        if self.max_samples < 1 or self.max_bytes < 1:
+            raise MedclipError("max_samples and max_bytes must be positive")
+        if self.max_side is not None and self.max_side < 8:
+            raise MedclipError(f"max_side must be at least 8, got {self.max_side}")
+
+
+@dataclass
+class BuildReport:
+    out_dir: Path
+    summary_path: Path
+    shards: list[ShardInfo]
+    samples: int
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_items: list[dict] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- readers
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError as exc:
+        raise MedclipError(f"--part must look like i/n (e.g. 0/8), got {text!r}") from exc
+    if not (n >= 1 and 0 <= i < n):
+        raise MedclipError(f"--part must satisfy 0 <= i < n, got {text!r}")
+    return i, n
+
+
+def _table_rows(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+    if not path.is_file():
+        raise MedclipError(f"input file not found: {path}")
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                yield i, row
+        return
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("row is not a JSON object")
+                yield i, row
+            except ValueError as exc:
+                yield i, exc
+
+
+def _captions_from(row: dict, fields: Sequence[str], separator: str | None) -> list[str]:
+    out: list[str] = []
+    for name in fields:
+        value = row.get(name)
+        if isinstance(value, str) and separator:
+            value = [v.strip() for v in value.split(separator)]
+        out.extend(clean_captions(value))
+    return out
+
+
+def read_table(
+    path: str | Path,
+    image_field: str = "image",
+    caption_fields: Sequence[str] = ("caption",),
+    caption_separator: str | None = None,
+    label_fields: Sequence[str] | None = None,
+    modality_field: str = "modality",
+    concept_field: str = "concepts",
+    licence: str = "",
+    source: str = "",
+) -> Iterator[SourceRecord | RecordError]:
+    """Rows of a JSONL or CSV file; image paths are relative to the file's folder.
+
+    Every other scalar field goes into ``labels`` unless ``label_fields`` names them explicitly.
+    """
+    path = Path(path)
+    reserved = {image_field, *caption_fields, concept_field, "licence", "license", "boxes"}
+    for i, row in _table_rows(path):
+        origin = f"{path}:{i + 1}"
+        if isinstance(row, Exception):
+            yield RecordError("bad_json", f"{origin}: {row}")
+            continue
+        image = row.get(image_field)
+        if not image:
+            yield RecordError("missing_image", f"{origin}: no {image_field!r} field")
+            continue
+        names = label_fields if label_fields is not None else [k for k in row if k not in reserved]
+        labels = {k: row[k] for k in names if k in row and isinstance(row[k], (str, int, float, bool, list))}
+        row_licence = row.get("licence") or row.get("license") or licence
+        yield SourceRecord(
+            image=path.parent / str(image),
+            captions=_captions_from(row, caption_fields, caption_separator),
+            labels=labels,
+            modality=str(row.get(modality_field) or ""),
+            source=source or str(row.get("source") or path.parent.name),
+            licence=str(row_licence or ""),
+            concepts=row.get(concept_field) or [],
+            boxes=row.get("boxes") or [],
+            origin=origin,
+        )
+
+
+def read_medconcept(path: str | Path, source: str = "MedConcept-23M", licence: str = "") -> Iterator:
+    """MedConcept-23M JSONL: ``caption``, ``image`` and ``umls_meta_info`` character spans."""
+    for rec in read_table(path, caption_fields=("caption",), concept_field="umls_meta_info",
+                          label_fields=("pmid", "pmc", "fig_id", "fig_label"), source=source, licence=licence):
+        if isinstance(rec, SourceRecord):
+            caption = rec.captions[0] if rec.captions else ""
+            rec.concepts = [
+                {"start": m.get("start_char"), "end": m.get("end_char"), "cui": m.get("umls_cui"),
+                 "name": caption[int(m["start_char"]):int(m["end_char"])] if caption else "", "caption_index": 0}
+                for m in rec.concepts
+                if isinstance(m, dict) and m.get("umls_cui") is not None and m.get("start_char") is not None
+                and m.get("end_char") is not None
+            ]
+        yield rec
+
+
+def read_class_folder(
+    root: str | Path,
+    templates: dict[str, list[str]] | list[str],
+    modality: str = "",
+    source: str = "",
+    licence: str = "",
+    class_names: dict[str, str] | None = None,
+) -> Iterator[SourceRecord]:
+    """One subfolder per class; each image gets every caption template of its class.
+
+    ``templates`` is either a list with ``{}`` for the class name, or per-class lists (a ``"*"``
+    entry applies to classes without their own).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise MedclipError(f"image folder not found: {root}")
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        cls = folder.name
+        name = (class_names or {}).get(cls, cls.replace("_", " "))
+        if isinstance(templates, dict):
+            chosen = templates.get(cls) or templates.get("*")
+            if not chosen:
+                raise MedclipError(f"no caption templates for class {cls!r} (add it or a '*' entry)")
+        else:
+            chosen = templates
+        captions = [t.format(name) if "{}" in t else t for t in chosen]
+        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            yield SourceRecord(image=image, captions=captions, labels={"class": name}, modality=modality,
+                               source=source or root.name, licence=licence, origin=str(image))
+
+
+def load_templates(path: str | Path) -> dict[str, list[str]] | list[str]:
+    path = Path(path)
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(path.read_text())
+        elif path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            data = [t for t in path.read_text().splitlines() if t.strip()]
+    except FileNotFoundError as exc:
+        raise MedclipError(f"templates file not found: {path}") from exc
+    except Exception as exc:
+        raise MedclipError(f"cannot read templates {path}: {exc}") from exc
+    if not isinstance(data, (dict, list)) or not data:
+        raise MedclipError(f"templates {path} must be a non-empty list or a class -> list mapping")
+    return data
+
+
+# ---------------------------------------------------------------- encoding
+
+
+def _encode_image(image: Any, cfg: BuildConfig) -> tuple[bytes, str, float]:
+    window = Window(*cfg.window) if cfg.window else None
+    if isinstance(image, bytes):
+        with Image.open(io.BytesIO(image)) as im:
+            im.load()
+            image = im.copy()
+    img = load_image(image, window)  # raises MedclipError for unreadable files
+    scale = 1.0
+    if cfg.max_side and max(img.size) > cfg.max_side:
+        scale = cfg.max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    if cfg.image_format == "png":
+        img.save(buf, format="PNG", optimize=False)
+    else:
+        img.save(buf, format="JPEG", quality=cfg.jpeg_quality)
+    return buf.getvalue(), cfg.image_format, scale
+
+
+def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> tuple[int, Any]:
+    """(index, members dict) or (index, RecordError); runs in worker processes."""
+    index, rec, cfg = args
+    if isinstance(rec, RecordError):
+        return index, rec
+    captions = clean_captions(rec.captions)
+    if not captions:
+        return index, RecordError("missing_caption", f"{rec.origin}: no caption")
+    concepts, dropped = validate_concepts(reindex_concepts(rec.concepts, rec.captions), captions)
+    try:
+        data, ext, scale = _encode_image(rec.image, cfg)
+    except FileNotFoundError as exc:
+        return index, RecordError("missing_image", f"{rec.origin}: {exc}")
+    except (MedclipError, OSError, ValueError, SyntaxError) as exc:
+        kind = "missing_image" if "not found" in str(exc) else "unreadable_image"
+        return index, RecordError(kind, f"{rec.origin}: {exc}")
+    if scale != 1.0 and rec.boxes:
+        rec.boxes = [{**b, "bbox": [round(v * scale, 2) for v in b["bbox"]]} for b in rec.boxes]
+    meta = record_json(rec, captions, concepts)
+    members = {ext: data, "txt": captions[0].encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode()}
+    return index, (members, dropped)
+
+
+def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, Any]]:
+    i, n = part
+    for index, rec in enumerate(records):
+        if (index // PART_BLOCK) % n == i:
+            yield index, rec
+
+
+def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig) -> BuildReport:
+    """Write ``records`` (this part of them) as shards plus ``PREFIX-summary[-PART].json``."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    i, n = cfg.part
+    name_pattern = f"{cfg.prefix}-{{shard:06d}}.tar" if n == 1 else f"{cfg.prefix}-{i:03d}-{{shard:05d}}.tar"
+    summary_path = out / (f"{cfg.prefix}-summary.json" if n == 1 else f"{cfg.prefix}-summary-{i:03d}.json")
+    sink = ShardSink(out, name_pattern, cfg.max_samples, cfg.max_bytes)
+    skipped: Counter[str] = Counter()
+    skipped_items: list[dict] = []
+    work = ((index, rec, cfg) for index, rec in _selected(records, cfg.part))
+    pool = mp.get_context("fork").Pool(cfg.processes) if cfg.processes > 1 else None
+    results = pool.imap(encode_record, work, chunksize=16) if pool else map(encode_record, work)
+    try:
+        for index, result in results:
+            if isinstance(result, RecordError):
+                skipped[result.kind] += 1
+                if len(skipped_items) < MAX_LISTED_SKIPS:
+                    skipped_items.append({"index": index, "kind": result.kind, "reason": str(result)})
+                continue
+            members, dropped = result
+            if dropped:
+                skipped["bad_concept_span"] += dropped
+            sink.write(f"{cfg.prefix}{index:09d}", members)
+        shards = sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
+    config = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+              for k, v in asdict(cfg).items() if k not in ("out_dir", "processes")}
+    write_summary(summary_path, shards, part=[i, n], skipped=dict(sorted(skipped.items())),
+                  skipped_items=skipped_items, config=config)
+    for kind, count in sorted(skipped.items()):
+        log.warning("skipped %d input(s): %s", count, kind)
+    return BuildReport(out, summary_path, shards, sum(s.samples for s in shards), dict(skipped), skipped_items)

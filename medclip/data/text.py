@@ -1,0 +1,161 @@
+"""Caption tokenization with concept spans mapped from characters to token positions.
+
+open_clip's tokenizers clean the text before tokenizing (ftfy + HTML unescape, whitespace
+collapsing, and lower-casing for the BPE tokenizer), so character offsets in the stored caption
+do not index the tokenized text. We clean the caption ourselves while keeping a map from every
+cleaned character back to the original one, hand the cleaned text to the tokenizer (its own
+cleaning is then the identity), and intersect token character ranges with concept spans:
+
+- HF (WordPiece) tokenizers: the fast tokenizer's ``return_offsets_mapping``;
+- open_clip's SimpleTokenizer (BPE) has no offsets: we replay its regex word split and per-word
+  BPE and measure each token's byte length to recover its characters.
+
+Positions include the start token at position 0, as in the ids open_clip's tokenizer returns.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import ftfy
+import torch
+
+from medclip.errors import MedclipError
+
+
+@dataclass(frozen=True)
+class CharSpan:
+    start: int
+    end: int  # exclusive
+
+
+@dataclass
+class TokenizedCaption:
+    ids: torch.Tensor  # long [L]
+    spans: list[tuple[int, int] | None]  # per input span: (token start, token end) or None if lost
+
+
+def _fix_text(segment: str) -> str:
+    # The tokenizer's basic_clean without its final strip (strip is done by the whitespace pass).
+    return html.unescape(html.unescape(ftfy.fix_text(segment)))
+
+
+def clean_with_offsets(text: str, boundaries: list[int], lower: bool) -> tuple[str, list[int]]:
+    """Cleaned text and, for each cleaned char, the original char index (plus a final sentinel).
+
+    Text is fixed segment by segment between span ``boundaries`` so that a change of length inside
+    one segment cannot shift another span's offsets.
+    """
+    cuts = sorted({0, len(text), *(b for b in boundaries if 0 <= b <= len(text))})
+    chars: list[str] = []
+    origin: list[int] = []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        seg = text[a:b]
+        fixed = _fix_text(seg)
+        if fixed == seg:
+            chars.extend(seg)
+            origin.extend(range(a, b))
+        else:  # length may change: every fixed char maps to the segment start (span ends stay exact)
+            chars.extend(fixed)
+            origin.extend([a] * len(fixed))
+    # Collapse whitespace runs to one space and strip, as open_clip's whitespace_clean does.
+    out_chars: list[str] = []
+    out_origin: list[int] = []
+    pending_space = -1
+    for ch, o in zip(chars, origin):
+        if ch.isspace():
+            if out_chars and pending_space < 0:
+                pending_space = o
+            continue
+        if pending_space >= 0:
+            out_chars.append(" ")
+            out_origin.append(pending_space)
+            pending_space = -1
+        piece = ch.lower() if lower else ch
+        out_chars.extend(piece)
+        out_origin.extend([o] * len(piece))
+    out_origin.append(len(text))
+    return "".join(out_chars), out_origin
+
+
+def _map_char_span(origin: list[int], span: CharSpan) -> tuple[int, int]:
+    """Original char span -> cleaned char span [s, e) (cleaned chars whose origin is inside it)."""
+    inside = [i for i, o in enumerate(origin[:-1]) if span.start <= o < span.end]
+    if not inside:
+        return 0, 0
+    return inside[0], inside[-1] + 1
+
+
+class SpanTokenizer:
+    """Wraps an open_clip tokenizer (SimpleTokenizer or HFTokenizer) to also map concept spans."""
+
+    def __init__(self, tokenizer, context_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.context_length = int(context_length or getattr(tokenizer, "context_length", 77) or 77)
+        self.kind = "bpe" if hasattr(tokenizer, "bpe") else "hf" if hasattr(tokenizer, "tokenizer") else None
+        if self.kind is None:
+            raise MedclipError(f"unsupported tokenizer for span mapping: {type(tokenizer).__name__}")
+        if self.kind == "hf":
+            if getattr(tokenizer, "tokenizer_mode", "") or getattr(tokenizer, "strip_sep_token", False):
+                raise MedclipError("span mapping supports the standard HF tokenizer mode only")
+            if not getattr(tokenizer.tokenizer, "is_fast", False):
+                raise MedclipError("span mapping needs a fast HF tokenizer (offset mapping)")
+
+    def __call__(self, text: str, spans: list[CharSpan] = ()) -> TokenizedCaption:
+        boundaries = [b for s in spans for b in (s.start, s.end)]
+        cleaned, origin = clean_with_offsets(text, boundaries, lower=self.kind == "bpe")
+        if self.kind == "bpe":
+            ids, offsets = self._bpe(cleaned)
+        else:
+            ids, offsets = self._hf(cleaned)
+        out: list[tuple[int, int] | None] = []
+        for span in spans:
+            cs, ce = _map_char_span(origin, span)
+            hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < ce and b > cs]
+            out.append((hit[0], hit[-1] + 1) if cs < ce and hit else None)
+        return TokenizedCaption(ids=ids, spans=out)
+
+    # -- WordPiece through the fast tokenizer's offsets
+    def _hf(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        enc = self.tokenizer.tokenizer(
+            cleaned, max_length=self.context_length, padding="max_length", truncation=True,
+            return_offsets_mapping=True,
+        )
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        special = set(self.tokenizer.tokenizer.all_special_ids)
+        offsets = [(0, 0) if t in special else (int(a), int(b))
+                   for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+        return ids, offsets
+
+    # -- BPE: replay SimpleTokenizer.encode with character bookkeeping
+    def _bpe(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        tok = self.tokenizer
+        ids = [tok.sot_token_id]
+        offsets = [(0, 0)]
+        for match in tok.pat.finditer(cleaned):
+            word = match.group()
+            encoded = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+            # byte offset -> char offset inside the word (a token may end inside a multi-byte char)
+            byte_to_char = []
+            for ci, ch in enumerate(word):
+                byte_to_char.extend([ci] * len(ch.encode("utf-8")))
+            byte_to_char.append(len(word))
+            pos = 0
+            for piece in tok.bpe(encoded).split(" "):
+                n_bytes = len(piece.removesuffix("</w>"))
+                a = byte_to_char[pos]
+                pos += n_bytes
+                b = byte_to_char[pos] if pos < len(byte_to_char) - 1 else len(word)
+                ids.append(tok.encoder[piece])
+                offsets.append((match.start() + a, match.start() + max(b, a + 1)))
+        ids.append(tok.eot_token_id)
+        offsets.append((0, 0))
+        if len(ids) > self.context_length:  # truncate like open_clip: keep a final end token
+            ids = ids[: self.context_length]
+            offsets = offsets[: self.context_length]
+            ids[-1] = tok.eot_token_id
+            offsets[-1] = (0, 0)
+        out = torch.zeros(self.context_length, dtype=torch.long)
+        out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return out, offsets + [(0, 0)] * (self.context_length - len(offsets))
