@@ -149,7 +149,7 @@ def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> li
     captions = _captions(record.get("captions"))
     if not captions and "txt" in files:
         captions = [files["txt"][2].decode("utf-8", errors="replace")]
-    if not captions:
+    if not captions or not any(c.strip() for c in captions):
         stats.skip("without captions")
         return group
     _annotate_record(record, captions, annotator, out_field, stats)
