@@ -42,7 +42,7 @@ def test_pc_align_gradcheck_float64(pool, chunk):
 @pytest.mark.parametrize("pool", ["max", "topk", "lse"])
 def test_chunked_equals_naive_scores_and_grads(pool):
     g = torch.Generator().manual_seed(3)
-    patches = F.normalize(torch.randn(4, 7, 8, generator=g), dim=-1).requires_grad_()
+    patches = (torch.randn(4, 7, 8, generator=g) * torch.rand(4, 7, 1, generator=g) * 3).requires_grad_()
     concepts = F.normalize(torch.randn(11, 8, generator=g), dim=-1).requires_grad_()
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-2.0, requires_grad=True)

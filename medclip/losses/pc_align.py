@@ -19,8 +19,8 @@ global batch divided by the number of scored images in the global batch. Each ra
 DDP's gradient averaging yields the global gradients (as with open_clip's local_loss).
 
 Memory: ``chunk_size`` concepts at a time. The chunked scores are a custom autograd Function that
-keeps only its inputs and recomputes each chunk in backward, so forward and backward hold
-O(B x P x chunk) besides the inputs, their gradients and the [B, N] score matrix.
+keeps only its inputs, the [B, P] patch norms and (max / top-k) the winning patch indices, so forward
+and backward hold O(B x P x chunk) besides the inputs, their gradients and the [B, N] scores.
 """
 
 from __future__ import annotations
@@ -86,50 +86,90 @@ def _pool_weights(logits: torch.Tensor, cfg: PCAlignConfig) -> torch.Tensor:
     return torch.softmax(logits / cfg.lse_temperature, dim=1)
 
 
+NORM_EPS = 1e-12  # as F.normalize
+
+
 def naive_scores(patches, concepts, scale, bias, cfg: PCAlignConfig) -> torch.Tensor:
-    """[B, P, D] x [N, D] -> [B, N] with the full [B, P, N] logits kept for autograd."""
-    return _pool(scale * (patches @ concepts.T) + bias, cfg)
+    """Raw patches [B, P, D] x normalized concepts [N, D] -> [B, N], keeping [B, P, N] for autograd."""
+    return _pool(scale * (F.normalize(patches, dim=-1, eps=NORM_EPS) @ concepts.T) + bias, cfg)
 
 
 class _ChunkedScores(torch.autograd.Function):
+    """Pooled scores computed ``chunk_size`` concepts at a time, forward and backward.
+
+    The patch normalization is folded in (only the [B, P] inverse norms are kept, no normalized copy
+    of the patches). Max and top-k pooling save the [B, k, N] winning patch indices and the pooled
+    cosines [B, N], so backward recomputes nothing; the log-sum-exp pool recomputes each chunk's
+    cosines in backward.
+    """
+
     @staticmethod
     def forward(ctx, patches, concepts, scale, bias, cfg: PCAlignConfig):
         chunk = cfg.chunk_size
+        inv_norm = patches.norm(dim=-1).clamp_min(NORM_EPS).reciprocal()  # [B, P]
         out = patches.new_empty(patches.shape[0], concepts.shape[0])
+        k = min(cfg.topk, patches.shape[1]) if cfg.pool == "topk" else 1
+        index = None
+        if cfg.pool != "lse":
+            index = torch.empty(patches.shape[0], k, concepts.shape[0], dtype=torch.long, device=patches.device)
+        # Max / top-k: the winners are the same for cosines and logits (scale > 0), so keep their mean
+        # cosine: backward then gets d/d scale and d/d bias without recomputing anything.
+        pooled_cos = None if cfg.pool == "lse" else out
         for start in range(0, concepts.shape[0], chunk):
-            c = concepts[start:start + chunk]
-            out[:, start:start + chunk] = _pool(scale * (patches @ c.T) + bias, cfg)
+            sl = slice(start, start + chunk)
+            cos = (patches @ concepts[sl].T).mul_(inv_norm[..., None])  # [B, P, K]
+            if cfg.pool == "lse":
+                out[:, sl] = _pool(cos.mul_(scale).add_(bias), cfg)
+            else:
+                values, index[:, :, sl] = cos.max(dim=1, keepdim=True) if k == 1 else cos.topk(k, dim=1)
+                pooled_cos[:, sl] = values.mean(dim=1)
+        if pooled_cos is not None:  # out was filled with pooled cosines; the scores are a new tensor
+            out = torch.addcmul(bias.expand_as(out), pooled_cos, scale)
         ctx.cfg = cfg
-        ctx.save_for_backward(patches, concepts, scale, bias)
+        ctx.save_for_backward(patches, concepts, scale, bias, inv_norm, index, pooled_cos)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_scores):
-        patches, concepts, scale, bias = ctx.saved_tensors
+        patches, concepts, scale, bias, inv_norm, index, pooled_cos = ctx.saved_tensors
         cfg = ctx.cfg
-        flat_patches = patches.reshape(-1, patches.shape[-1])
-        grad_patches = torch.zeros(patches.shape, dtype=patches.dtype, device=patches.device)
+        batch, n_patches, dim = patches.shape
+        flat_patches = patches.reshape(-1, dim)
+        grad_normed = torch.zeros(patches.shape, dtype=patches.dtype, device=patches.device)  # d/d unit patches
         grad_concepts = torch.empty_like(concepts)
-        grad_scale = torch.zeros_like(scale)
-        grad_bias = torch.zeros_like(bias)
+        if pooled_cos is not None:  # score = scale * pooled cosine + bias
+            grad_scale, grad_bias = (grad_scores * pooled_cos).sum(), grad_scores.sum()
+        else:
+            grad_scale, grad_bias = torch.zeros_like(scale), torch.zeros_like(bias)
         for start in range(0, concepts.shape[0], cfg.chunk_size):
-            c = concepts[start:start + cfg.chunk_size]
-            sims = patches @ c.T  # recomputed: [B, P, K]
-            g = _pool_weights(scale * sims + bias, cfg)
-            g.mul_(grad_scores[:, None, start:start + cfg.chunk_size])  # d loss / d logits
-            grad_bias += g.sum()
-            grad_scale += (g * sims).sum()
-            del sims
+            sl = slice(start, start + cfg.chunk_size)
+            c = concepts[sl]
+            g_out = grad_scores[:, None, sl]
+            if cfg.pool == "lse":
+                cos = (patches @ c.T).mul_(inv_norm[..., None])  # recomputed [B, P, K]
+                g = _pool_weights(scale * cos + bias, cfg).mul_(g_out)  # d loss / d logits
+                grad_bias += g.sum()
+                grad_scale += (g * cos).sum()
+                del cos
+            else:
+                idx = index[:, :, sl]
+                g = patches.new_zeros(batch, n_patches, idx.shape[-1])
+                g.scatter_(1, idx, (g_out / idx.shape[1]).expand(idx.shape).contiguous())
             g.mul_(scale)  # d loss / d cosine
-            grad_patches.view(-1, c.shape[-1]).addmm_(g.reshape(-1, g.shape[-1]), c)  # no [B, P, D] temporary
-            grad_concepts[start:start + cfg.chunk_size] = g.reshape(-1, g.shape[-1]).T @ flat_patches
+            grad_normed.view(-1, dim).addmm_(g.reshape(-1, g.shape[-1]), c)  # no [B, P, D] temporary
+            g.mul_(inv_norm[..., None])  # cosine = (raw patch / |raw patch|) . c
+            grad_concepts[sl] = g.reshape(-1, g.shape[-1]).T @ flat_patches
             del g
-        return grad_patches, grad_concepts, grad_scale, grad_bias, None
+        # Back through the normalization, in place: (g - u (u . g)) / |x| with u = x / |x|.
+        dots = torch.bmm(grad_normed.view(-1, 1, dim), patches.reshape(-1, dim, 1)).view(batch, n_patches)
+        grad_normed.addcmul_(patches, (dots * inv_norm * inv_norm)[..., None], value=-1.0)
+        grad_normed.mul_(inv_norm[..., None])
+        return grad_normed, grad_concepts, grad_scale, grad_bias, None
 
 
 def concept_scores(patches, concepts, scale, bias, cfg: PCAlignConfig) -> torch.Tensor:
-    """Pooled patch-concept scores [B, N] of normalized patches [B, P, D] and concepts [N, D]."""
+    """Pooled scores [B, N] of patch embeddings [B, P, D] (normalized here) and unit concepts [N, D]."""
     if cfg.chunk_size is None or concepts.shape[0] <= cfg.chunk_size:
         return naive_scores(patches, concepts, scale, bias, cfg)
     return _ChunkedScores.apply(patches, concepts, scale, bias, cfg)
@@ -220,8 +260,7 @@ def pc_align_loss(
         return zero
     positive, counted = pair_labels(gathered, concept_mask, concept_ids)
     scored_images = all_reduce_sum(concept_mask.any(dim=1).sum().to(patch_embeds.dtype), world)
-    patches = F.normalize(patch_embeds, dim=-1)
-    scores = concept_scores(patches, gathered.embeddings, scale, logit_bias, cfg)
+    scores = concept_scores(patch_embeds, gathered.embeddings, scale, logit_bias, cfg)
     sign = positive.to(scores.dtype) * 2 - 1
     pair_loss = -F.logsigmoid(sign * scores) * counted.to(scores.dtype)
     return zero + pair_loss.sum() * world.size / scored_images.clamp_min(1.0)
