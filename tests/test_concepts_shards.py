@@ -144,3 +144,19 @@ def test_cli_annotate_jsonl_and_shard(tmp_path, vocab_path, capsys):
     assert next(iter_shard_samples(shard))["json"]["concepts"][0]["cui"] == "C3"
     assert cli_main(["concepts", "annotate", "--vocab", str(vocab_path), str(src)]) == 2  # no -o
     assert "give -o" in capsys.readouterr().err
+
+
+def test_scispacy_linker_is_optional(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "spacy", None)  # as if scispaCy were not installed
+    from medclip.concepts.scispacy_linker import ScispacyAnnotator
+
+    with pytest.raises(MedclipError, match="pip install scispacy"):
+        ScispacyAnnotator()
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"caption": "lung"}) + "\n")
+    assert cli_main(["concepts", "annotate", "--scispacy-model", "en_core_sci_sm", str(src), "-o",
+                     str(tmp_path / "o.jsonl")]) == 2
+    assert cli_main(["concepts", "annotate", str(src), "-o", str(tmp_path / "o.jsonl")]) == 2
+    assert "give --vocab" in capsys.readouterr().err

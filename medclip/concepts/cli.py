@@ -31,11 +31,18 @@ def run_annotate(args) -> int:
     from medclip.concepts.shards import AnnotationStats, annotate_jsonl, annotate_shard
     from medclip.concepts.vocab import load_vocabularies
 
-    vocab = load_vocabularies(args.vocab, args.vocab_format, _split(args.semantic_types) or None, args.mrsty)
-    config = AnnotatorConfig(negation=not args.no_negation, min_chars=args.min_chars,
-                             negation_config=NegationConfig(comma_ends_scope=args.comma_ends_negation))
-    annotator = ConceptAnnotator(vocab, config)
-    log.info("vocabulary: %d concepts, %d match keys", len(vocab), annotator.n_keys)
+    negation = NegationConfig(comma_ends_scope=args.comma_ends_negation)
+    if args.scispacy_model:
+        from medclip.concepts.scispacy_linker import ScispacyAnnotator
+
+        annotator = ScispacyAnnotator(args.scispacy_model, negation=None if args.no_negation else negation)
+    elif args.vocab:
+        vocab = load_vocabularies(args.vocab, args.vocab_format, _split(args.semantic_types) or None, args.mrsty)
+        config = AnnotatorConfig(negation=not args.no_negation, min_chars=args.min_chars, negation_config=negation)
+        annotator = ConceptAnnotator(vocab, config)
+        log.info("vocabulary: %d concepts, %d match keys", len(vocab), annotator.n_keys)
+    else:
+        raise MedclipError("give --vocab FILE (or --scispacy-model NAME to use scispaCy's linker)")
     inputs = [Path(p) for p in args.inputs]
     if args.output and len(inputs) > 1:
         raise MedclipError("-o/--output takes one input; without it shards are annotated in place")
@@ -100,7 +107,7 @@ def register(subparsers) -> None:
     sub.required = True
     ann = sub.add_parser("annotate", help="find vocabulary concepts in captions (JSONL or tar shards in place)")
     ann.add_argument("inputs", nargs="+", help="INPUT.jsonl or shard .tar files (shards are rewritten atomically)")
-    ann.add_argument("--vocab", action="append", required=True,
+    ann.add_argument("--vocab", action="append",
                      help="MRCONSO.RRF (or a UMLS META dir), MeSH TSV, plain TSV (id, name, syn|syn) or a "
                           "CheXpert phrase dir; repeatable")
     ann.add_argument("--vocab-format", default="auto", choices=["auto", "umls", "mesh", "tsv", "chexpert"])
@@ -114,6 +121,8 @@ def register(subparsers) -> None:
     ann.add_argument("--no-negation", action="store_true", help="do not detect negated mentions")
     ann.add_argument("--comma-ends-negation", action="store_true", help="a comma ends a negation's scope")
     ann.add_argument("--min-chars", type=int, default=3, help="ignore synonyms shorter than this")
+    ann.add_argument("--scispacy-model", help="use scispaCy's UMLS linker with this spaCy model instead of "
+                                              "--vocab (optional dependency, e.g. en_core_sci_sm)")
     ann.set_defaults(func=run_annotate)
 
     exp = subparsers.add_parser("explain", help="concept heatmaps of an image, or grounding scores on boxed shards")
