@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,9 +104,11 @@ def test_sigmoid_needs_model_bias_and_uses_it(tiny_encoder):
     with pytest.raises(MedclipError, match="init_logit_bias"):
         Objective(ObjectiveConfig(it_kind="sigmoid"), world=World.single()).compute(
             tiny_encoder.model, None, batch, step=0)
-    model = build_model({**tiny_encoder.model_cfg, "init_logit_bias": -10.0})
-    out = Objective(ObjectiveConfig(it_kind="sigmoid", pc_weight=0), world=World.single()).compute(
-        model, None, batch, step=0)
+    model = build_model({**tiny_encoder.model_cfg, "init_logit_bias": -3.0})
+    objective = Objective(ObjectiveConfig(it_kind="sigmoid", pc_weight=0, sigmoid_init="siglip"), world=World.single())
+    objective.init_parameters(model)
+    assert model.logit_scale.item() == pytest.approx(math.log(10)) and model.logit_bias.item() == -10.0
+    out = objective.compute(model, None, batch, step=0)
     (g_bias,) = torch.autograd.grad(out["total"], [model.logit_bias])
     assert g_bias.item() != 0
 
@@ -151,6 +155,8 @@ def test_bad_config_and_batch_raise(tiny_encoder):
         ObjectiveConfig(it_kind="triplet")
     with pytest.raises(MedclipError, match="unknown objective option"):
         ObjectiveConfig.from_dict({"lambda": 1.0})
+    with pytest.raises(MedclipError, match="sigmoid_init"):
+        ObjectiveConfig(it_kind="infonce", sigmoid_init="siglip")
     with pytest.raises(MedclipError, match="pc_pool"):
         ObjectiveConfig.from_dict({"pc_pool": "mean"})
     batch = _batch(tiny_encoder)

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 
 from medclip.errors import MedclipError
 from medclip.losses.distributed import World
-from medclip.losses.it_align import infonce_loss, model_logit_params, sigmoid_loss
+from medclip.losses.it_align import (
+    SIGMOID_INITS,
+    infonce_loss,
+    init_logit_params_,
+    model_logit_params,
+    sigmoid_loss,
+)
 from medclip.losses.pc_align import POOLS, PCAlignConfig, pc_align_loss
 from medclip.models import towers
 
@@ -34,6 +40,9 @@ IT_KINDS = ("infonce", "sigmoid")
 @dataclass
 class ObjectiveConfig:
     it_kind: str = "infonce"  # 'infonce' (CLIP) or 'sigmoid' (SigLIP; the model needs a logit_bias)
+    # Sigmoid start values of the model's scale/bias: 'clip' (ln 1/0.07, -10), 'siglip' (ln 10, -10), or
+    # None to keep the model's own (its config's init_logit_scale / init_logit_bias).
+    sigmoid_init: str | None = None
     pc_weight: float = 1.0  # lambda; 0 turns PC-Align off
     pc_start_step: int = 0  # ConceptCLIP turns PC-Align on in a second stage
     pc_pool: str = "max"  # 'max' | 'topk' | 'lse'
@@ -45,6 +54,9 @@ class ObjectiveConfig:
     def __post_init__(self):
         if self.it_kind not in IT_KINDS:
             raise MedclipError(f"it_kind must be one of {IT_KINDS}, got {self.it_kind!r}")
+        if self.sigmoid_init is not None and (self.it_kind != "sigmoid" or self.sigmoid_init not in SIGMOID_INITS):
+            raise MedclipError(f"sigmoid_init must be one of {sorted(SIGMOID_INITS)} with it_kind 'sigmoid', "
+                               f"got {self.sigmoid_init!r} with {self.it_kind!r}")
         if self.pc_weight < 0:
             raise MedclipError(f"pc_weight must be >= 0, got {self.pc_weight}")
         if self.pc_start_step < 0:
@@ -134,6 +146,11 @@ class Objective:
         self.config = config or ObjectiveConfig()
         self.world = world  # None: ask torch.distributed at every call
         self.skipped_spans = 0  # concept mentions dropped because their token span was unusable
+
+    def init_parameters(self, model) -> None:
+        """Apply ``sigmoid_init`` to the model's logit scale and bias (a fresh run only, not a resume)."""
+        if self.config.sigmoid_init is not None:
+            init_logit_params_(model, self.config.sigmoid_init)
 
     # ---- batch -> features -------------------------------------------------------------------------
 
