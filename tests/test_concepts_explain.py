@@ -152,3 +152,16 @@ def test_cli_explain_writes_png(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert out.is_file() and report["method"] == "cosine" and len(report["top_concepts"]) == 2
     assert cli_main(["explain", str(tmp_path / "missing.png"), "--model", "medclip-tiny", "--concepts", "x"]) == 2
+
+
+def test_cli_zero_shot_annotation(tmp_path):
+    paths = []
+    for seed in range(2):
+        paths.append(tmp_path / f"{seed}.png")
+        gradient_image(seed=seed).save(paths[-1])
+    out = tmp_path / "labels.jsonl"
+    assert cli_main(["concepts", "zero-shot", *map(str, paths), "--model", "medclip-tiny", "--concepts",
+                     "liver,lung,brain", "--top-k", "2", "-o", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["image"] for r in rows] == list(map(str, paths))
+    assert all(len(r["concepts"]) == 2 and r["concepts"][0]["score"] >= r["concepts"][1]["score"] for r in rows)

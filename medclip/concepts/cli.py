@@ -101,6 +101,28 @@ def run_explain(args) -> int:
     return 0
 
 
+def run_zero_shot(args) -> int:
+    from medclip.concepts.explain import annotate_images
+
+    concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
+    if not concepts:
+        raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
+    labels = annotate_images(_load_encoder(args), args.images, concepts, top_k=args.top_k, threshold=args.threshold)
+    lines = [json.dumps({"image": image, "concepts": row}) for image, row in zip(args.images, labels)]
+    if args.output:
+        Path(args.output).write_text("\n".join(lines) + "\n")
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _model_args(parser) -> None:
+    parser.add_argument("--model", required=True, help="model name, hub directory or checkpoint")
+    parser.add_argument("--checkpoint", help="weights for a model name")
+    parser.add_argument("--hf-text-dir", help="local HF text tower directory (offline)")
+    parser.add_argument("--device", default=None)
+
+
 def register(subparsers) -> None:
     concepts = subparsers.add_parser("concepts", help="concept annotation of captions")
     sub = concepts.add_subparsers(dest="concepts_command", metavar="SUBCOMMAND")
@@ -125,12 +147,19 @@ def register(subparsers) -> None:
                                               "--vocab (optional dependency, e.g. en_core_sci_sm)")
     ann.set_defaults(func=run_annotate)
 
+    zs = sub.add_parser("zero-shot", help="rank concepts for each image with a model (zero-shot annotation)")
+    zs.add_argument("images", nargs="+", help="image files")
+    _model_args(zs)
+    zs.add_argument("--concepts", help="comma-separated concept names")
+    zs.add_argument("--concepts-file", help="concept names, one per line (or a vocabulary file)")
+    zs.add_argument("--top-k", type=int, default=5)
+    zs.add_argument("--threshold", type=float, help="keep scores above this (PC-Align logits: 0 = probability 0.5)")
+    zs.add_argument("-o", "--output", help="JSONL output (default: stdout)")
+    zs.set_defaults(func=run_zero_shot)
+
     exp = subparsers.add_parser("explain", help="concept heatmaps of an image, or grounding scores on boxed shards")
     exp.add_argument("image", nargs="?", help="image file (JPEG/PNG/DICOM)")
-    exp.add_argument("--model", required=True, help="model name, hub directory or checkpoint")
-    exp.add_argument("--checkpoint", help="weights for a model name")
-    exp.add_argument("--hf-text-dir", help="local HF text tower directory (offline)")
-    exp.add_argument("--device", default=None)
+    _model_args(exp)
     exp.add_argument("--concepts", help="comma-separated concept names to map")
     exp.add_argument("--concepts-file", help="concept names, one per line (or a vocabulary file)")
     exp.add_argument("--vocab", help="rank the image's top concepts from these names (file)")

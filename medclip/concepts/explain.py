@@ -91,7 +91,9 @@ def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | Non
     """Per-patch scores of ``concepts`` on one image (path, PIL image, DICOM path, array)."""
     scorer = scorer or ConceptScorer(encoder)
     names = [c.strip() for c in ([concepts] if isinstance(concepts, str) else concepts)]
-    source = load_image(image) if not isinstance(image, Image.Image) else image.convert("RGB")
+    # The encoder's default intensity window applies to 16-bit and DICOM inputs, as in encode_image.
+    window = getattr(encoder.preprocess, "window", None)
+    source = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image, window)
     tensor = encoder.preprocess(source)
     image_scores, patch = scorer.score(tensor[None], names)
     gh, gw = encoder.grid_size
