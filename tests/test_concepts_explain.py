@@ -33,18 +33,22 @@ def gradient_image(width=96, height=80, seed=0):
     return Image.fromarray(pixels)
 
 
-@pytest.fixture(scope="module")
-def headed_encoder():
+def _with_heads(name):
     import medclip
 
     torch.manual_seed(1)
-    encoder = medclip.load("medclip-tiny", device="cpu")
+    encoder = medclip.load(name, device="cpu")
     model = encoder.model
     heads = ConceptHeads(ConceptHeadsConfig(towers.image_width(model), towers.text_width(model), encoder.embed_dim))
     with torch.no_grad():
         heads.logit_bias.fill_(-2.0)
     encoder.heads = heads.eval()
     return encoder
+
+
+@pytest.fixture(scope="module")
+def headed_encoder():
+    return _with_heads("medclip-tiny")
 
 
 def test_cosine_maps_match_patch_and_text_embeddings(tiny_encoder):
@@ -61,7 +65,9 @@ def test_cosine_maps_match_patch_and_text_embeddings(tiny_encoder):
     assert maps.ranked()[0][1] == pytest.approx(float(maps.image_scores.max()))
 
 
-def test_pc_align_maps_use_the_heads(headed_encoder):
+@pytest.mark.parametrize("name", ["medclip-tiny", "medclip-tiny-bert"])
+def test_pc_align_maps_use_the_heads(name):
+    headed_encoder = _with_heads(name)  # BPE and WordPiece name tokens: start/end tokens are left out
     image = gradient_image(seed=3)
     maps = explain(headed_encoder, image, CONCEPTS)
     assert maps.method == "pc_align"
