@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "medclip.info",
     "medclip.concepts.cli",
     "medclip.evaluation.cli",
+    "medclip.data.cli",
 ]
 
 

@@ -1,0 +1,115 @@
+"""CLI: ``medclip shards build`` and ``medclip data check`` (and ``medclip data demo``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from medclip.errors import MedclipError
+
+
+def register(subparsers) -> None:
+    shards = subparsers.add_parser("shards", help="build WebDataset tar shards")
+    shards_sub = shards.add_subparsers(dest="shards_command", metavar="ACTION")
+    shards_sub.required = True
+    b = shards_sub.add_parser("build", help="build shards from JSONL/CSV, a class folder, or MedConcept-23M JSONL")
+    b.add_argument("input", help="JSONL/CSV file, or a folder with one subfolder per class (--format folder)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--format", choices=("table", "folder", "medconcept"), default="table")
+    b.add_argument("--prefix", default="shard", help="shard name prefix (PREFIX-000000.tar)")
+    b.add_argument("--image-field", default="image")
+    b.add_argument("--caption-field", action="append", dest="caption_fields",
+                   help="caption field(s) (repeatable; default: caption)")
+    b.add_argument("--caption-separator", default=None, help="split a caption field into several captions")
+    b.add_argument("--label-field", action="append", dest="label_fields",
+                   help="fields kept as labels (default: every other scalar field)")
+    b.add_argument("--concept-field", default="concepts")
+    b.add_argument("--templates", help="--format folder: caption templates (text lines with {}, JSON or YAML)")
+    b.add_argument("--modality", default="", help="modality of every sample (folder input)")
+    b.add_argument("--source", default="", help="source name stored in each sample")
+    b.add_argument("--licence", default="", help="licence stored in each sample (unless the row has one)")
+    b.add_argument("--max-samples", type=int, default=10_000, help="samples per shard")
+    b.add_argument("--max-bytes", type=float, default=1e9, help="bytes per shard")
+    b.add_argument("--max-side", type=int, default=None, help="shrink images whose longer side is larger")
+    b.add_argument("--image-format", choices=("jpg", "png"), default="jpg")
+    b.add_argument("--processes", type=int, default=1)
+    b.add_argument("--part", default="0/1", help="build part i of n (e.g. one per node of a job array)")
+    b.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: the file's own)")
+    b.set_defaults(func=run_build)
+
+    data = subparsers.add_parser("data", help="dataset manifests and the demo set")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_sub.required = True
+    c = data_sub.add_parser("check", help="verify a manifest's shards: existence, counts, checksums")
+    c.add_argument("manifests", nargs="+")
+    c.add_argument("--root", default=None, help="data root substituted for {root} in URLs")
+    c.add_argument("--no-checksums", action="store_true")
+    c.set_defaults(func=run_check)
+    d = data_sub.add_parser("demo", help="generate the synthetic demo set")
+    d.add_argument("--out", required=True)
+    d.add_argument("--n-train", type=int, default=1800)
+    d.add_argument("--n-val", type=int, default=300)
+    d.add_argument("--image-size", type=int, default=96)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=run_demo)
+
+
+def _window(text: str | None) -> tuple[float, float] | None:
+    if not text:
+        return None
+    try:
+        center, width = (float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise MedclipError(f"--window must be CENTER,WIDTH, got {text!r}") from exc
+    return center, width
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from medclip.data import builder
+
+    cfg = builder.BuildConfig(
+        out_dir=args.out, prefix=args.prefix, max_samples=args.max_samples, max_bytes=int(args.max_bytes),
+        max_side=args.max_side, image_format=args.image_format, processes=args.processes,
+        part=builder.parse_part(args.part), window=_window(args.window),
+    )
+    if args.format == "folder":
+        if not args.templates:
+            raise MedclipError("--format folder needs --templates")
+        records = builder.read_class_folder(args.input, builder.load_templates(args.templates),
+                                            modality=args.modality, source=args.source, licence=args.licence)
+    elif args.format == "medconcept":
+        records = builder.read_medconcept(args.input, source=args.source or "MedConcept-23M", licence=args.licence)
+    else:
+        records = builder.read_table(
+            args.input, image_field=args.image_field, caption_fields=args.caption_fields or ["caption"],
+            caption_separator=args.caption_separator, label_fields=args.label_fields,
+            concept_field=args.concept_field, licence=args.licence, source=args.source)
+    report = builder.build_shards(records, cfg)
+    print(f"wrote {report.samples} samples in {len(report.shards)} shards to {report.out_dir}")
+    print(f"summary: {report.summary_path}")
+    for kind, count in sorted(report.skipped.items()):
+        print(f"skipped {count}: {kind}")
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from medclip.data.manifest import check_manifest, load_manifest
+
+    failed = False
+    for path in args.manifests:
+        manifest = load_manifest(path, args.root)
+        problems = check_manifest(manifest, verify_checksums=not args.no_checksums)
+        if problems:
+            failed = True
+            for p in problems:
+                print(f"FAIL {p}")
+        else:
+            print(f"OK   {manifest.name}: {len(manifest.urls)} shards, {manifest.samples} samples")
+    return 1 if failed else 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from medclip.data.demo import build_demo
+
+    path = build_demo(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, image_size=args.image_size)
+    print(f"demo set written; train manifest: {path}")
+    return 0
