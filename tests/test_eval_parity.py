@@ -12,7 +12,7 @@ from clip_benchmark.metrics import zeroshot_classification as cb_zsc
 from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
 from PIL import Image
 
-from medclip.evaluation import ClassSpec, EvalModel, read_dataset, zero_shot
+from medclip.evaluation import ClassSpec, EmbedOptions, EvalModel, read_dataset, zero_shot
 from medclip.evaluation.metrics import average_precision_per_class, classification_metrics, retrieval_metrics
 
 
@@ -96,7 +96,8 @@ def test_zero_shot_pipeline_equals_clip_benchmark_evaluate(cb_accuracy, tiny_enc
     """Same model, same images: medclip's zero-shot and CLIP_benchmark's evaluate give the same metrics."""
     data = read_dataset("image_folder", _image_folder(tmp_path / "imgs"))
     spec = ClassSpec(["alpha", "beta", "gamma"], templates=["a photo of {c}.", "an image of {c}."])
-    ours = zero_shot(EvalModel(tiny_encoder), data, "label", spec).metrics
+    # draft=False: every pixel exactly as the plain transform makes it (the batched to-tensor path stays on).
+    ours = zero_shot(EvalModel(tiny_encoder), data, "label", spec, options=EmbedOptions(draft=False)).metrics
 
     class _Images(torch.utils.data.Dataset):
         classes = spec.labels

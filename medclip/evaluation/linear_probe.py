@@ -55,7 +55,8 @@ class FeatureCache:
 
     def features(self, model: EvalModel, data: EvalData, split: str,
                  options: EmbedOptions | None = None) -> torch.Tensor:
-        key = feature_cache_key(model.fingerprint(), data.identity(), split)
+        options = options or EmbedOptions()
+        key = feature_cache_key(model.fingerprint(), data.identity() + "|" + options.transform_tag(), split)
         path = self.directory / f"{key}.pt"
         if path.is_file():
             try:
