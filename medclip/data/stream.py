@@ -110,12 +110,52 @@ class _ShardErrors:
         return True  # continue with the next shard
 
 
+class _TailStream:
+    """File wrapper remembering the byte count and the last block read, to prove the tar was complete."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.total = 0
+        self.tail = b""
+
+    def read(self, n=-1):
+        data = self.raw.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-512:]
+        return data
+
+    def complete(self) -> bool:
+        while self.read(1 << 16):  # drain the end padding
+            pass
+        # A whole tar is a sequence of 512-byte blocks ending in zero blocks. tarfile's stream mode
+        # silently stops at a header cut in half, so this is the only way to see that truncation.
+        return self.total % 512 == 0 and self.total > 0 and self.tail == bytes(512)
+
+    def close(self):
+        close = getattr(self.raw, "close", None)
+        if close:
+            close()
+
+
 def _read_shard(url: str, keep: Callable[[int], bool], skips: Counter) -> Iterator[dict]:
     errors = _ShardErrors()
-    streams = wds.tariterators.url_opener([{"url": url}], handler=errors)
-    for index, sample in enumerate(group_by_keys(tar_file_expander(streams, handler=errors), handler=errors)):
-        if keep(index):
-            yield sample
+    try:
+        stream = _TailStream(wds.gopen(url))
+    except Exception as exn:
+        errors(exn)
+        stream = None
+    if stream is not None:
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=errors)
+        for index, sample in enumerate(group_by_keys(files, handler=errors)):
+            if keep(index):
+                yield sample
+        try:
+            if not errors.kinds and not stream.complete():
+                errors.kinds.add("truncated_tar")
+                log.warning("shard error: %s ends before the tar end-of-archive marker", url)
+        except Exception as exn:
+            errors(exn)
+        stream.close()
     for kind in errors.kinds:
         skips[kind] += 1
 

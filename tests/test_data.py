@@ -1,0 +1,278 @@
+"""Data area: builder, manifests, span mapping, streaming (mix, workers, faults, resume), demo set."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import require_shared  # tests/ is on sys.path under pytest
+from torchvision import transforms
+
+from medclip.cli import main as cli_main
+from medclip.data import builder
+from medclip.data.builder import BuildConfig, build_shards, read_table
+from medclip.data.concepts import concept_key
+from medclip.data.demo import CUIS, FINDINGS, MODALITIES, build_demo, iter_demo_split
+from medclip.data.manifest import Manifest, check_manifest, load_manifest
+from medclip.data.shards import sha256_file
+from medclip.data.stream import build_train_stream
+from medclip.data.text import CharSpan, SpanTokenizer
+from medclip.errors import MedclipError
+
+TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+
+
+def _subset_jsonl(src: Path, dst: Path, n: int) -> Path:
+    """First n rows of a shared JSONL with absolute image paths (the images stay in place)."""
+    rows = [json.loads(line) for line in src.read_text().splitlines()[:n]]
+    for r in rows:
+        r["image"] = str(src.parent / r["image"])
+    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo")
+    build_demo(out, n_train=240, n_val=60, image_size=48, shard_samples=40)
+    return out
+
+
+def _manifest(folder: Path, prefix: str, weight: float = 1.0, name: str | None = None) -> Manifest:
+    urls = sorted(str(p) for p in folder.glob(f"{prefix}-*.tar"))
+    return Manifest(name=name or prefix, urls=urls, weight=weight)
+
+
+def _keys(stream) -> list[str]:
+    return [k for batch in stream for k in batch["keys"]]
+
+
+def test_concept_key_is_stable_and_normalised():
+    expected = int.from_bytes(hashlib.blake2b(b"C0032326", digest_size=8).digest(), "big") & ((1 << 63) - 1)
+    assert concept_key("C0032326") == expected
+    assert concept_key(" c0032326 ") == expected
+    assert concept_key("C0032227") != expected
+
+
+def test_builder_is_deterministic_with_checksums_and_parts(tmp_path, monkeypatch):
+    src = _subset_jsonl(require_shared("covid-cxr", "train.jsonl"), tmp_path / "rows.jsonl", 40)
+    reports = [build_shards(read_table(src), BuildConfig(tmp_path / f"out{p}", prefix="cxr", max_samples=12,
+                                                         max_side=64, processes=p)) for p in (1, 2)]
+    a, b = reports
+    assert [s.sha256 for s in a.shards] == [s.sha256 for s in b.shards]
+    assert len(a.shards) >= 2 and all(s.samples <= 12 for s in a.shards)
+    for s in a.shards:
+        assert sha256_file(tmp_path / "out1" / s.name) == s.sha256
+    summary = json.loads(a.summary_path.read_text())
+    assert summary["samples"] == a.samples == 40 - a.skipped.get("missing_caption", 0)
+    assert {i["kind"] for i in summary["skipped_items"]} <= {"missing_caption"}
+    with tarfile.open(tmp_path / "out1" / a.shards[0].name) as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile(names[1]).read())
+        assert max(tar.extractfile(names[0]).read().__len__(), 1) > 0
+    assert names[0].endswith(".jpg") and names[1].endswith(".json") and names[2].endswith(".txt")
+    assert meta["labels"]["finding"] and meta["modality"] and meta["captions"]
+    # --part i/n: disjoint parts whose union is the whole input
+    monkeypatch.setattr(builder, "PART_BLOCK", 5)
+    keys = []
+    for i in range(2):
+        r = build_shards(read_table(src), BuildConfig(tmp_path / "parts", prefix="cxr", max_side=64, part=(i, 2)))
+        for s in r.shards:
+            with tarfile.open(tmp_path / "parts" / s.name) as tar:
+                keys.append({n.split(".")[0] for n in tar.getnames()})
+    assert not keys[0] & keys[1]
+    assert len(keys[0] | keys[1]) == a.samples
+
+
+def test_builder_skips_and_lists_bad_inputs(tmp_path):
+    good = require_shared("medpix", "dev.jsonl")
+    row = json.loads(good.read_text().splitlines()[0])
+    row["image"] = str(good.parent / row["image"])
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    lines = [json.dumps(row), "{bad json", json.dumps({**row, "caption": ""}),
+             json.dumps({**row, "image": "nope.jpg"}), json.dumps({**row, "image": str(tmp_path / "broken.jpg")})]
+    (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
+    rep = build_shards(read_table(tmp_path / "in.jsonl"), BuildConfig(tmp_path / "out", max_side=64))
+    assert rep.samples == 1
+    assert rep.skipped == {"bad_json": 1, "missing_caption": 1, "missing_image": 1, "unreadable_image": 1}
+    assert not list((tmp_path / "out").glob("*.partial"))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_encoder", "tiny_bert_encoder"])
+def test_span_mapping_decodes_back_to_concept_text(fixture, request):
+    enc = request.getfixturevalue(fixture)
+    st = SpanTokenizer(enc.tokenizer)
+    caption = "Chest  X-ray:\tLARGE right-sided Pleural Effusion &amp; small Pneumothorax; no cardiomegaly."
+    names = ["Pleural Effusion", "Pneumothorax", "cardiomegaly", "right-sided", "X-ray"]
+    spans = [CharSpan(caption.index(n), caption.index(n) + len(n)) for n in names]
+    out = st(caption, spans)
+    assert torch.equal(out.ids, enc.tokenizer([caption])[0])  # same ids as the model's tokenizer
+    hf = getattr(enc.tokenizer, "tokenizer", None)
+    for name, (s, e) in zip(names, out.spans):
+        ids = out.ids[s:e].tolist()
+        text = hf.decode(ids) if hf is not None else enc.tokenizer.decode(ids)
+        assert "".join(text.split()).lower() == "".join(name.split()).lower(), (name, text)
+        assert s >= 1  # position 0 is the start token
+    # truncated away -> None, not a wrong position
+    long = "word " * 100 + "pneumothorax"
+    assert st(long, [CharSpan(len(long) - 12, len(long))]).spans == [None]
+
+
+def test_demo_set_labels_boxes_concepts(demo_dir):
+    samples = list(iter_demo_split(demo_dir, "val"))
+    assert len(samples) == 60
+    assert {s.labels["modality"] for s in samples} == set(MODALITIES)
+    for s in samples:
+        assert s.labels["finding"] in FINDINGS
+        for c in s.concepts:
+            assert s.captions[c["caption_index"]][c["start"]:c["end"]].lower() == c["name"]
+            assert CUIS[c["name"]] == c["cui"]
+        for b in s.boxes:
+            x0, y0, x1, y1 = b["bbox"]
+            assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+        if s.labels["finding"] != "normal":
+            assert any(s.labels["finding"] in c.lower() for c in s.captions)
+    assert check_manifest(load_manifest(demo_dir / "demo-train.yaml")) == []
+
+
+def test_stream_batches_follow_the_contract(demo_dir, tiny_encoder):
+    stream = build_train_stream([demo_dir / "demo-val.yaml"], tiny_encoder.tokenizer, TRANSFORM, batch_size=16)
+    batches = list(stream)
+    assert sum(len(b["keys"]) for b in batches) == 60
+    b = batches[0]
+    assert b["images"].shape == (16, 3, 32, 32) and b["text"].shape == (16, 64)
+    assert b["concept_spans"].shape[:2] == b["concept_ids"].shape == b["concept_mask"].shape
+    assert b["concept_spans"].dtype == b["concept_ids"].dtype == torch.long and b["concept_mask"].dtype == torch.bool
+    known = {concept_key(c) for c in CUIS.values()}
+    assert set(b["concept_ids"][b["concept_mask"]].tolist()) <= known
+    for i in range(16):
+        for j in torch.nonzero(b["concept_mask"][i]).flatten().tolist():
+            s, e = b["concept_spans"][i, j].tolist()
+            text = tiny_encoder.tokenizer.decode(b["text"][i, s:e].tolist()).strip()
+            assert text in CUIS, text
+    assert stream.skip_counts() == {}
+
+
+def test_fewer_shards_than_workers(demo_dir, tiny_encoder):
+    one = Manifest("one", [sorted(str(p) for p in demo_dir.glob("demo-val-*.tar"))[0]])
+    stream = build_train_stream([one], tiny_encoder.tokenizer, TRANSFORM, batch_size=4, num_workers=3)
+    keys = _keys(stream)
+    assert len(keys) == 40 and len(set(keys)) == 40
+
+
+def test_mixing_weights_are_applied(demo_dir, tiny_encoder):
+    a = _manifest(demo_dir, "demo-train", weight=3.0, name="a")
+    b = _manifest(demo_dir, "demo-val", weight=1.0, name="b")
+    stream = build_train_stream([a, b], tiny_encoder.tokenizer, TRANSFORM, batch_size=50, epoch_samples=800,
+                                shuffle_buffer=50)
+    keys = _keys(stream)
+    assert len(keys) == 800
+    share_a = sum(k.startswith("demo-train") for k in keys) / len(keys)
+    assert abs(share_a - 0.75) < 0.05, share_a  # 800 draws: 3 sigma ~ 0.046
+
+
+def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):
+    src = sorted(demo_dir.glob("demo-val-*.tar"))[0]
+    with tarfile.open(src) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    by_key: dict[str, dict] = {}
+    for m, data in members:
+        key, ext = m.name.split(".", 1)
+        by_key.setdefault(key, {})[ext] = data
+    keys = sorted(by_key)
+
+    def write(path: Path, samples: dict[str, dict]):
+        with tarfile.open(path, "w") as tar:
+            for key, exts in samples.items():
+                for ext, data in exts.items():
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+
+    bad = {k: dict(by_key[k]) for k in keys[:10]}
+    bad[keys[0]]["jpg"] = b"\xff\xd8\xff corrupt"
+    bad[keys[1]].pop("txt")
+    bad[keys[1]]["json"] = json.dumps({**json.loads(bad[keys[1]]["json"]), "captions": []}).encode()
+    bad[keys[2]]["json"] = b"{not json"
+    write(tmp_path / "bad.tar", bad)
+    write(tmp_path / "trunc.tar", {k: by_key[k] for k in keys[10:20]})
+    data = (tmp_path / "trunc.tar").read_bytes()
+    (tmp_path / "trunc.tar").write_bytes(data[: len(data) // 2 + 100])
+    bad_stream = build_train_stream([Manifest("bad", [str(tmp_path / "bad.tar")])], tiny_encoder.tokenizer,
+                                    TRANSFORM, batch_size=4)
+    bad_keys = _keys(bad_stream)
+    assert sorted(bad_keys) == keys[3:10]
+    assert bad_stream.skip_counts() == {"bad_json": 1, "corrupt_image": 1, "missing_caption": 1}
+    m = Manifest("trunc", [str(tmp_path / "trunc.tar"), str(tmp_path / "gone.tar")])
+    stream = build_train_stream([m], tiny_encoder.tokenizer, TRANSFORM, batch_size=4, num_workers=2)
+    got = _keys(stream)
+    counts = stream.skip_counts()
+    assert counts["truncated_tar"] == 1 and counts["unreadable_shard"] == 1
+    # the samples before the cut are still read; a sample cut in half is skipped as incomplete
+    assert 0 < len(got) < 10 and set(got) <= set(keys[10:20])
+    assert len(got) + counts.get("missing_caption", 0) + counts.get("missing_image", 0) \
+        + counts.get("corrupt_image", 0) >= 4
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_exact_mid_epoch_resume(demo_dir, tiny_encoder, workers):
+    manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
+
+    def make():
+        return build_train_stream(manifests, tiny_encoder.tokenizer, TRANSFORM, batch_size=8, seed=3,
+                                  num_workers=workers, shuffle_buffer=30)
+
+    full = _keys(make())
+    first = make()
+    got, state = [], None
+    for i, batch in enumerate(first):
+        got += batch["keys"]
+        if i == 6:
+            state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint round trip
+            break
+    resumed = make()
+    resumed.load_state_dict(state)
+    got += _keys(resumed)
+    assert len(full) == 300 and len(set(full)) == 300
+    assert Counter(got) == Counter(full)
+    if workers == 0:
+        assert got == full
+    with pytest.raises(MedclipError):
+        build_train_stream(manifests, tiny_encoder.tokenizer, TRANSFORM, batch_size=8, seed=4,
+                           num_workers=workers).load_state_dict(state)
+
+
+def test_manifest_check_catches_missing_shard_and_wrong_count(tmp_path, demo_dir):
+    text = (demo_dir / "demo-val.yaml").read_text()
+    (tmp_path / "ok.yaml").write_text(text)
+    assert check_manifest(load_manifest(tmp_path / "ok.yaml", root=demo_dir)) == []
+    (tmp_path / "count.yaml").write_text(text.replace("samples: 60", "samples: 61"))
+    problems = check_manifest(load_manifest(tmp_path / "count.yaml", root=demo_dir))
+    assert any("hold 60 samples, manifest says 61" in p for p in problems)
+    (tmp_path / "missing.yaml").write_text(text.replace("000001", "000002").replace("shards: 2", "shards: 3"))
+    problems = check_manifest(load_manifest(tmp_path / "missing.yaml", root=demo_dir))
+    assert any("missing shard" in p and "demo-val-000002.tar" in p for p in problems)
+    assert cli_main(["data", "check", str(tmp_path / "missing.yaml"), "--root", str(demo_dir)]) == 1
+    assert cli_main(["data", "check", str(tmp_path / "ok.yaml"), "--root", str(demo_dir)]) == 0
+    assert cli_main(["data", "check", str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_real_data_build_and_stream_via_cli(tmp_path, tiny_bert_encoder, capsys):
+    medpix = require_shared("medpix", "dev.jsonl")
+    out = tmp_path / "medpix"
+    assert cli_main(["shards", "build", str(medpix), "--out", str(out), "--prefix", "medpix",
+                     "--max-samples", "80", "--max-side", "96", "--processes", "2"]) == 0
+    summary = json.loads((out / "medpix-summary.json").read_text())
+    assert summary["samples"] == 197 and len(summary["shards"]) == 3
+    m = Manifest("medpix", sorted(str(p) for p in out.glob("medpix-*.tar")), caption_fields=["captions"])
+    stream = build_train_stream([m], tiny_bert_encoder.tokenizer, TRANSFORM, batch_size=32, num_workers=2)
+    batches = list(stream)
+    assert sum(len(b["keys"]) for b in batches) == 197
+    assert batches[0]["text"][:, 0].eq(tiny_bert_encoder.tokenizer.tokenizer.cls_token_id).all()
+    assert batches[0]["concept_mask"].shape[1] == 1 and not batches[0]["concept_mask"].any()
