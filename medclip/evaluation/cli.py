@@ -27,6 +27,8 @@ def _common(p) -> None:
     p.add_argument("--precision", default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2, help="image preprocessing worker processes")
+    p.add_argument("--no-draft", action="store_true",
+                   help="decode JPEGs at full size (default: reduced-scale decode when >= 2x the model input)")
     p.add_argument("--cache-dir", default=None, help="linear-probe feature cache (default ~/.cache/medclip/features)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--shots", type=int, nargs="*", default=[], help="linear probe: k per class settings")
@@ -96,7 +98,7 @@ def _plan(args) -> tuple[str, Path | None, list[DatasetSpec]]:
 def run(args) -> int:
     suite_name, root, specs = _plan(args)
     options = RunOptions(
-        embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress),
+        embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress, draft=not args.no_draft),
         probe=ProbeConfig(shots=tuple(args.shots), fractions=tuple(args.fractions), seeds=tuple(args.seeds)),
         cache=FeatureCache(args.cache_dir),
     )
