@@ -286,6 +286,16 @@ def load(
     return _encoder(model, model_cfg, build_preprocess_cfg(model), ref, precision, window, heads)
 
 
+def encoder_from_state(model_cfg: dict, state_dict: dict, heads_config: dict | None = None,
+                       heads_state: dict | None = None, device="cpu", name: str = "",
+                       preprocess_cfg: dict | None = None) -> Encoder:
+    """An Encoder from in-memory weights (the trainer's snapshot for evaluation and export)."""
+    model = build_model(model_cfg, device, "fp32")
+    load_weights(model, state_dict, source=name or "state dict")
+    heads = build_heads(heads_config, heads_state, device) if heads_config is not None else None
+    return _encoder(model, model_cfg, build_preprocess_cfg(model, preprocess_cfg), name, "fp32", None, heads)
+
+
 def _download_hub(model_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download

@@ -8,9 +8,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from medclip.errors import MedclipError
 from medclip.losses import Features, Objective, ObjectiveConfig, clamp_logit_scales_, concat_features
+from medclip.models.loading import build_preprocess_cfg, build_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
         return [batch]
     size = len(batch["images"])
     if size % parts:
-        raise ValueError(f"batch of {size} does not split into {parts} equal micro-batches")
+        raise MedclipError(f"batch of {size} does not split into {parts} equal micro-batches")
     step = size // parts
     out = []
     for i in range(parts):
@@ -68,13 +71,92 @@ def split_batch(batch: dict, parts: int) -> list[dict]:
     return out
 
 
-def _placeholder(*_args, **_kwargs):
-    raise NotImplementedError
+# ----------------------------------------------------------------------------------------- data
+
+def demo_dir(output_dir: Path) -> Path:
+    return Path(output_dir) / "demo_data"
 
 
-def build_data(*a, **k):
-    raise NotImplementedError
+def expand_placeholders(text: str | None, output_dir: Path) -> str | None:
+    return text.replace("{output_dir}", str(output_dir)) if text else text
 
 
-evaluate = export_encoder = _placeholder
-__all__ = ["TrainModule", "split_batch", "Path", "log"]
+def prepare_demo(recipe, model_cfg: dict, output_dir: Path, is_main: bool) -> Path:
+    """Build the synthetic demo set once (rank 0; the other ranks wait at the caller's barrier)."""
+    from medclip.data.demo import build_demo
+
+    folder = demo_dir(output_dir)
+    manifest = folder / "demo-train.yaml"
+    if is_main and not manifest.is_file():
+        size = model_cfg["vision_cfg"].get("image_size", 64)
+        size = max(size if isinstance(size, int) else max(size), 48)
+        log.info("building the synthetic demo set in %s", folder)
+        build_demo(folder, n_train=recipe.data.demo_train_samples, n_val=recipe.data.demo_val_samples,
+                   seed=recipe.run.seed, image_size=size)
+    return manifest
+
+
+def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path):
+    """The rank's training stream over the recipe's sources (or the demo set), tokenized for the model."""
+    from medclip.data.manifest import load_manifest
+    from medclip.data.stream import build_train_stream
+    from medclip.training.distributed import barrier
+
+    demo_manifest = prepare_demo(recipe, model_cfg, output_dir, env.is_main) if recipe.data.demo else None
+    barrier()  # rank 0 may still be writing the demo set
+    manifests = [load_manifest(demo_manifest)] if demo_manifest else []
+    for source in recipe.data.sources:
+        manifest = load_manifest(expand_placeholders(source.manifest, output_dir),
+                                 root=expand_placeholders(source.root, output_dir))
+        if source.weight is not None:
+            manifest = dataclasses.replace(manifest, weight=source.weight)
+        manifests.append(manifest)
+    transform = image_transform_v2(PreprocessCfg(**build_preprocess_cfg(model)), is_train=recipe.data.augment)
+    return build_train_stream(manifests, build_tokenizer(model_cfg), transform, recipe.data.batch_size,
+                              seed=recipe.run.seed, rank=env.rank, world_size=env.world_size,
+                              num_workers=recipe.data.num_workers, shuffle_buffer=recipe.data.shuffle_buffer,
+                              drop_last=True)  # ranks must hold equal batches for the gathered losses
+
+
+def batches_forever(stream):
+    """Epoch after epoch; the stream's own state says where each epoch stands."""
+    while True:
+        produced = False
+        for batch in stream:
+            produced = True
+            yield batch
+        if not produced:
+            raise MedclipError("the training data yields no complete batch (fewer samples than the batch size?)")
+
+
+# ----------------------------------------------------------------------------------------- evaluation
+
+def evaluate(encoder, recipe, output_dir: Path, step: int) -> dict:
+    """Run the recipe's suites on ``encoder``; write result JSONs; return {suite/dataset/metric: value}."""
+    from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
+    from medclip.evaluation.model import EmbedOptions, EvalModel
+    from medclip.evaluation.report import write_result
+    from medclip.evaluation.runner import RunOptions, evaluate_dataset
+    from medclip.evaluation.suites import load_suite
+
+    options = RunOptions(embed=EmbedOptions(batch_size=recipe.eval.batch_size, num_workers=0, progress=False),
+                         probe=ProbeConfig(seeds=(0,)), cache=FeatureCache(output_dir / "feature_cache"))
+    model = EvalModel(encoder, name=f"{Path(recipe.run.output_dir).name}@{step}")
+    out = output_dir / "eval" / f"step_{step}"
+    results = {}
+    root = expand_placeholders(recipe.eval.root, output_dir)
+    for suite_name in recipe.eval.suites:
+        suite = load_suite(suite_name)
+        suite_root = Path(root) if root else suite.root
+        for spec in suite.datasets:
+            record = evaluate_dataset(model, spec, suite_root, options, suite.name)
+            write_result(record, out)
+            if record["headline"] is not None:
+                results[f"{suite.name}/{spec.name}/{spec.headline}"] = record["headline"]
+    return results
+
+
+def export_encoder(encoder, directory: Path) -> Path:
+    import medclip
+
+    return medclip.save(encoder, directory)

@@ -27,7 +27,6 @@ class ModelConfig:
     freeze_text: bool = False
     unlocked_image_layers: int = 0  # with freeze_image: keep the last N groups trainable
     unlocked_text_layers: int = 0
-    logit_init: str | None = None  # sigmoid IT-Align start: 'clip' (ln 1/0.07, -10) or 'siglip' (ln 10, -10)
 
 
 @dataclass
@@ -205,8 +204,6 @@ def validate(recipe: Recipe) -> Recipe:
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
-    if recipe.model.logit_init not in (None, "clip", "siglip"):
-        raise MedclipError(f"recipe key model.logit_init: {recipe.model.logit_init!r} is not one of clip, siglip")
     return recipe
 
 

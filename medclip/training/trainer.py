@@ -14,7 +14,6 @@ import torch
 import yaml
 
 from medclip.errors import MedclipError
-from medclip.losses import init_logit_params_
 from medclip.models import towers
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
 from medclip.models.loading import (
@@ -27,7 +26,14 @@ from medclip.models.loading import (
 )
 from medclip.training import checkpoint as ckpt
 from medclip.training.attention import set_attention_backend
-from medclip.training.components import TrainModule, build_data, evaluate, export_encoder, split_batch
+from medclip.training.components import (
+    TrainModule,
+    batches_forever,
+    build_data,
+    evaluate,
+    export_encoder,
+    split_batch,
+)
 from medclip.training.config import Recipe
 from medclip.training.distributed import (
     all_reduce_mean,
@@ -70,8 +76,6 @@ class Pretrainer:
             (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
         self.model_cfg, self.model = self._build_model()
-        if recipe.model.logit_init:
-            init_logit_params_(self.model, recipe.model.logit_init)
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
         self.module = TrainModule(self.model, self.heads, recipe.objective).to(self.device)
         self.wrapped = wrap_model(self.module, recipe.run.strategy, self.env, self.device,
@@ -84,12 +88,15 @@ class Pretrainer:
 
         self.step = 0
         # `data` may be injected (tests): any iterable of batches with state_dict/load_state_dict/skip_counts.
-        self.data = data if data is not None else build_data(recipe, self.model_cfg, self.env, self.output_dir)
+        self.data = data if data is not None else build_data(recipe, self.model, self.model_cfg, self.env,
+                                                             self.output_dir)
         resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
         if resume_path is not None:
             self._restore(resume_path)
-        elif resume:
-            log.info("no checkpoint to resume from in %s; starting from step 0", self.output_dir)
+        else:
+            if resume:
+                log.info("no checkpoint to resume from in %s; starting from step 0", self.output_dir)
+            self.module.objective.init_parameters(self.model)  # objective.sigmoid_init, fresh runs only
 
     # ------------------------------------------------------------------ setup
     def _build_model(self):
@@ -254,7 +261,7 @@ class Pretrainer:
         window_start, window_samples = time.time(), 0
         global_batch = recipe.data.batch_size * self.env.world_size
         try:
-            for batch in self.data:
+            for batch in batches_forever(self.data):
                 if self.step >= run.steps:
                     break
                 if flops_per_sample is None and peak is not None:
@@ -281,8 +288,9 @@ class Pretrainer:
             if self.step < run.steps:
                 raise MedclipError(f"the data stream ended at step {self.step} of {run.steps}")
             self.save_checkpoint()
-            results = self._evaluate(monitor)
-            export_dir = export_encoder(self, self.output_dir / "export") if self.env.is_main else None
+            encoder = self.snapshot_encoder()
+            results = self._evaluate(monitor, encoder)
+            export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
         finally:
             monitor.close()
         if self.env.is_main:
@@ -306,10 +314,22 @@ class Pretrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return flops
 
-    def _evaluate(self, monitor: Monitor) -> dict:
+    def snapshot_encoder(self):
+        """An Encoder with the current weights on rank 0 (every rank takes part in gathering them)."""
+        model, heads, _ = self._state_dicts()
+        if not self.env.is_main:
+            return None
+        from medclip.models.loading import encoder_from_state
+
+        return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
+                                  device=self.device, name=f"{self.output_dir.name}@{self.step}")
+
+    def _evaluate(self, monitor: Monitor, encoder=None) -> dict:
         if not self.recipe.eval.suites:
             return {}
-        results = evaluate(self) if self.env.is_main else {}
+        if encoder is None:
+            encoder = self.snapshot_encoder()
+        results = evaluate(encoder, self.recipe, self.output_dir, self.step) if self.env.is_main else {}
         barrier()
         if results:
             monitor.log(self.step, {f"eval/{k}": v for k, v in results.items()})

@@ -1,0 +1,65 @@
+"""End-to-end runs on the demo set: exact resume after an interruption, outputs of a finished run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import medclip
+from medclip.training.config import load_recipe
+from medclip.training.trainer import Pretrainer
+
+
+def demo_recipe(out, *overrides):
+    return load_recipe(None, [
+        f"run.output_dir={out}", "data.demo=true", "data.demo_train_samples=96", "data.demo_val_samples=24",
+        "data.batch_size=16", "data.num_workers=0", "data.shuffle_buffer=32", "run.steps=8",
+        "run.checkpoint_every=3", "run.keep_checkpoints=3", "run.log_every=2", "run.progress=false",
+        "run.tensorboard=false", "run.deterministic=true", "objective.pc_weight=0.5", "optim.warmup_steps=2",
+        *overrides])
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_interrupted_run_resumed_from_latest_matches_uninterrupted(tmp_path, monkeypatch):
+    straight = Pretrainer(demo_recipe(tmp_path / "straight"))
+    straight.run()
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "step_8.pt", weights_only=True)
+
+    # Same run, killed after step 4 (the checkpoint of step 3 is on disk), then resumed.
+    original = Pretrainer.train_step
+
+    def dying_step(self, batch):
+        if self.step == 4:
+            raise Interrupted
+        return original(self, batch)
+
+    monkeypatch.setattr(Pretrainer, "train_step", dying_step)
+    with pytest.raises(Interrupted):
+        Pretrainer(demo_recipe(tmp_path / "resumed")).run()
+    monkeypatch.undo()
+    resumed = Pretrainer(demo_recipe(tmp_path / "resumed"), resume="latest")
+    assert resumed.step == 3
+    resumed.run()
+    got = torch.load(tmp_path / "resumed" / "checkpoints" / "step_8.pt", weights_only=True)
+
+    for part in ("model", "heads"):
+        assert got[part].keys() == expected[part].keys()
+        for key in expected[part]:
+            torch.testing.assert_close(got[part][key], expected[part][key], atol=0, rtol=0, msg=key)
+    assert got["data"] == expected["data"]
+
+    # Outputs of a finished run: JSONL log, summary, curves, export loadable by open_clip and medclip.
+    out = tmp_path / "straight"
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [2, 4, 6, 8]
+    assert (out / "curves.png").stat().st_size > 0 and "loss:" in (out / "summary.txt").read_text()
+    encoder = medclip.load(out / "export")
+    assert encoder.heads is not None
+    import open_clip
+
+    open_clip.create_model_and_transforms(f"local-dir:{out / 'export'}")
