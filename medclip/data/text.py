@@ -103,18 +103,21 @@ class SpanTokenizer:
                 raise MedclipError("span mapping needs a fast HF tokenizer (offset mapping)")
 
     def __call__(self, text: str, spans: list[CharSpan] = ()) -> TokenizedCaption:
+        if not spans:  # fast path: no character bookkeeping needed
+            cleaned = " ".join(_fix_text(text).split())
+            return TokenizedCaption(ids=self._encode(cleaned.lower() if self.kind == "bpe" else cleaned)[0], spans=[])
         boundaries = [b for s in spans for b in (s.start, s.end)]
         cleaned, origin = clean_with_offsets(text, boundaries, lower=self.kind == "bpe")
-        if self.kind == "bpe":
-            ids, offsets = self._bpe(cleaned)
-        else:
-            ids, offsets = self._hf(cleaned)
+        ids, offsets = self._encode(cleaned)
         out: list[tuple[int, int] | None] = []
         for span in spans:
             cs, ce = _map_char_span(origin, span)
             hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < ce and b > cs]
             out.append((hit[0], hit[-1] + 1) if cs < ce and hit else None)
         return TokenizedCaption(ids=ids, spans=out)
+
+    def _encode(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        return self._bpe(cleaned) if self.kind == "bpe" else self._hf(cleaned)
 
     # -- WordPiece through the fast tokenizer's offsets
     def _hf(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
@@ -134,13 +137,18 @@ class SpanTokenizer:
         ids = [tok.sot_token_id]
         offsets = [(0, 0)]
         for match in tok.pat.finditer(cleaned):
+            if len(ids) > self.context_length:  # the rest would be truncated anyway
+                break
             word = match.group()
             encoded = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
             # byte offset -> char offset inside the word (a token may end inside a multi-byte char)
-            byte_to_char = []
-            for ci, ch in enumerate(word):
-                byte_to_char.extend([ci] * len(ch.encode("utf-8")))
-            byte_to_char.append(len(word))
+            if word.isascii():
+                byte_to_char = range(len(word) + 1)
+            else:
+                byte_to_char = []
+                for ci, ch in enumerate(word):
+                    byte_to_char.extend([ci] * len(ch.encode("utf-8")))
+                byte_to_char.append(len(word))
             pos = 0
             for piece in tok.bpe(encoded).split(" "):
                 n_bytes = len(piece.removesuffix("</w>"))

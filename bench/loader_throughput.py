@@ -1,0 +1,106 @@
+"""Loader throughput vs the raw decode+transform limit, on shards built from ../shared/data.
+
+Both sides use the same number of processes and open_clip's 224 px training transform
+(``image_transform_v2(PreprocessCfg(size=224), is_train=True)``). The raw limit decodes and
+transforms the same JPEG bytes (already in memory) in a plain loop per process; the loader reads
+the tar shards, shuffles, decodes, transforms, tokenizes with span mapping and collates batches.
+
+    .venv/bin/python bench/loader_throughput.py [--quick] [--workers 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import multiprocessing as mp
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "data"
+TRANSFORM = image_transform_v2(PreprocessCfg(size=224), is_train=True)
+
+
+def _raw_worker(blobs: list[bytes]) -> int:
+    torch.set_num_threads(1)
+    n = 0
+    for data in blobs:
+        with Image.open(io.BytesIO(data)) as im:
+            TRANSFORM(im.convert("RGB"))
+        n += 1
+    return n
+
+
+def raw_limit(blobs: list[bytes], processes: int) -> float:
+    chunks = [blobs[i::processes] for i in range(processes)]
+    with mp.get_context("fork").Pool(processes) as pool:
+        pool.map(_raw_worker, [c[:2] for c in chunks])  # warm-up outside the timing
+        start = time.perf_counter()
+        n = sum(pool.map(_raw_worker, chunks))
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    import medclip
+    from medclip.data.builder import BuildConfig, build_shards, read_table
+    from medclip.data.manifest import Manifest
+    from medclip.data.stream import build_train_stream
+
+    if not SHARED.is_dir():
+        print(f"shared data missing: {SHARED}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        t = time.perf_counter()
+        n_rows = 0
+        for name, jsonl in (("medpix", "medpix/train.jsonl"), ("cxr", "covid-cxr/train.jsonl")):
+            rep = build_shards(read_table(SHARED / jsonl), BuildConfig(out, prefix=name, max_samples=200,
+                                                                      processes=args.workers))
+            n_rows += rep.samples
+        print(f"built {n_rows} samples into {len(list(out.glob('*.tar')))} shards in {time.perf_counter() - t:.1f}s")
+        shards = sorted(str(p) for p in out.glob("*.tar"))
+        blobs = []
+        for s in shards:
+            with tarfile.open(s) as tar:
+                blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+        if args.quick:
+            blobs = blobs[:600]
+        raw = raw_limit(blobs, args.workers)
+
+        enc = medclip.load("medclip-tiny")
+        manifest = Manifest("bench", shards, caption_fields=["captions"])
+        stream = build_train_stream([manifest], enc.tokenizer, TRANSFORM, batch_size=args.batch_size,
+                                    num_workers=args.workers, epoch_samples=len(blobs), shuffle_buffer=500)
+        start = time.perf_counter()
+        n = 0
+        first = None
+        for batch in stream:
+            if first is None:  # worker start-up is excluded, as the raw pool is created before timing
+                first = time.perf_counter()
+                start_n = len(batch["keys"])
+            n += len(batch["keys"])
+        elapsed = time.perf_counter() - first
+        loader = (n - start_n) / elapsed
+        print(f"images: {len(blobs)}  processes: {args.workers}  transform: 224 px train")
+        print(f"raw decode+transform limit: {raw:8.1f} samples/s")
+        print(f"medclip loader:             {loader:8.1f} samples/s  (startup {first - start:.2f}s excluded)")
+        print(f"ratio loader/raw: {loader / raw:.3f}  (goal >= 0.90)  skips: {stream.skip_counts()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
