@@ -1,8 +1,8 @@
 """Peak memory and time of PC-Align (naive vs chunked) against IT-Align, batch 32..512.
 
 196 patches (ViT-B/16 at 224 px) and 8 concepts per caption. Every case runs in a fresh
-subprocess; its peak is the high-water RSS (getrusage ru_maxrss) minus the RSS just before the
-measured step (torch's CPU allocations are invisible to tracemalloc).
+subprocess (after a warm-up step at batch 4); its peak is the high-water RSS (getrusage ru_maxrss)
+minus the RSS just before the measured step (torch's CPU allocations are invisible to tracemalloc).
 
 Two levels, both printed:
   loss  -- the loss alone on given embeddings (IT: image/text [B, 512]; PC: patches [B, 196, 512] and
@@ -121,7 +121,9 @@ def worker(level: str, kind: str, batch: int, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
-    step = (_loss_case if level == "loss" else _step_case)(kind, batch)
+    make = _loss_case if level == "loss" else _step_case
+    make(kind, 4)()  # warm-up at batch 4: lazy library set-up and thread pools are not the loss's memory
+    step = make(kind, batch)
     before = _rss_bytes()
     times = []
     for _ in range(repeats):
