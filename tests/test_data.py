@@ -276,3 +276,31 @@ def test_real_data_build_and_stream_via_cli(tmp_path, tiny_bert_encoder, capsys)
     assert sum(len(b["keys"]) for b in batches) == 197
     assert batches[0]["text"][:, 0].eq(tiny_bert_encoder.tokenizer.tokenizer.cls_token_id).all()
     assert batches[0]["concept_mask"].shape[1] == 1 and not batches[0]["concept_mask"].any()
+
+
+def test_shipped_manifests_load():
+    paths = sorted((Path(__file__).resolve().parent.parent / "datasets_manifests").glob("*.yaml"))
+    names = {load_manifest(p, root="/data").name for p in paths}
+    assert len([n for n in names if n.startswith("unimed-")]) == 13
+    assert {"medconcept-23m", "demo-train"} <= names
+
+
+def test_medconcept_spans_become_concepts(tmp_path, tiny_bert_encoder):
+    row = json.loads(require_shared("medpix", "dev.jsonl").read_text().splitlines()[0])
+    image = str(require_shared("medpix") / row["image"])
+    caption = "Axial CT shows a left pleural effusion and a pulmonary nodule."
+    spans = [(caption.index(t), caption.index(t) + len(t), cui) for t, cui in
+             (("pleural effusion", "C0032227"), ("nodule", "C0028259"))]
+    rec = {"pmid": 1, "caption": caption, "image": image,
+           "umls_meta_info": [{"umls_cui": c, "start_char": s, "end_char": e, "umls_similarity": 1.0}
+                              for s, e, c in spans]}
+    (tmp_path / "mc.jsonl").write_text(json.dumps(rec) + "\n")
+    rep = build_shards(builder.read_medconcept(tmp_path / "mc.jsonl"), BuildConfig(tmp_path / "out", max_side=64))
+    assert rep.samples == 1 and not rep.skipped
+    m = Manifest("mc", [str(tmp_path / "out" / rep.shards[0].name)], caption_fields=["captions"])
+    batch = next(iter(build_train_stream([m], tiny_bert_encoder.tokenizer, TRANSFORM, batch_size=1)))
+    assert batch["concept_mask"].tolist() == [[True, True]]
+    hf = tiny_bert_encoder.tokenizer.tokenizer
+    decoded = [hf.decode(batch["text"][0, s:e].tolist()) for s, e in batch["concept_spans"][0].tolist()]
+    assert decoded == ["pleural effusion", "nodule"]
+    assert batch["concept_ids"][0].tolist() == [concept_key("C0032227"), concept_key("C0028259")]
