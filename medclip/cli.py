@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "medclip.concepts.cli",
     "medclip.evaluation.cli",
     "medclip.data.cli",
+    "medclip.training.cli",
 ]
 
 
