@@ -101,10 +101,17 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path)
     from medclip.data.manifest import load_manifest
     from medclip.data.stream import build_train_stream
     from medclip.training.distributed import barrier
+    from medclip.training.prepare import build_source
 
-    demo_manifest = prepare_demo(recipe, model_cfg, output_dir, env.is_main) if recipe.data.demo else None
-    barrier()  # rank 0 may still be writing the demo set
-    manifests = [load_manifest(demo_manifest)] if demo_manifest else []
+    prepared = []
+    if recipe.data.demo:
+        prepared.append(prepare_demo(recipe, model_cfg, output_dir, env.is_main))
+    for spec in recipe.data.build:
+        spec = dataclasses.replace(spec, input=expand_placeholders(spec.input, output_dir))
+        prepared.append(build_source(spec, output_dir / "shards") if env.is_main else
+                        output_dir / "shards" / spec.name / f"{spec.name}.yaml")
+    barrier()  # rank 0 may still be writing shards
+    manifests = [load_manifest(path) for path in prepared]
     for source in recipe.data.sources:
         manifest = load_manifest(expand_placeholders(source.manifest, output_dir),
                                  root=expand_placeholders(source.root, output_dir))

@@ -12,6 +12,7 @@ import yaml
 
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
+from medclip.training.prepare import BuildSpec
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(default_factory=list)
+    build: list[BuildSpec] = field(default_factory=list)  # tables converted to shards at the start of the run
     demo: bool = False  # build the embedded synthetic demo set under output_dir and train on it
     demo_train_samples: int = 2400
     demo_val_samples: int = 300
@@ -199,8 +201,8 @@ def validate(recipe: Recipe) -> Recipe:
     for key in NON_NEGATIVE:
         if flat[key] < 0:
             raise MedclipError(f"recipe key {key} must not be negative, got {flat[key]!r}")
-    if not recipe.data.sources and not recipe.data.demo:
-        raise MedclipError("recipe has no data: set data.demo: true or list data.sources")
+    if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
+        raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
