@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import require_shared  # tests/ is on sys.path under pytest
+from open_clip.transform import PreprocessCfg, image_transform_v2
 from torchvision import transforms
 
 from medclip.cli import main as cli_main
@@ -19,6 +20,7 @@ from medclip.data import builder
 from medclip.data.builder import BuildConfig, build_shards, read_table
 from medclip.data.concepts import concept_key
 from medclip.data.demo import CUIS, FINDINGS, MODALITIES, build_demo, iter_demo_split
+from medclip.data.images import normalize_images
 from medclip.data.manifest import Manifest, check_manifest, load_manifest
 from medclip.data.shards import sha256_file
 from medclip.data.stream import build_train_stream
@@ -26,6 +28,7 @@ from medclip.data.text import CharSpan, SpanTokenizer
 from medclip.errors import MedclipError
 
 TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor()])
+AUGMENT = image_transform_v2(PreprocessCfg(size=32), is_train=True)  # open_clip's random training transform
 
 
 def _subset_jsonl(src: Path, dst: Path, n: int) -> Path:
@@ -147,6 +150,7 @@ def test_stream_batches_follow_the_contract(demo_dir, tiny_encoder):
     assert sum(len(b["keys"]) for b in batches) == 60
     b = batches[0]
     assert b["images"].shape == (16, 3, 32, 32) and b["text"].shape == (16, 64)
+    assert b["images"].dtype == torch.uint8 and stream.image_mean == (0.0, 0.0, 0.0)
     assert b["concept_spans"].shape[:2] == b["concept_ids"].shape == b["concept_mask"].shape
     assert b["concept_spans"].dtype == b["concept_ids"].dtype == torch.long and b["concept_mask"].dtype == torch.bool
     known = {concept_key(c) for c in CUIS.values()}
@@ -304,3 +308,55 @@ def test_medconcept_spans_become_concepts(tmp_path, tiny_bert_encoder):
     decoded = [hf.decode(batch["text"][0, s:e].tolist()) for s, e in batch["concept_spans"][0].tolist()]
     assert decoded == ["pleural effusion", "nodule"]
     assert batch["concept_ids"][0].tolist() == [concept_key("C0032227"), concept_key("C0028259")]
+
+
+def _images_by_key(batches) -> dict[str, torch.Tensor]:
+    return {k: img.clone() for b in batches for k, img in zip(b["keys"], b["images"])}
+
+
+def test_uint8_images_normalise_to_the_full_transform_exactly(demo_dir, tiny_encoder):
+    def stream(uint8: bool):
+        return build_train_stream([demo_dir / "demo-val.yaml"], tiny_encoder.tokenizer, AUGMENT, batch_size=16,
+                                  seed=1, uint8_images=uint8)
+
+    packed = stream(True)
+    small = list(packed)
+    full = list(stream(False))
+    assert small[0]["images"].dtype == torch.uint8 and full[0]["images"].dtype == torch.float32
+    assert packed.image_mean == tuple(AUGMENT.transforms[-1].mean) and packed.image_std is not None
+    for a, b in zip(small, full):
+        assert a["keys"] == b["keys"]
+        assert torch.equal(normalize_images(a["images"], packed.image_mean, packed.image_std), b["images"])
+    with pytest.raises(MedclipError):
+        normalize_images(full[0]["images"], packed.image_mean, packed.image_std)
+
+
+def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
+    manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
+
+    def make(seed=3):
+        return build_train_stream(manifests, tiny_encoder.tokenizer, AUGMENT, batch_size=8, seed=seed,
+                                  num_workers=2, shuffle_buffer=30)
+
+    torch.manual_seed(11)  # the DataLoader seeds its workers from the global RNG: vary it between passes
+    full = _images_by_key(make())
+    torch.manual_seed(12)
+    again = _images_by_key(make())
+    assert len(full) == 300 and full.keys() == again.keys()
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+    first = make()
+    for i, _ in enumerate(first):
+        if i == 6:
+            state = json.loads(json.dumps(first.state_dict()))
+            break
+    torch.manual_seed(13)
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = _images_by_key(resumed)
+    assert 0 < len(rest) < 300 - 7 * 8 + 1
+    assert all(torch.equal(rest[k], full[k]) for k in rest)
+
+    # the crops really are random: another seed gives other pixels for the same samples
+    other = _images_by_key(make(seed=4))
+    assert sum(not torch.equal(other[k], full[k]) for k in full) > 250

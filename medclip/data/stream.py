@@ -16,9 +16,16 @@ slot) only:
    ``position`` samples of each slot without decoding them, so the resumed epoch continues with
    exactly the samples that had not been delivered.
 
-Decoding, caption choice (seeded by the position, hence identical after a resume),
-tokenization with concept spans and batching happen after the counter. Bad data is skipped and
-counted by kind; workers send their counts with every batch and at their end.
+Decoding, caption choice and the random image augmentation (both seeded by (seed, epoch, key,
+position), hence identical after a resume and independent of how the DataLoader seeds its
+workers), tokenization with concept spans and batching happen after the counter. Bad data is
+skipped and counted by kind; workers send their counts with every batch and at their end.
+
+Images leave the workers as uint8 when the transform ends in ToTensor (+ Normalize), as
+open_clip's do (``StreamConfig.uint8_images``, on by default): 4x less to copy between processes.
+The consumer then calls ``medclip.data.images.normalize_images(batch["images"],
+stream.image_mean, stream.image_std, device)``, which gives the exact float pixels the full
+transform would have. ``stream.image_mean`` is None when the batches carry float images.
 """
 
 from __future__ import annotations
@@ -33,12 +40,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from medclip.data.concepts import concept_key
+from medclip.data.images import SplitTransform, seeded_augmentation, split_transform, to_uint8_hwc
 from medclip.data.manifest import Manifest, as_manifest
 from medclip.data.text import CharSpan, SpanTokenizer
 from medclip.errors import MedclipError
@@ -75,6 +84,8 @@ class StreamConfig:
     drop_last: bool = False
     max_concepts: int | None = None  # cap per caption (None: all)
     prefetch_factor: int = 4
+    # Ship uint8 images (the consumer normalises them, see the module doc) when the transform allows.
+    uint8_images: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -121,7 +132,7 @@ class _TailStream:
     def read(self, n=-1):
         data = self.raw.read(n)
         self.total += len(data)
-        self.tail = (self.tail + data)[-512:]
+        self.tail = (self.tail + data[-512:])[-512:]  # never copy a whole (large) read
         return data
 
     def complete(self) -> bool:
@@ -235,7 +246,7 @@ def raw_samples(sources: list[Manifest], cfg: StreamConfig, epoch: int, slot: in
 @dataclass
 class DecodedSample:
     key: str
-    image: torch.Tensor
+    image: torch.Tensor | np.ndarray  # float [3, H, W], or uint8 [H, W, 3] with a split transform
     ids: torch.Tensor
     spans: list[tuple[int, int]]
     cuis: list[int]
@@ -248,6 +259,8 @@ class SampleDecoder:
         self.tokenizer = tokenizer
         self.transform = transform
         self.cfg = cfg
+        # PIL-space part of the transform when images are shipped as uint8 (else None: float images).
+        self.split: SplitTransform | None = split_transform(transform) if cfg.uint8_images else None
 
     def captions(self, m: Manifest, sample: dict, meta: dict) -> tuple[list[str], bool]:
         """Captions from the manifest's fields (first that has any) and whether concepts index them."""
@@ -294,7 +307,13 @@ class SampleDecoder:
             skips["corrupt_image"] += 1
             return None
         try:
-            pixels = self.transform(image)
+            # Augmentation seeded per sample, like the caption draw: replayed exactly after a resume.
+            with seeded_augmentation(_rng(self.cfg.seed, epoch, sample["__key__"], position, "augment")
+                                     .getrandbits(63)):
+                if self.split is not None:
+                    pixels = to_uint8_hwc(self.split.pil_transform(image))
+                else:
+                    pixels = self.transform(image)
         except Exception as exc:
             log.warning("transform failed on %s: %s", sample["__key__"], exc)
             skips["transform_error"] += 1
@@ -326,8 +345,30 @@ class SampleDecoder:
         return DecodedSample(sample["__key__"], pixels, tokenized.ids, spans, kept_cuis, kept_pos)
 
 
+def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
+    """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 [H, W, 3] arrays -> uint8 [B, 3, H, W].
+
+    The uint8 batch is filled in place (no per-sample tensors, no stack) and returned as a
+    channels-last view: [B, 3, H, W] shape over [B, H, W, 3] memory, so each image is one memcpy.
+    """
+    if not isinstance(images[0], np.ndarray):
+        return torch.stack(images)
+    shape = images[0].shape
+    if any(a.shape != shape for a in images):
+        raise MedclipError(f"images of one batch differ in size: {sorted({a.shape for a in images})}"
+                           " (the transform must produce a fixed size)")
+    batch = torch.empty((len(images), *shape), dtype=torch.uint8)
+    view = batch.numpy()
+    for i, a in enumerate(images):
+        view[i] = a
+    return batch.permute(0, 3, 1, 2)
+
+
 def collate(samples: list[DecodedSample]) -> dict:
-    """The training batch contract: images, text, concept_spans/ids/mask (C >= 1), keys."""
+    """The training batch contract: images, text, concept_spans/ids/mask (C >= 1), keys.
+
+    ``images`` is uint8 [B, 3, H, W] when the decoder ships uint8 (see the module doc), else float.
+    """
     b = len(samples)
     c = max([1] + [len(s.spans) for s in samples])
     spans = torch.zeros(b, c, 2, dtype=torch.long)
@@ -339,7 +380,7 @@ def collate(samples: list[DecodedSample]) -> dict:
             ids[i, j] = cui
             mask[i, j] = pos
     return {
-        "images": torch.stack([s.image for s in samples]),
+        "images": collate_images([s.image for s in samples]),
         "text": torch.stack([s.ids for s in samples]),
         "concept_spans": spans,
         "concept_ids": ids,
@@ -390,6 +431,10 @@ class TrainStream:
         self.cfg = cfg
         span_tokenizer = tokenizer if isinstance(tokenizer, SpanTokenizer) else SpanTokenizer(tokenizer)
         self.decoder = SampleDecoder(sources, span_tokenizer, transform, cfg)
+        # Set when batches carry uint8 images: what medclip.data.images.normalize_images needs.
+        split = self.decoder.split
+        self.image_mean: tuple[float, float, float] | None = split.mean if split else None
+        self.image_std: tuple[float, float, float] | None = split.std if split else None
         self.epoch = 0
         self._workers = max(1, cfg.num_workers)
         self._positions = [0] * self._workers

@@ -87,12 +87,16 @@ def _map_char_span(origin: list[int], span: CharSpan) -> tuple[int, int]:
     return inside[0], inside[-1] + 1
 
 
+WORD_CACHE_SIZE = 200_000  # distinct words whose BPE tokens are kept (captions repeat most words)
+
+
 class SpanTokenizer:
     """Wraps an open_clip tokenizer (SimpleTokenizer or HFTokenizer) to also map concept spans."""
 
     def __init__(self, tokenizer, context_length: int | None = None):
         self.tokenizer = tokenizer
         self.context_length = int(context_length or getattr(tokenizer, "context_length", 77) or 77)
+        self._word_cache: dict[str, tuple[tuple[int, int, int], ...]] = {}  # BPE words seen before
         self.kind = "bpe" if hasattr(tokenizer, "bpe") else "hf" if hasattr(tokenizer, "tokenizer") else None
         if self.kind is None:
             raise MedclipError(f"unsupported tokenizer for span mapping: {type(tokenizer).__name__}")
@@ -140,23 +144,15 @@ class SpanTokenizer:
             if len(ids) > self.context_length:  # the rest would be truncated anyway
                 break
             word = match.group()
-            encoded = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
-            # byte offset -> char offset inside the word (a token may end inside a multi-byte char)
-            if word.isascii():
-                byte_to_char = range(len(word) + 1)
-            else:
-                byte_to_char = []
-                for ci, ch in enumerate(word):
-                    byte_to_char.extend([ci] * len(ch.encode("utf-8")))
-                byte_to_char.append(len(word))
-            pos = 0
-            for piece in tok.bpe(encoded).split(" "):
-                n_bytes = len(piece.removesuffix("</w>"))
-                a = byte_to_char[pos]
-                pos += n_bytes
-                b = byte_to_char[pos] if pos < len(byte_to_char) - 1 else len(word)
-                ids.append(tok.encoder[piece])
-                offsets.append((match.start() + a, match.start() + max(b, a + 1)))
+            pieces = self._word_cache.get(word)
+            if pieces is None:
+                pieces = self._bpe_word(word)
+                if len(self._word_cache) < WORD_CACHE_SIZE:
+                    self._word_cache[word] = pieces
+            start = match.start()
+            for token_id, a, b in pieces:
+                ids.append(token_id)
+                offsets.append((start + a, start + b))
         ids.append(tok.eot_token_id)
         offsets.append((0, 0))
         if len(ids) > self.context_length:  # truncate like open_clip: keep a final end token
@@ -167,3 +163,25 @@ class SpanTokenizer:
         out = torch.zeros(self.context_length, dtype=torch.long)
         out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
         return out, offsets + [(0, 0)] * (self.context_length - len(offsets))
+
+    def _bpe_word(self, word: str) -> tuple[tuple[int, int, int], ...]:
+        """(token id, char start, char end) of each BPE token of one word, offsets within the word."""
+        tok = self.tokenizer
+        encoded = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
+        # byte offset -> char offset inside the word (a token may end inside a multi-byte char)
+        if word.isascii():
+            byte_to_char = range(len(word) + 1)
+        else:
+            byte_to_char = []
+            for ci, ch in enumerate(word):
+                byte_to_char.extend([ci] * len(ch.encode("utf-8")))
+            byte_to_char.append(len(word))
+        pos = 0
+        out = []
+        for piece in tok.bpe(encoded).split(" "):
+            n_bytes = len(piece.removesuffix("</w>"))
+            a = byte_to_char[pos]
+            pos += n_bytes
+            b = byte_to_char[pos] if pos < len(byte_to_char) - 1 else len(word)
+            out.append((tok.encoder[piece], a, max(b, a + 1)))
+        return tuple(out)
