@@ -115,3 +115,19 @@ def seeded_augmentation(seed: int) -> Iterator[None]:
     finally:
         gen.set_state(torch_state)
         random.setstate(py_state)
+
+
+def normalize_batch(batch: dict, stream) -> dict:
+    """``batch`` with uint8 ``images`` normalised (on their device) by ``stream.image_mean/std``.
+
+    For the consumer of a training stream, after moving the batch to its device. Float images
+    (streams with ``uint8_images=False`` or injected batches) pass through unchanged.
+    """
+    images = batch.get("images")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return batch
+    mean, std = getattr(stream, "image_mean", None), getattr(stream, "image_std", None)
+    if mean is None or std is None:
+        raise MedclipError("the batch has uint8 images but its data stream gives no image_mean/image_std "
+                           "to normalise them")
+    return {**batch, "images": normalize_images(images, mean, std)}
