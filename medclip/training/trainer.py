@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import yaml
 
+from medclip.data.images import normalize_batch
 from medclip.errors import MedclipError
 from medclip.models import towers
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
@@ -80,7 +81,8 @@ class Pretrainer:
         self.module = TrainModule(self.model, self.heads, recipe.objective).to(self.device)
         self.wrapped = wrap_model(self.module, recipe.run.strategy, self.env, self.device,
                                   find_unused=recipe.objective.pc_start_step > 0 and self.heads is not None)
-        self.optimizer = build_optimizer(self.module.named_parameters(), recipe.optim)
+        sharded = recipe.run.strategy == "fsdp" and self.env.distributed
+        self.optimizer = build_optimizer(self.module.named_parameters(), recipe.optim, fused=not sharded)
         self.scheduler = build_scheduler(self.optimizer, recipe.optim, recipe.run.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.model.precision == "amp")
         if recipe.model.compile:
@@ -138,6 +140,7 @@ class Pretrainer:
         """Gradients of one step's batch (accumulated over micro-batches when accum_steps > 1)."""
         batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
                  for k, v in batch.items()}
+        batch = normalize_batch(batch, self.data)  # uint8 images from the loader -> float, on the device
         self.optimizer.zero_grad(set_to_none=True)
         parts = split_batch(batch, self.recipe.optim.accum_steps)
         if len(parts) == 1:
@@ -304,6 +307,7 @@ class Pretrainer:
 
     def _count_flops(self, batch: dict) -> float:
         batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        batch = normalize_batch(batch, self.data)
         parts = split_batch(batch, self.recipe.optim.accum_steps)
 
         def forward():
