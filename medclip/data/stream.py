@@ -348,8 +348,8 @@ class SampleDecoder:
 def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
     """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 [H, W, 3] arrays -> uint8 [B, 3, H, W].
 
-    The uint8 batch is filled in place (no per-sample tensors, no stack) and returned as a
-    channels-last view: [B, 3, H, W] shape over [B, H, W, 3] memory, so each image is one memcpy.
+    The uint8 batch is filled in place (no per-sample tensors, no stack). It is transposed to
+    contiguous channels-first here, in the worker, so the consumer's normalisation reads it in order.
     """
     if not isinstance(images[0], np.ndarray):
         return torch.stack(images)
@@ -357,11 +357,11 @@ def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
     if any(a.shape != shape for a in images):
         raise MedclipError(f"images of one batch differ in size: {sorted({a.shape for a in images})}"
                            " (the transform must produce a fixed size)")
-    batch = torch.empty((len(images), *shape), dtype=torch.uint8)
+    batch = torch.empty((len(images), shape[2], shape[0], shape[1]), dtype=torch.uint8)
     view = batch.numpy()
     for i, a in enumerate(images):
-        view[i] = a
-    return batch.permute(0, 3, 1, 2)
+        view[i] = a.transpose(2, 0, 1)
+    return batch
 
 
 def collate(samples: list[DecodedSample]) -> dict:

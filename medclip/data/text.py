@@ -16,6 +16,7 @@ Positions include the start token at position 0, as in the ids open_clip's token
 from __future__ import annotations
 
 import html
+import re
 from dataclasses import dataclass
 
 import ftfy
@@ -36,8 +37,16 @@ class TokenizedCaption:
     spans: list[tuple[int, int] | None]  # per input span: (token start, token end) or None if lost
 
 
+# ASCII text without these is left unchanged by ftfy.fix_text and html.unescape: ftfy's other fixes
+# (mojibake, quotes, ligatures, widths, NFC) only touch non-ASCII characters, and it rewrites line
+# breaks, which the whitespace pass collapses anyway. Skipping ftfy there saves most of the cost.
+_NEEDS_FIX = re.compile(r"[&\x00-\x08\x0b\x0e-\x1f\x7f]")
+
+
 def _fix_text(segment: str) -> str:
     # The tokenizer's basic_clean without its final strip (strip is done by the whitespace pass).
+    if segment.isascii() and not _NEEDS_FIX.search(segment):
+        return segment
     return html.unescape(html.unescape(ftfy.fix_text(segment)))
 
 
