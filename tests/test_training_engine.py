@@ -152,3 +152,25 @@ def test_fsdp2_run_writes_a_checkpoint_one_process_loads(tmp_path):
     # The full (unsharded) weights were gathered: every tensor has the architecture's shape.
     fresh = medclip.load("medclip-tiny").model.state_dict()
     assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in fresh.items()}
+
+
+def test_concept_names_flow_from_the_stream_into_pc_align(tmp_path):
+    from medclip.training.trainer import Pretrainer
+
+    r = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "data.demo_train_samples=64",
+                           "data.demo_val_samples=0", "data.batch_size=16", "data.num_workers=0",
+                           "run.progress=false", "run.tensorboard=false", "objective.pc_weight=0.5",
+                           "objective.use_concept_names=true"])
+    trainer = Pretrainer(r)
+    batch = next(iter(trainer.data))
+    names, mask = batch["concept_name_tokens"], batch["concept_mask"]
+    assert names.shape[:2] == mask.shape and names.shape[2] == 16
+    tokenizer = medclip.load("medclip-tiny").tokenizer
+    first = mask.nonzero()[0]
+    decoded = tokenizer.decode(names[first[0], first[1]].tolist())
+    assert any(word in decoded for word in ("effusion", "nodule", "mass", "fracture", "cardiomegaly",
+                                            "pneumothorax", "cyst", "hemorrhage", "carcinoma"))
+    empty = batch["concept_spans"][..., 1] == 0  # slots holding no concept
+    assert empty.any() and (names[empty] == 0).all()  # pad ids only (BPE pads with 0)
+    losses = trainer.train_step(batch)
+    assert torch.isfinite(losses["pc"]) and losses["pc"] > 0

@@ -86,6 +86,9 @@ class StreamConfig:
     prefetch_factor: int = 4
     # Ship uint8 images (the consumer normalises them, see the module doc) when the transform allows.
     uint8_images: bool = True
+    # > 0: also emit `concept_name_tokens` [B, C, L] (each concept's name tokenized like a caption, L tokens),
+    # for PC-Align's objective.use_concept_names.
+    concept_name_length: int = 0
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -251,6 +254,8 @@ class DecodedSample:
     spans: list[tuple[int, int]]
     cuis: list[int]
     positive: list[bool]
+    names: torch.Tensor | None = None  # [n concepts, L] name tokens, with concept_name_length
+    name_pad: int = 0
 
 
 class SampleDecoder:
@@ -259,6 +264,7 @@ class SampleDecoder:
         self.tokenizer = tokenizer
         self.transform = transform
         self.cfg = cfg
+        self._name_pad: int | None = None
         # PIL-space part of the transform when images are shipped as uint8 (else None: float images).
         self.split: SplitTransform | None = split_transform(transform) if cfg.uint8_images else None
 
@@ -325,24 +331,44 @@ class SampleDecoder:
         concepts = [c for c in concepts if int(c.get("caption_index", 0) or 0) == choice]
         if self.cfg.max_concepts is not None:
             concepts = concepts[: self.cfg.max_concepts]
-        char_spans, cuis, positive = [], [], []
+        char_spans, cuis, positive, valid = [], [], [], []
         for c in concepts:
             try:
-                char_spans.append(CharSpan(int(c["start"]), int(c["end"])))
-                cuis.append(concept_key(c["cui"]))
-                positive.append(not c.get("negated", False))
+                span, cui = CharSpan(int(c["start"]), int(c["end"])), concept_key(c["cui"])
             except (KeyError, TypeError, ValueError):
                 skips["concept_dropped"] += 1
+                continue
+            char_spans.append(span)
+            cuis.append(cui)
+            positive.append(not c.get("negated", False))
+            valid.append(c)
         tokenized = self.tokenizer(caption, char_spans)
-        spans, kept_cuis, kept_pos = [], [], []
-        for span, cui, pos in zip(tokenized.spans, cuis, positive):
+        spans, kept_cuis, kept_pos, names = [], [], [], []
+        for span, cui, pos, c in zip(tokenized.spans, cuis, positive, valid):
             if span is None:  # truncated away or not on any token
                 skips["concept_dropped"] += 1
                 continue
             spans.append(span)
             kept_cuis.append(cui)
             kept_pos.append(pos)
-        return DecodedSample(sample["__key__"], pixels, tokenized.ids, spans, kept_cuis, kept_pos)
+            names.append(str(c.get("name") or caption[span_text_slice(c)]))
+        decoded = DecodedSample(sample["__key__"], pixels, tokenized.ids, spans, kept_cuis, kept_pos)
+        if self.cfg.concept_name_length:
+            decoded.names, decoded.name_pad = self.name_tokens(names)
+        return decoded
+
+    def name_tokens(self, names: list[str]) -> tuple[torch.Tensor, int]:
+        """Concept names tokenized like captions (start/end tokens), and the tokenizer's pad id."""
+        tok = self.tokenizer.tokenizer
+        length = self.cfg.concept_name_length
+        if self._name_pad is None:
+            self._name_pad = int(tok([""], context_length=length)[0, -1])  # "" is start, end, then padding
+        ids = tok(names, context_length=length) if names else torch.empty(0, length, dtype=torch.long)
+        return ids, self._name_pad
+
+
+def span_text_slice(concept: dict) -> slice:
+    return slice(int(concept["start"]), int(concept["end"]))
 
 
 def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
@@ -379,7 +405,7 @@ def collate(samples: list[DecodedSample]) -> dict:
             spans[i, j, 0], spans[i, j, 1] = span
             ids[i, j] = cui
             mask[i, j] = pos
-    return {
+    out = {
         "images": collate_images([s.image for s in samples]),
         "text": torch.stack([s.ids for s in samples]),
         "concept_spans": spans,
@@ -387,6 +413,12 @@ def collate(samples: list[DecodedSample]) -> dict:
         "concept_mask": mask,
         "keys": [s.key for s in samples],
     }
+    if samples and samples[0].names is not None:
+        names = torch.full((b, c, samples[0].names.shape[1]), samples[0].name_pad, dtype=torch.long)
+        for i, s in enumerate(samples):
+            names[i, : len(s.names)] = s.names
+        out["concept_name_tokens"] = names
+    return out
 
 
 class _EpochDataset(torch.utils.data.IterableDataset):

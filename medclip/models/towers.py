@@ -69,6 +69,17 @@ def text_tokens(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         out = text.transformer(input_ids=token_ids, attention_mask=mask)
         pooled = text.proj(text.pooler(out, mask))
         return pooled, out.last_hidden_state
+    # Native towers have a fixed context (positional table, causal mask): pad shorter ids (names)
+    # with the pad id 0; causal attention leaves the states of the real positions unchanged.
+    length = token_ids.shape[1]
+    context = (text if text is not None else model).positional_embedding.shape[0]
+    if length < context:
+        token_ids = torch.nn.functional.pad(token_ids, (0, context - length))
+    pooled, states = _native_text_tokens(model, text, token_ids)
+    return pooled, states[:, :length]
+
+
+def _native_text_tokens(model, text, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if text is None:  # open_clip CLIP keeps the text tower's modules on the model itself
         from open_clip.transformer import text_global_pool
 

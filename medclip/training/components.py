@@ -17,6 +17,8 @@ from medclip.models.loading import build_preprocess_cfg, build_tokenizer
 
 log = logging.getLogger(__name__)
 
+CONCEPT_NAME_TOKENS = 16  # concept names are short; 16 tokens hold all the demo and MeSH names
+
 
 class TrainModule(nn.Module):
     """The open_clip model plus PC-Align heads; forward = both towers once (what DDP/FSDP wrap)."""
@@ -122,6 +124,7 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path)
     return build_train_stream(manifests, build_tokenizer(model_cfg), transform, recipe.data.batch_size,
                               seed=recipe.run.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=recipe.data.num_workers, shuffle_buffer=recipe.data.shuffle_buffer,
+                              concept_name_length=CONCEPT_NAME_TOKENS if recipe.objective.use_concept_names else 0,
                               drop_last=True)  # ranks must hold equal batches for the gathered losses
 
 
