@@ -35,17 +35,19 @@ class KernelAttention(nn.MultiheadAttention):
         if key_padding_mask is not None or need_weights:
             return super().forward(query, key, value, need_weights=need_weights, attn_mask=attn_mask,
                                    key_padding_mask=key_padding_mask, **kwargs)
+        packed = query is key and key is value  # self-attention: one packed projection, fewer small matmuls
         if not self.batch_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         batch, length, dim = query.shape
         heads, head_dim = self.num_heads, dim // self.num_heads
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-
-        def split(x, w, b):
-            return F.linear(x, w, b).view(batch, -1, heads, head_dim)
-
-        q, k, v = split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v)
+        if packed:
+            q, k, v = F.linear(query, self.in_proj_weight, self.in_proj_bias).view(
+                batch, length, 3, heads, head_dim).unbind(2)
+        else:
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+            b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+            q, k, v = (F.linear(x, w, b).view(batch, -1, heads, head_dim)
+                       for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
         dropout = self.dropout if self.training else 0.0
         if attn_mask is not None and attn_mask.dtype == torch.bool:
             attn_mask = torch.zeros_like(attn_mask, dtype=q.dtype).masked_fill(attn_mask, float("-inf"))
