@@ -105,9 +105,10 @@ class ConceptAnnotator:
 
     def annotate_captions(self, captions: Iterable[str]) -> list[dict]:
         """Mentions of several captions of one sample, each with its ``caption_index``."""
-        out = []
-        for index, caption in enumerate(captions):
-            for mention in self.annotate(caption):
-                mention["caption_index"] = index
-                out.append(mention)
-        return out
+        return annotate_each(self.annotate, captions)
+
+
+def annotate_each(annotate, captions: Iterable[str]) -> list[dict]:
+    """``annotate`` applied to each caption; every mention records its ``caption_index``."""
+    return [{**mention, "caption_index": index}
+            for index, caption in enumerate(captions) for mention in annotate(caption)]

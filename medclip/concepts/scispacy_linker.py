@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from medclip.concepts.annotator import annotate_each
 from medclip.concepts.negation import NegationConfig, NegationDetector
 from medclip.concepts.vocab import UMLS_GROUPS
 from medclip.errors import MedclipError
@@ -53,9 +54,4 @@ class ScispacyAnnotator:
         return out
 
     def annotate_captions(self, captions: Iterable[str]) -> list[dict]:
-        out = []
-        for index, caption in enumerate(captions):
-            for mention in self.annotate(caption):
-                mention["caption_index"] = index
-                out.append(mention)
-        return out
+        return annotate_each(self.annotate, captions)
