@@ -12,6 +12,8 @@ import yaml
 
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
+from medclip.models.loading import PRECISIONS
+from medclip.training.attention import BACKENDS
 from medclip.training.prepare import BuildSpec
 
 
@@ -108,8 +110,8 @@ class Recipe:
 
 
 CHOICES = {
-    "model.precision": ("fp32", "amp", "amp_bf16", "bf16", "pure_bf16", "fp16", "pure_fp16"),
-    "model.attention": ("sdpa", "xformers", "math"),
+    "model.precision": PRECISIONS,
+    "model.attention": BACKENDS,
     "optim.schedule": ("cosine", "constant"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.strategy": ("ddp", "fsdp"),

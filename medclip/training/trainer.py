@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import random
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ import yaml
 from medclip.data.images import normalize_batch
 from medclip.errors import MedclipError
 from medclip.models import towers
+from medclip.models.encoder import AMP_DTYPES
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
 from medclip.models.loading import (
     build_model,
@@ -52,8 +52,8 @@ from medclip.training.plots import plot_curves, summary_text
 
 log = logging.getLogger(__name__)
 
-AMP = {"amp": torch.float16, "amp_bf16": torch.bfloat16}
-PURE = {"bf16": "bf16", "pure_bf16": "pure_bf16", "fp16": "fp16", "pure_fp16": "pure_fp16"}
+# Precisions that store the weights in low precision; the others keep fp32 weights (and may autocast).
+LOW_PRECISION_WEIGHTS = ("bf16", "pure_bf16", "fp16", "pure_fp16")
 
 
 def seed_everything(seed: int) -> None:
@@ -106,7 +106,7 @@ class Pretrainer:
         cfg = with_text_dir(resolve_config(mc.name), mc.hf_text_dir)
         if self.recipe.objective.it_kind == "sigmoid" and "init_logit_bias" not in cfg:
             cfg["init_logit_bias"] = -10.0  # sigmoid IT-Align needs the model's own logit_bias
-        precision = PURE.get(mc.precision, "fp32")
+        precision = mc.precision if mc.precision in LOW_PRECISION_WEIGHTS else "fp32"
         model = build_model(cfg, self.device, precision)
         if mc.checkpoint:
             obj = read_weights_file(mc.checkpoint)
@@ -124,7 +124,7 @@ class Pretrainer:
         return ConceptHeads(config).to(self.device).train()
 
     def _autocast(self):
-        dtype = AMP.get(self.recipe.model.precision)
+        dtype = AMP_DTYPES.get(self.recipe.model.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -341,5 +341,4 @@ class Pretrainer:
 
 
 def pretrain(recipe: Recipe, resume: str | None = None) -> dict:
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     return Pretrainer(recipe, resume).run()
