@@ -91,6 +91,15 @@ def test_builder_is_deterministic_with_checksums_and_parts(tmp_path, monkeypatch
                 keys.append({n.split(".")[0] for n in tar.getnames()})
     assert not keys[0] & keys[1]
     assert len(keys[0] | keys[1]) == a.samples
+    # merging the parts: one summary and a manifest that `data check` accepts and the stream reads
+    assert cli_main(["shards", "merge", str(tmp_path / "parts"), "--prefix", "cxr", "--weight", "0.5"]) == 0
+    merged = load_manifest(tmp_path / "parts" / "cxr.yaml")
+    assert merged.samples == a.samples and merged.weight == 0.5 and len(merged.urls) == merged.shards
+    assert check_manifest(merged) == []
+    assert json.loads((tmp_path / "parts" / "cxr-summary.json").read_text())["parts"] == 2
+    (tmp_path / "parts" / "cxr-summary-001.json").unlink()
+    with pytest.raises(MedclipError, match=r"missing part\(s\) 1/2"):
+        builder.merge_parts(tmp_path / "parts", "cxr")
 
 
 def test_builder_skips_and_lists_bad_inputs(tmp_path):

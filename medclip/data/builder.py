@@ -6,7 +6,9 @@ Bad inputs are skipped, counted by kind and listed in the summary; the build alw
 
 ``part=(i, n)`` builds a disjoint part: rows are grouped in blocks of ``PART_BLOCK`` and block
 ``b`` belongs to part ``b % n`` (works on a stream, no need to count rows first). Sample keys are
-the global row index, so parts never collide.
+the global row index, so parts never collide. Once every part is built, :func:`merge_parts`
+(``medclip shards merge``) checks that none is missing and writes the one summary and manifest of
+the whole collection.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from medclip.data.manifest import write_manifest
 from medclip.data.records import (
     RecordError,
     SourceRecord,
@@ -32,7 +35,7 @@ from medclip.data.records import (
     reindex_concepts,
     validate_concepts,
 )
-from medclip.data.shards import ShardInfo, ShardSink, write_summary
+from medclip.data.shards import ShardInfo, ShardSink, read_summary, write_summary
 from medclip.errors import MedclipError
 from medclip.imaging import Window, load_image
 
@@ -323,3 +326,50 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
     for kind, count in sorted(skipped.items()):
         log.warning("skipped %d input(s): %s", count, kind)
     return BuildReport(out, summary_path, shards, sum(s.samples for s in shards), dict(skipped), skipped_items)
+
+
+def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **manifest_fields) -> BuildReport:
+    """Join the summaries of a ``--part i/n`` build into ``PREFIX-summary.json`` and a manifest ``PREFIX.yaml``.
+
+    Fails, naming them, when parts are missing, built with different settings, or their shards are
+    not all on disk; ``manifest_fields`` (weight, modality, licence, ...) go into the manifest.
+    """
+    out = Path(out_dir)
+    paths = sorted(out.glob(f"{prefix}-summary-[0-9][0-9][0-9].json"))
+    if not paths:
+        raise MedclipError(f"no part summaries {prefix}-summary-NNN.json in {out}")
+    summaries = [read_summary(p) for p in paths]
+    counts = {tuple(s.get("part", (0, 1)))[1] for s in summaries}
+    if len(counts) != 1:
+        raise MedclipError(f"{out}: part summaries of {prefix} come from builds with different n: {sorted(counts)}")
+    n = counts.pop()
+    found = [int(s["part"][0]) for s in summaries]
+    missing = sorted(set(range(n)) - set(found))
+    if missing:
+        raise MedclipError(f"{out}: {prefix} is missing part(s) {', '.join(f'{i}/{n}' for i in missing)} of {n}")
+    configs = {json.dumps({k: v for k, v in s.get("config", {}).items() if k != "part"}, sort_keys=True)
+               for s in summaries}
+    if len(configs) != 1:
+        raise MedclipError(f"{out}: the parts of {prefix} were built with different settings")
+    shards = [ShardInfo(**entry) for s in sorted(summaries, key=lambda s: s["part"][0]) for entry in s["shards"]]
+    absent = [sh.name for sh in shards if not (out / sh.name).is_file()]
+    if absent:
+        raise MedclipError(f"{out}: {len(absent)} shard(s) listed by the part summaries are missing, "
+                           f"e.g. {absent[0]}")
+    skipped: Counter[str] = Counter()
+    items: list[dict] = []
+    for s in summaries:
+        skipped.update(s.get("skipped", {}))
+        items += s.get("skipped_items", [])
+    summary_path = write_summary(out / f"{prefix}-summary.json", shards, parts=n,
+                                 skipped=dict(sorted(skipped.items())), skipped_items=items[:MAX_LISTED_SKIPS],
+                                 config=json.loads(configs.pop()))
+    patterns = []
+    for i in range(n):  # one brace pattern per part: its shards are numbered from 0 without gaps
+        k = sum(1 for sh in shards if sh.name.startswith(f"{prefix}-{i:03d}-"))
+        if k:
+            patterns.append(f"{{root}}/{prefix}-{i:03d}-{{00000..{k - 1:05d}}}.tar")
+    samples = sum(sh.samples for sh in shards)
+    write_manifest(out / f"{prefix}.yaml", name=name or prefix, urls=patterns, shards=len(shards),
+                   samples=samples, summary=f"{{root}}/{summary_path.name}", **manifest_fields)
+    return BuildReport(out, summary_path, shards, samples, dict(skipped), items)

@@ -1,4 +1,4 @@
-"""CLI: ``medclip shards build`` and ``medclip data check`` (and ``medclip data demo``)."""
+"""CLI: ``medclip shards build|merge`` and ``medclip data check`` (and ``medclip data demo``)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,14 @@ def register(subparsers) -> None:
     b.add_argument("--part", default="0/1", help="build part i of n (e.g. one per node of a job array)")
     b.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: the file's own)")
     b.set_defaults(func=run_build)
+    g = shards_sub.add_parser("merge", help="join the summaries of a --part i/n build into one summary + manifest")
+    g.add_argument("out", help="the folder all parts were built into")
+    g.add_argument("--prefix", default="shard", help="the --prefix the parts were built with")
+    g.add_argument("--name", default=None, help="manifest name (default: the prefix)")
+    g.add_argument("--weight", type=float, default=1.0, help="sampling weight written to the manifest")
+    g.add_argument("--modality", default="")
+    g.add_argument("--licence", default="")
+    g.set_defaults(func=run_merge)
 
     data = subparsers.add_parser("data", help="dataset manifests and the demo set")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -86,6 +94,18 @@ def run_build(args: argparse.Namespace) -> int:
     report = builder.build_shards(records, cfg)
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {report.out_dir}")
     print(f"summary: {report.summary_path}")
+    for kind, count in sorted(report.skipped.items()):
+        print(f"skipped {count}: {kind}")
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from medclip.data.builder import merge_parts
+
+    report = merge_parts(args.out, args.prefix, name=args.name, weight=args.weight, modality=args.modality,
+                         licence=args.licence)
+    print(f"merged {len(report.shards)} shards, {report.samples} samples: {report.summary_path}")
+    print(f"manifest: {report.out_dir / (args.prefix + '.yaml')}  (check it with: medclip data check)")
     for kind, count in sorted(report.skipped.items()):
         print(f"skipped {count}: {kind}")
     return 0

@@ -110,6 +110,18 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
         raise MedclipError(f"manifest {path}: bad value: {exc}") from exc
 
 
+def write_manifest(path: str | Path, **fields) -> Path:
+    """Write a manifest YAML atomically (it appears only once complete); unknown fields are refused."""
+    unknown = set(fields) - KNOWN_FIELDS
+    if unknown:
+        raise MedclipError(f"unknown manifest field(s) {sorted(unknown)}; known: {sorted(KNOWN_FIELDS)}")
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(fields, sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
 def as_manifest(item: Manifest | str | Path, root: str | Path | None = None) -> Manifest:
     return item if isinstance(item, Manifest) else load_manifest(item, root)
 

@@ -12,8 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import yaml
-
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -71,6 +69,7 @@ def _annotator(vocab_paths: list[str]):
 def build_source(spec: BuildSpec, out_root: Path) -> Path:
     """Build (or reuse) the shards of one spec; returns its manifest path."""
     from medclip.data.builder import BuildConfig, build_shards
+    from medclip.data.manifest import write_manifest
 
     if not Path(spec.input).is_file():
         raise MedclipError(f"data.build {spec.name}: input not found: {spec.input}")
@@ -83,13 +82,9 @@ def build_source(spec: BuildSpec, out_root: Path) -> Path:
                           BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes))
     if report.samples == 0:
         raise MedclipError(f"data.build {spec.name}: no usable sample in {spec.input} (skipped: {report.skipped})")
-    text = {
-        "name": spec.name, "urls": [str(folder.resolve() / s.name) for s in report.shards],
-        "samples": report.samples, "shards": len(report.shards), "weight": spec.weight,
-        "caption_fields": ["captions", "txt"], "concept_field": "concepts", "summary": str(report.summary_path),
-        "description": f"built from {spec.input} by the recipe's data.build",
-    }
-    tmp = manifest.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(text, sort_keys=False))
-    tmp.replace(manifest)  # the manifest appears only once the shards are complete
-    return manifest
+    # The manifest appears only once the shards are complete: its presence means "reuse".
+    return write_manifest(
+        manifest, name=spec.name, urls=[str(folder.resolve() / s.name) for s in report.shards],
+        samples=report.samples, shards=len(report.shards), weight=spec.weight,
+        caption_fields=["captions", "txt"], concept_field="concepts", summary=str(report.summary_path),
+        description=f"built from {spec.input} by the recipe's data.build")
