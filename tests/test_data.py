@@ -340,6 +340,18 @@ def test_uint8_images_normalise_to_the_full_transform_exactly(demo_dir, tiny_enc
         normalize_images(full[0]["images"], packed.image_mean, packed.image_std)
 
 
+def test_normalize_images_of_a_large_batch_matches_to_tensor_and_normalize():
+    # 8 x 3 x 224 x 224 float32 = 4.8 MB: the output takes the huge-page allocation where available
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    images = torch.randint(0, 256, (8, 3, 224, 224), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = normalize_images(images, mean, std)
+    norm = transforms.Normalize(mean, std)
+    expected = torch.stack([norm(transforms.ToTensor()(img.permute(1, 2, 0).numpy())) for img in images])
+    assert out.is_contiguous() and out.dtype == torch.float32 and torch.equal(out, expected)
+    assert torch.equal(normalize_images(images.contiguous(memory_format=torch.channels_last), mean, std), expected)
+    del out  # the mapping is released with the tensor
+
+
 def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
     manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import random
 import tarfile
 from collections import Counter
@@ -371,6 +372,21 @@ def span_text_slice(concept: dict) -> slice:
     return slice(int(concept["start"]), int(concept["end"]))
 
 
+def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Empty batch tensor; in a DataLoader worker, allocated in shared memory from the start.
+
+    The DataLoader sends a worker's tensors to the main process through shared memory and copies
+    any tensor not already there (a 9.6 MB copy and 2,400 fresh page faults per 224 px uint8 batch
+    of 64). torch's own default_collate allocates its batch in shared memory for the same reason.
+    """
+    if torch.utils.data.get_worker_info() is not None:
+        new_shared = getattr(torch.UntypedStorage, "_new_shared", None)
+        if new_shared is not None:
+            nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+            return torch.empty(0, dtype=dtype).set_(new_shared(nbytes)).view(shape)
+    return torch.empty(shape, dtype=dtype)
+
+
 def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
     """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 [H, W, 3] arrays -> uint8 [B, 3, H, W].
 
@@ -378,12 +394,15 @@ def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
     contiguous channels-first here, in the worker, so the consumer's normalisation reads it in order.
     """
     if not isinstance(images[0], np.ndarray):
-        return torch.stack(images)
+        shape = images[0].shape
+        if any(t.shape != shape for t in images):
+            return torch.stack(images)  # raises torch's error about the differing sizes
+        return torch.stack(images, out=_batch_tensor((len(images), *shape), images[0].dtype))
     shape = images[0].shape
     if any(a.shape != shape for a in images):
         raise MedclipError(f"images of one batch differ in size: {sorted({a.shape for a in images})}"
                            " (the transform must produce a fixed size)")
-    batch = torch.empty((len(images), shape[2], shape[0], shape[1]), dtype=torch.uint8)
+    batch = _batch_tensor((len(images), shape[2], shape[0], shape[1]), torch.uint8)
     view = batch.numpy()
     for i, a in enumerate(images):
         view[i] = a.transpose(2, 0, 1)
