@@ -48,7 +48,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from medclip.data.concepts import concept_key
-from medclip.data.images import SplitTransform, seeded_augmentation, split_transform, to_uint8_hwc
+from medclip.data.images import SplitTransform, seeded_augmentation, split_transform, to_uint8_planes
 from medclip.data.manifest import Manifest, as_manifest
 from medclip.data.text import CharSpan, SpanTokenizer
 from medclip.errors import MedclipError
@@ -250,7 +250,7 @@ def raw_samples(sources: list[Manifest], cfg: StreamConfig, epoch: int, slot: in
 @dataclass
 class DecodedSample:
     key: str
-    image: torch.Tensor | np.ndarray  # float [3, H, W], or uint8 [H, W, 3] with a split transform
+    image: torch.Tensor | np.ndarray  # float [3, H, W], or uint8 planes [3 or 1, H, W] with a split transform
     ids: torch.Tensor
     spans: list[tuple[int, int]]
     cuis: list[int]
@@ -307,18 +307,20 @@ class SampleDecoder:
             skips["missing_image"] += 1
             return None
         try:
-            with Image.open(io.BytesIO(sample[ext])) as im:
-                im.load()
-                image = im.convert("RGB")
+            image = Image.open(io.BytesIO(sample[ext]))  # in memory: nothing to close
+            image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")
         except Exception:  # PIL raises many types for broken files
             skips["corrupt_image"] += 1
             return None
         try:
             # Augmentation seeded per sample, like the caption draw: replayed exactly after a resume.
-            with seeded_augmentation(_rng(self.cfg.seed, epoch, sample["__key__"], position, "augment")
-                                     .getrandbits(63)):
+            # In a worker process nothing else uses the global RNGs: no need to restore them per sample.
+            seed = _rng(self.cfg.seed, epoch, sample["__key__"], position, "augment").getrandbits(63)
+            with seeded_augmentation(seed, restore=torch.utils.data.get_worker_info() is None):
                 if self.split is not None:
-                    pixels = to_uint8_hwc(self.split.pil_transform(image))
+                    pixels = to_uint8_planes(self.split.pil_transform(image))
                 else:
                     pixels = self.transform(image)
         except Exception as exc:
@@ -388,24 +390,24 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
 
 
 def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
-    """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 [H, W, 3] arrays -> uint8 [B, 3, H, W].
+    """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 planes [3 or 1, H, W] -> uint8 [B, 3, H, W].
 
-    The uint8 batch is filled in place (no per-sample tensors, no stack). It is transposed to
-    contiguous channels-first here, in the worker, so the consumer's normalisation reads it in order.
+    The uint8 batch is filled in place (no per-sample tensors, no stack), contiguous channels-first
+    (so the consumer's normalisation reads it in order); a single gray plane fills all 3 channels.
     """
     if not isinstance(images[0], np.ndarray):
         shape = images[0].shape
         if any(t.shape != shape for t in images):
             return torch.stack(images)  # raises torch's error about the differing sizes
         return torch.stack(images, out=_batch_tensor((len(images), *shape), images[0].dtype))
-    shape = images[0].shape
-    if any(a.shape != shape for a in images):
-        raise MedclipError(f"images of one batch differ in size: {sorted({a.shape for a in images})}"
+    size = images[0].shape[1:]
+    if any(a.shape[1:] != size for a in images):
+        raise MedclipError(f"images of one batch differ in size: {sorted({a.shape[1:] for a in images})}"
                            " (the transform must produce a fixed size)")
-    batch = _batch_tensor((len(images), shape[2], shape[0], shape[1]), torch.uint8)
+    batch = _batch_tensor((len(images), 3, *size), torch.uint8)
     view = batch.numpy()
     for i, a in enumerate(images):
-        view[i] = a.transpose(2, 0, 1)
+        view[i] = a  # [1, H, W] broadcasts to the 3 channels
     return batch
 
 

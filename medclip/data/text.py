@@ -105,7 +105,8 @@ class SpanTokenizer:
     def __init__(self, tokenizer, context_length: int | None = None):
         self.tokenizer = tokenizer
         self.context_length = int(context_length or getattr(tokenizer, "context_length", 77) or 77)
-        self._word_cache: dict[str, tuple[tuple[int, int, int], ...]] = {}  # BPE words seen before
+        # BPE words seen before: (token ids, (token id, char start, char end) per token)
+        self._word_cache: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]] = {}
         self.kind = "bpe" if hasattr(tokenizer, "bpe") else "hf" if hasattr(tokenizer, "tokenizer") else None
         if self.kind is None:
             raise MedclipError(f"unsupported tokenizer for span mapping: {type(tokenizer).__name__}")
@@ -118,7 +119,9 @@ class SpanTokenizer:
     def __call__(self, text: str, spans: list[CharSpan] = ()) -> TokenizedCaption:
         if not spans:  # fast path: no character bookkeeping needed
             cleaned = " ".join(_fix_text(text).split())
-            return TokenizedCaption(ids=self._encode(cleaned.lower() if self.kind == "bpe" else cleaned)[0], spans=[])
+            if self.kind == "bpe":
+                return TokenizedCaption(ids=self._bpe(cleaned.lower(), offsets=False)[0], spans=[])
+            return TokenizedCaption(ids=self._encode(cleaned)[0], spans=[])
         boundaries = [b for s in spans for b in (s.start, s.end)]
         cleaned, origin = clean_with_offsets(text, boundaries, lower=self.kind == "bpe")
         ids, offsets = self._encode(cleaned)
@@ -145,33 +148,34 @@ class SpanTokenizer:
         return ids, offsets
 
     # -- BPE: replay SimpleTokenizer.encode with character bookkeeping
-    def _bpe(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    def _bpe(self, cleaned: str, offsets: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Token ids [context_length] and, with ``offsets``, each token's character range (else [])."""
         tok = self.tokenizer
         ids = [tok.sot_token_id]
-        offsets = [(0, 0)]
+        spans = [(0, 0)]
         for match in tok.pat.finditer(cleaned):
             if len(ids) > self.context_length:  # the rest would be truncated anyway
                 break
             word = match.group()
-            pieces = self._word_cache.get(word)
-            if pieces is None:
+            cached = self._word_cache.get(word)
+            if cached is None:
                 pieces = self._bpe_word(word)
+                cached = (tuple(p[0] for p in pieces), pieces)
                 if len(self._word_cache) < WORD_CACHE_SIZE:
-                    self._word_cache[word] = pieces
-            start = match.start()
-            for token_id, a, b in pieces:
-                ids.append(token_id)
-                offsets.append((start + a, start + b))
+                    self._word_cache[word] = cached
+            ids.extend(cached[0])
+            if offsets:
+                start = match.start()
+                spans.extend((start + a, start + b) for _, a, b in cached[1])
         ids.append(tok.eot_token_id)
-        offsets.append((0, 0))
         if len(ids) > self.context_length:  # truncate like open_clip: keep a final end token
             ids = ids[: self.context_length]
-            offsets = offsets[: self.context_length]
             ids[-1] = tok.eot_token_id
-            offsets[-1] = (0, 0)
-        out = torch.zeros(self.context_length, dtype=torch.long)
-        out[: len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out, offsets + [(0, 0)] * (self.context_length - len(offsets))
+        out = torch.tensor(ids + [0] * (self.context_length - len(ids)), dtype=torch.long)
+        if not offsets:
+            return out, []
+        spans = spans[: len(ids) - 1] + [(0, 0)]  # the end token (kept or moved by truncation) has none
+        return out, spans + [(0, 0)] * (self.context_length - len(spans))
 
     def _bpe_word(self, word: str) -> tuple[tuple[int, int, int], ...]:
         """(token id, char start, char end) of each BPE token of one word, offsets within the word."""
