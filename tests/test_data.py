@@ -9,10 +9,12 @@ import tarfile
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import require_shared  # tests/ is on sys.path under pytest
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
 from torchvision import transforms
 
 from medclip.cli import main as cli_main
@@ -20,7 +22,14 @@ from medclip.data import builder
 from medclip.data.builder import BuildConfig, build_shards, read_table
 from medclip.data.concepts import concept_key
 from medclip.data.demo import CUIS, FINDINGS, MODALITIES, build_demo, iter_demo_split
-from medclip.data.images import normalize_images
+from medclip.data.images import (
+    gray_plane,
+    gray_transform,
+    normalize_images,
+    seeded_augmentation,
+    split_transform,
+    to_uint8_planes,
+)
 from medclip.data.manifest import Manifest, check_manifest, load_manifest
 from medclip.data.shards import sha256_file
 from medclip.data.stream import build_train_stream
@@ -350,6 +359,77 @@ def test_normalize_images_of_a_large_batch_matches_to_tensor_and_normalize():
     assert out.is_contiguous() and out.dtype == torch.float32 and torch.equal(out, expected)
     assert torch.equal(normalize_images(images.contiguous(memory_format=torch.channels_last), mean, std), expected)
     del out  # the mapping is released with the tensor
+
+
+def _gray_test_images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (45, 70), dtype=np.uint8)
+    smooth = np.add.outer(np.arange(90), np.arange(60)).astype(np.uint8)  # larger than the output
+    return [Image.fromarray(gray).convert("RGB"), Image.fromarray(gray), Image.fromarray(smooth).convert("RGB")]
+
+
+Interp = transforms.InterpolationMode
+
+
+@pytest.mark.parametrize("transform", [
+    image_transform_v2(PreprocessCfg(size=32), is_train=True),  # open_clip: RandomResizedCrop bicubic + RGB
+    image_transform_v2(PreprocessCfg(size=32), is_train=False),  # Resize + CenterCrop
+    transforms.Compose([transforms.Resize(40, Interp.BILINEAR), transforms.CenterCrop(48), transforms.RandomHorizontalFlip(),
+                        transforms.ToTensor()]),  # CenterCrop larger than the image pads
+    transforms.Compose([transforms.RandomResizedCrop(24, interpolation=Interp.NEAREST), transforms.RandomVerticalFlip(),
+                        transforms.ToTensor()]),
+    transforms.Compose([transforms.RandomResizedCrop(28, interpolation=Interp.LANCZOS), transforms.ToTensor()]),
+])
+def test_gray_shortcut_gives_the_rgb_pixels_exactly(transform):
+    pil = split_transform(transform).pil_transform
+    gray = gray_transform(pil)
+    assert gray is not None
+    for image in _gray_test_images():
+        plane = gray_plane(image)
+        assert plane is not None and plane.mode == "L"
+        for seed in range(6):
+            with seeded_augmentation(seed):
+                rgb = to_uint8_planes(pil(image.convert("RGB")))
+            with seeded_augmentation(seed):
+                one = to_uint8_planes(gray(plane))
+            assert one.shape[0] == 1 and rgb.shape[0] == 3
+            assert np.array_equal(np.broadcast_to(one, rgb.shape), rgb)
+
+
+def test_gray_shortcut_only_for_gray_images_and_channelwise_steps():
+    assert gray_transform(split_transform(transforms.Compose(
+        [transforms.RandomResizedCrop(32), transforms.ColorJitter(0.4, 0.4, 0.4), transforms.ToTensor()])).pil_transform) is None
+    assert gray_transform(transforms.Compose([transforms.Lambda(lambda im: im)])) is None
+    assert gray_transform(lambda im: im) is None
+    pixels = np.asarray(_gray_test_images()[0]).copy()
+    pixels[3, 5, 1] ^= 1  # one colour pixel away from the middle row checked first
+    assert gray_plane(Image.fromarray(pixels)) is None
+    assert gray_plane(Image.fromarray(pixels).convert("RGBA")) is None
+
+
+def test_gray_shortcut_leaves_real_batches_unchanged(tmp_path, tiny_encoder):
+    # Real MedPix (CT/MRI stored as RGB) and COVID-CXR (some grayscale JPEGs, some colour figures) images.
+    rows = tmp_path / "rows"
+    rows.mkdir()
+    urls = []
+    for name, table in (("medpix", ("medpix", "train.jsonl")), ("cxr", ("covid-cxr", "train.jsonl"))):
+        sub = _subset_jsonl(require_shared(*table), rows / f"{name}.jsonl", 120)
+        rep = build_shards(read_table(sub), BuildConfig(tmp_path / "shards", prefix=name, max_samples=50))
+        urls += [str(tmp_path / "shards" / s.name) for s in rep.shards]
+    members = [tarfile.open(u).extractfile(m).read() for u in urls for m in tarfile.open(u).getmembers()
+               if m.name.endswith(".jpg")]
+    gray = sum(gray_plane(Image.open(io.BytesIO(b))) is not None for b in members)
+    assert 0 < gray < len(members)  # both paths are exercised
+    transform = image_transform_v2(PreprocessCfg(size=64), is_train=True)
+
+    def batches(shortcut: bool):
+        return list(build_train_stream([Manifest("real", urls, caption_fields=["captions"])], tiny_encoder.tokenizer,
+                                       transform, batch_size=32, seed=5, num_workers=2, gray_shortcut=shortcut))
+
+    fast, plain = batches(True), batches(False)
+    assert sum(len(b["keys"]) for b in fast) > 150
+    assert [b["keys"] for b in fast] == [b["keys"] for b in plain]
+    assert all(torch.equal(a["images"], b["images"]) for a, b in zip(fast, plain))
 
 
 def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):

@@ -48,7 +48,14 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from medclip.data.concepts import concept_key
-from medclip.data.images import SplitTransform, seeded_augmentation, split_transform, to_uint8_planes
+from medclip.data.images import (
+    SplitTransform,
+    gray_plane,
+    gray_transform,
+    seeded_augmentation,
+    split_transform,
+    to_uint8_planes,
+)
 from medclip.data.manifest import Manifest, as_manifest
 from medclip.data.text import CharSpan, SpanTokenizer
 from medclip.errors import MedclipError
@@ -90,6 +97,9 @@ class StreamConfig:
     # > 0: also emit `concept_name_tokens` [B, C, L] (each concept's name tokenized like a caption, L tokens),
     # for PC-Align's objective.use_concept_names.
     concept_name_length: int = 0
+    # uint8 images only: augment an image whose R = G = B on its single band (bit-identical pixels,
+    # a third of the resampling; see medclip.data.images.gray_transform). False: always RGB.
+    gray_shortcut: bool = True
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -268,6 +278,8 @@ class SampleDecoder:
         self._name_pad: int | None = None
         # PIL-space part of the transform when images are shipped as uint8 (else None: float images).
         self.split: SplitTransform | None = split_transform(transform) if cfg.uint8_images else None
+        # The same PIL steps for one gray band (None: the transform or the config rules the shortcut out).
+        self.gray = gray_transform(self.split.pil_transform) if self.split and cfg.gray_shortcut else None
 
     def captions(self, m: Manifest, sample: dict, meta: dict) -> tuple[list[str], bool]:
         """Captions from the manifest's fields (first that has any) and whether concepts index them."""
@@ -309,7 +321,8 @@ class SampleDecoder:
         try:
             image = Image.open(io.BytesIO(sample[ext]))  # in memory: nothing to close
             image.load()
-            if image.mode != "RGB":
+            plane = gray_plane(image) if self.gray is not None else None
+            if plane is None and image.mode != "RGB":
                 image = image.convert("RGB")
         except Exception:  # PIL raises many types for broken files
             skips["corrupt_image"] += 1
@@ -319,7 +332,9 @@ class SampleDecoder:
             # In a worker process nothing else uses the global RNGs: no need to restore them per sample.
             seed = _rng(self.cfg.seed, epoch, sample["__key__"], position, "augment").getrandbits(63)
             with seeded_augmentation(seed, restore=torch.utils.data.get_worker_info() is None):
-                if self.split is not None:
+                if plane is not None:  # R = G = B: one band through the same steps (see gray_transform)
+                    pixels = to_uint8_planes(self.gray(plane))
+                elif self.split is not None:
                     pixels = to_uint8_planes(self.split.pil_transform(image))
                 else:
                     pixels = self.transform(image)
