@@ -7,7 +7,8 @@ including its ToTensor + Normalize. The loader reads the tar shards, shuffles, d
 (seeded per sample), tokenizes with span mapping and collates batches in its worker processes;
 its workers ship uint8 pixels, and the consuming process normalizes them to float with
 ``normalize_images`` inside the timed loop, as the trainer does. Raw and loader rounds alternate
-(the machine is shared) and the medians are compared.
+(the machine is shared) and the medians are compared. Each loader round is the next epoch of one
+stream, as in training (round 0 is the first epoch: e.g. the tokenizer's word cache starts empty).
 
 The loader's gray shortcut (``StreamConfig.gray_shortcut``: images with R = G = B, most of this
 medical data, are augmented on one band, bit-identical pixels) does work the raw loop does not
@@ -93,10 +94,14 @@ def main(argv: list[str] | None = None) -> int:
         enc = medclip.load("medclip-tiny")
         manifest = Manifest("bench", shards, caption_fields=["captions"])
 
-        def loader_rate(seed: int, gray_shortcut: bool = True) -> tuple[float, float, torch.dtype, dict]:
-            stream = build_train_stream([manifest], enc.tokenizer, TRANSFORM, batch_size=args.batch_size, seed=seed,
-                                        num_workers=args.workers, epoch_samples=len(blobs), shuffle_buffer=500,
-                                        gray_shortcut=gray_shortcut)
+        # One stream per variant, one epoch per round: the loader as the trainer uses it (epoch after epoch).
+        streams = {shortcut: build_train_stream([manifest], enc.tokenizer, TRANSFORM, batch_size=args.batch_size,
+                                                seed=0, num_workers=args.workers, epoch_samples=len(blobs),
+                                                shuffle_buffer=500, gray_shortcut=shortcut)
+                   for shortcut in (True, False)}
+
+        def loader_rate(gray_shortcut: bool = True) -> tuple[float, float, torch.dtype, dict]:
+            stream = streams[gray_shortcut]
             start = time.perf_counter()
             n = 0
             first = None
@@ -115,10 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         raws, loaders, rgb_loaders, startups = [], [], [], []
         for r in range(args.rounds):
             raws.append(raw_limit(blobs, args.workers))
-            rate, startup, dtype, skips = loader_rate(seed=r)
+            rate, startup, dtype, skips = loader_rate()
             loaders.append(rate)
             startups.append(startup)
-            rgb_loaders.append(loader_rate(seed=r, gray_shortcut=False)[0])
+            rgb_loaders.append(loader_rate(gray_shortcut=False)[0])
             print(f"round {r}: raw {raws[-1]:7.1f}  loader {rate:7.1f} samples/s  ratio {rate / raws[-1]:.3f}  "
                   f"(no gray shortcut: {rgb_loaders[-1]:7.1f}, {rgb_loaders[-1] / raws[-1]:.3f})  skips {skips}")
         raw, loader, rgb = statistics.median(raws), statistics.median(loaders), statistics.median(rgb_loaders)

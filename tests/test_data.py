@@ -432,6 +432,21 @@ def test_gray_shortcut_leaves_real_batches_unchanged(tmp_path, tiny_encoder):
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(fast, plain))
 
 
+def test_workers_hand_their_bpe_words_to_the_next_epoch(demo_dir, tiny_encoder):
+    def make():
+        return build_train_stream([demo_dir / "demo-val.yaml"], tiny_encoder.tokenizer, AUGMENT, batch_size=8,
+                                  seed=2, num_workers=2)
+
+    warm = make()
+    assert not warm.decoder.tokenizer._word_cache
+    list(warm)  # epoch 0: BPE runs in the workers, their new words come back with their last message
+    assert len(warm.decoder.tokenizer._word_cache) > 20
+    cold = make()
+    cold.set_epoch(1)
+    for a, b in zip(warm, cold, strict=True):  # epoch 1 from a warm and from a cold cache: same batches
+        assert a["keys"] == b["keys"] and torch.equal(a["text"], b["text"]) and torch.equal(a["images"], b["images"])
+
+
 def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
     manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
 

@@ -483,8 +483,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
                 yield {"batch": collate(pending), "worker": worker, "position": position, "skips": dict(skips)}
                 pending = []
         batch = collate(pending) if pending and not self.cfg.drop_last else None
-        # The final message also carries the worker's last counts (and position when samples were dropped).
-        yield {"batch": batch, "worker": worker, "position": max(position, start), "skips": dict(skips)}
+        # The final message also carries the worker's last counts (and position when samples were dropped),
+        # and the words its tokenizer learnt: the next epoch's workers (copies of the parent's) start with them.
+        yield {"batch": batch, "worker": worker, "position": max(position, start), "skips": dict(skips),
+               "words": self.decoder.tokenizer.take_new_words()}
 
 
 class TrainStream:
@@ -539,6 +541,8 @@ class TrainStream:
             worker = item["worker"]
             self._positions[worker] = item["position"]
             self._skips_now[worker] = Counter(item["skips"])
+            if "words" in item:  # a worker's last message
+                self.decoder.tokenizer.add_words(item["words"])
             if item["batch"] is not None:
                 yield item["batch"]
         self._finish_counts()

@@ -107,6 +107,7 @@ class SpanTokenizer:
         self.context_length = int(context_length or getattr(tokenizer, "context_length", 77) or 77)
         # BPE words seen before: (token ids, (token id, char start, char end) per token)
         self._word_cache: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]] = {}
+        self._new_words: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]] = {}
         self.kind = "bpe" if hasattr(tokenizer, "bpe") else "hf" if hasattr(tokenizer, "tokenizer") else None
         if self.kind is None:
             raise MedclipError(f"unsupported tokenizer for span mapping: {type(tokenizer).__name__}")
@@ -131,6 +132,18 @@ class SpanTokenizer:
             hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < ce and b > cs]
             out.append((hit[0], hit[-1] + 1) if cs < ce and hit else None)
         return TokenizedCaption(ids=ids, spans=out)
+
+    def take_new_words(self) -> dict:
+        """Word cache entries added since the last call (a loader worker hands them to its parent)."""
+        new, self._new_words = self._new_words, {}
+        return new
+
+    def add_words(self, words: dict) -> None:
+        """Merge entries from :meth:`take_new_words` of a copy of this tokenizer (e.g. in a worker)."""
+        for word, cached in words.items():
+            if len(self._word_cache) >= WORD_CACHE_SIZE:
+                break
+            self._word_cache.setdefault(word, cached)
 
     def _encode(self, cleaned: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         return self._bpe(cleaned) if self.kind == "bpe" else self._hf(cleaned)
@@ -162,7 +175,7 @@ class SpanTokenizer:
                 pieces = self._bpe_word(word)
                 cached = (tuple(p[0] for p in pieces), pieces)
                 if len(self._word_cache) < WORD_CACHE_SIZE:
-                    self._word_cache[word] = cached
+                    self._word_cache[word] = self._new_words[word] = cached
             ids.extend(cached[0])
             if offsets:
                 start = match.start()
