@@ -242,6 +242,79 @@ def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):
         + counts.get("corrupt_image", 0) >= 4
 
 
+def _reference_tar_files(data: bytes) -> tuple[list, set]:
+    """webdataset's tarfile-based reader (what the stream used before) on the same bytes."""
+    from webdataset.tariterators import tar_file_expander
+
+    from medclip.data.stream import _ShardErrors, _TailStream
+
+    errors = _ShardErrors()
+    stream = _TailStream(io.BytesIO(data))
+    files = [(f["fname"], f["data"]) for f in tar_file_expander([{"url": "u", "stream": stream}], handler=errors)
+             if f]  # ({} ends a shard: where it comes after an error does not change the grouped samples)
+    if not errors.kinds and not stream.complete():
+        errors.kinds.add("truncated_tar")
+    return files, errors.kinds
+
+
+def _fast_tar_files(data: bytes) -> tuple[list, set]:
+    from medclip.data.stream import _ShardErrors, _TailStream, _tar_files
+
+    errors = _ShardErrors()
+    stream = _TailStream(io.BytesIO(data))
+    files = [(f["fname"], f["data"]) for f in _tar_files(stream, "u", errors) if f]
+    if not errors.kinds and not stream.complete():
+        errors.kinds.add("truncated_tar")
+    return files, errors.kinds
+
+
+def _tar_bytes(fmt, members, compress: str = "") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=f"w:{compress}" if compress else "w", format=fmt) as tar:
+        for name, kind, payload in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = ("x/" * 80 if fmt != tarfile.USTAR_FORMAT else "") + "target.jpg"  # GNU 'K' record
+            info.size = len(payload) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(payload) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def test_plain_tar_reader_matches_tarfile():
+    rng = np.random.default_rng(1)
+    members = [
+        ("a000.jpg", tarfile.REGTYPE, rng.bytes(1000)),
+        ("a000.json", tarfile.REGTYPE, b'{"captions": ["x"]}'),
+        ("dir", tarfile.DIRTYPE, b""),
+        ("__meta__", tarfile.REGTYPE, b"skip me"),
+        ("sub/__skip__/b.txt", tarfile.REGTYPE, b"kept? as webdataset decides"),
+        ("deep/" * 30 + "a001.jpg", tarfile.REGTYPE, rng.bytes(512)),  # > 100 chars: long name / prefix / pax
+        ("p" * 90 + "/q" + "r" * 60 + ".txt", tarfile.REGTYPE, b"ustar prefix split"),
+        ("link.jpg", tarfile.SYMTYPE, b""),
+        ("caf\u00e9-\u4e2d.txt", tarfile.REGTYPE, b"unicode name"),
+        ("empty.txt", tarfile.REGTYPE, b""),
+        ("a002.jpg", tarfile.REGTYPE, rng.bytes(3000)),
+    ]
+    cases = {}
+    for fmt in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT):
+        ok = [m for m in members if fmt != tarfile.USTAR_FORMAT or (len(m[0]) < 250 and m[0].isascii())]
+        data = _tar_bytes(fmt, ok)
+        cases[f"full-{fmt}"] = data
+        for cut in (0, 100, 512, 700, 1536, 2000, len(data) // 2, len(data) - 10240, len(data) - 1):
+            cases[f"cut{cut}-{fmt}"] = data[:cut]
+        bad = bytearray(data)
+        bad[2048 + 20] ^= 0xFF  # garbage in a later header (or data)
+        cases[f"flip-{fmt}"] = bytes(bad)
+    cases["gzip"] = _tar_bytes(tarfile.GNU_FORMAT, members, "gz")
+    cases["not a tar"] = b"<html>404</html>" * 40
+    cases["only end marker"] = bytes(10240)
+    for name, data in cases.items():
+        assert _fast_tar_files(data) == _reference_tar_files(data), name
+    files, kinds = _fast_tar_files(cases[f"full-{tarfile.PAX_FORMAT}"])
+    assert not kinds and len(files) == 8 and ("deep/" * 30 + "a001.jpg") in [f for f, _ in files]
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_exact_mid_epoch_resume(demo_dir, tiny_encoder, workers):
     manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
