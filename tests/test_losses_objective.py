@@ -163,3 +163,33 @@ def test_bad_config_and_batch_raise(tiny_encoder):
     del batch["concept_spans"]
     with pytest.raises(MedclipError, match="concept_spans"):
         Objective(world=World.single()).compute(tiny_encoder.model, _heads(tiny_encoder.model), batch, step=0)
+
+
+def test_convolutional_image_tower_feature_map_cells_are_the_patches(tiny_encoder):
+    """A timm CNN trunk: its last feature map's cells serve as patches for PC-Align and heatmaps."""
+    import json
+
+    from medclip.models import towers
+    from medclip.models.loading import build_model, encoder_from_state
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "resnet10t", "timm_pool": "avg", "timm_proj": "linear",
+                                          "image_size": 64},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    model = build_model(json.loads(json.dumps(cfg)))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    with torch.no_grad():
+        pooled, tokens = towers.image_tokens(model, images)
+        features = model.visual.trunk.forward_features(images)
+        torch.testing.assert_close(pooled, model.encode_image(images))
+    assert towers.grid_size(model) == (2, 2) == tuple(features.shape[-2:])
+    assert tokens.shape == (2, 4, towers.image_width(model))
+    torch.testing.assert_close(tokens[:, 1], features[:, :, 0, 1])  # row-major cells
+    model.train()
+    batch = _batch(tiny_encoder)
+    heads = _heads(model)
+    losses = Objective(ObjectiveConfig(pc_weight=1.0), world=World.single()).compute(model, heads, batch, step=0)
+    (grad,) = torch.autograd.grad(losses["pc"], [model.visual.trunk.conv1[0].weight])
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    encoder = encoder_from_state(cfg, model.state_dict())
+    assert encoder.patch_embeddings(images).shape == (2, 4, 32)

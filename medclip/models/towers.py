@@ -3,6 +3,10 @@
 open_clip returns pooled features; PC-Align and heatmaps also need the per-patch states of the
 image tower and the per-position states of the text tower. These functions produce both in a
 single pass, for open_clip's native towers, timm image towers and HF text towers.
+
+For a convolutional timm trunk (ResNet, ConvNeXt, ...) the "patches" are the cells of its last
+feature map, in row-major order, as in local image-text alignment with CNN encoders (GLoRIA):
+[B, C, H, W] -> [B, H*W, C], and the grid is the input size over the trunk's total stride.
 """
 
 from __future__ import annotations
@@ -33,7 +37,12 @@ def grid_size(model) -> tuple[int, int]:
     visual = model.visual
     if isinstance(visual, VisionTransformer):
         return tuple(visual.grid_size)
-    return tuple(visual.trunk.patch_embed.grid_size)
+    patch_embed = getattr(visual.trunk, "patch_embed", None)
+    if patch_embed is not None:
+        return tuple(patch_embed.grid_size)
+    stride = visual.trunk.feature_info[-1]["reduction"]  # convolutional trunk: its last map's stride
+    height, width = visual.image_size
+    return -(-height // stride), -(-width // stride)
 
 
 def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,6 +58,8 @@ def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if isinstance(visual, TimmModel):
         feats = visual.trunk.forward_features(images)
         pooled = visual.head(visual.trunk.forward_head(feats))
+        if feats.ndim == 4:  # convolutional trunk: feature-map cells are the patches
+            return pooled, feats.flatten(2).transpose(1, 2)
         return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
     raise TypeError(f"unsupported image tower {type(visual).__name__}")
 
