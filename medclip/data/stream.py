@@ -598,6 +598,32 @@ def collate(samples: list[DecodedSample]) -> dict:
     return out
 
 
+SMALL_TENSOR_BYTES = 1 << 20
+
+
+def _for_transfer(batch: dict, worker_info) -> dict:
+    """In a worker: small tensors as NumPy arrays, which the DataLoader pickles inline.
+
+    Every tensor a worker sends gets a shared-memory segment of its own, created in the worker
+    and fetched by the parent over a new socket connection (~0.4 ms each here); text, spans,
+    concept ids and masks are a few KB. The images (allocated in shared memory) stay tensors.
+    """
+    if worker_info is None:
+        return batch
+    return {k: v.numpy() if isinstance(v, torch.Tensor) and v.nbytes < SMALL_TENSOR_BYTES else v
+            for k, v in batch.items()}
+
+
+def _as_is(item):
+    """The DataLoader's per-item collate_fn: items are whole batches already (its default would turn
+    the NumPy arrays of :func:`_for_transfer` back into tensors in the worker)."""
+    return item
+
+
+def _from_transfer(batch: dict) -> dict:
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
+
+
 class _EpochDataset(torch.utils.data.IterableDataset):
     """One epoch of every slot of this rank; each worker runs its own slot."""
 
@@ -621,9 +647,10 @@ class _EpochDataset(torch.utils.data.IterableDataset):
             if decoded is not None:
                 pending.append(decoded)
             if len(pending) == self.cfg.batch_size:
-                yield {"batch": collate(pending), "worker": worker, "position": position, "skips": dict(skips)}
+                yield {"batch": _for_transfer(collate(pending), info), "worker": worker, "position": position,
+                       "skips": dict(skips)}
                 pending = []
-        batch = collate(pending) if pending and not self.cfg.drop_last else None
+        batch = _for_transfer(collate(pending), info) if pending and not self.cfg.drop_last else None
         # The final message also carries the worker's last counts (and position when samples were dropped),
         # and the words its tokenizer learnt: the next epoch's workers (copies of the parent's) start with them.
         yield {"batch": batch, "worker": worker, "position": max(position, start), "skips": dict(skips),
@@ -676,7 +703,7 @@ class TrainStream:
             items = iter(dataset)
         else:
             items = iter(torch.utils.data.DataLoader(
-                dataset, batch_size=None, num_workers=self.cfg.num_workers,
+                dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=_as_is,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
         for item in items:
             worker = item["worker"]
@@ -685,7 +712,7 @@ class TrainStream:
             if "words" in item:  # a worker's last message
                 self.decoder.tokenizer.add_words(item["words"])
             if item["batch"] is not None:
-                yield item["batch"]
+                yield _from_transfer(item["batch"])
         self._finish_counts()
         self.epoch += 1
         self._positions = [0] * self._workers
