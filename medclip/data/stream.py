@@ -35,8 +35,6 @@ import json
 import logging
 import math
 import random
-import re
-import struct
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -164,145 +162,6 @@ class _TailStream:
             close()
 
 
-_BLOCK = 512
-_ZERO_BLOCK = bytes(_BLOCK)
-# gzip, bzip2, xz, lzma, zstd magic: such shards go through tarfile (webdataset's reader) as before
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80", b"\x28\xb5\x2f\xfd")
-_REGULAR = (b"0", b"\0", b"7")  # tarfile.REGULAR_TYPES without GNU sparse files
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # webdataset's tar_file_iterator skips these names
-
-
-class _UnsupportedTar(Exception):
-    """A member the plain reader does not handle (a GNU sparse file): counted as an unreadable shard."""
-
-
-def _read_exact(stream, n: int) -> bytes:
-    data = stream.read(n)
-    while 0 < len(data) < n:  # pipes and remote files may return less than asked before the end
-        more = stream.read(n - len(data))
-        if not more:
-            break
-        data += more
-    return data
-
-
-def _number(field: bytes) -> int:
-    """A tar header number: NUL/space-terminated octal, or GNU base-256 (as tarfile.nti)."""
-    if field[:1] in (b"\x80", b"\xff"):
-        return tarfile.nti(field)
-    digits = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(digits, 8) if digits else 0
-    except ValueError:
-        raise tarfile.ReadError(f"invalid tar header number {field!r}") from None
-
-
-def _checksum_ok(header: bytes) -> bool:
-    """tarfile's check: the stored sum equals the unsigned (or old signed) byte sum, chksum field as spaces."""
-    stored = _number(header[148:156])
-    if stored == 256 + sum(header) - sum(header[148:156]):
-        return True
-    return stored == 256 + sum(struct.unpack_from("148b8x356b", header))
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    out, pos = {}, 0
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        if length <= 0:
-            break
-        key, _, value = data[space + 1: pos + length - 1].partition(b"=")
-        out[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
-
-
-def _plain_tar_files(first: bytes, stream, url: str, handler: _ShardErrors) -> Iterator[dict]:
-    """Regular files of an uncompressed tar in order, as webdataset's tar_file_iterator yields them.
-
-    The same headers, checks and stops as tarfile's stream mode (checksum, GNU long names, pax
-    path/size, ustar prefix; a zero block or an invalid header after the first member ends the
-    archive, which the completeness check then judges), parsed with a few slices per member:
-    ~4x less CPU than tarfile's TarInfo machinery, the largest loader cost before decoding.
-    An unreadable first header raises (no file); later errors go to ``handler`` and end the shard.
-    """
-    header = first
-    offset = 0
-    long_name: str | None = None
-    pax: dict[str, str] = {}
-    while True:
-        if header == _ZERO_BLOCK:
-            return  # end-of-archive marker
-        if len(header) < _BLOCK or not _checksum_ok(header):
-            if offset == 0:
-                raise tarfile.ReadError("empty file" if not header else "invalid header")
-            return  # as tarfile: the end (a cut or a bad header here is caught by _TailStream.complete)
-        size = int(pax["size"]) if "size" in pax else _number(header[124:136])
-        kind = header[156:157]
-        data = _read_exact(stream, (size + _BLOCK - 1) // _BLOCK * _BLOCK)
-        if len(data) < size:
-            handler(tarfile.ReadError(f"unexpected end of data @ {url}"))
-            return
-        offset += _BLOCK + len(data)
-        if kind == b"L":  # GNU long name of the next member
-            long_name = data[:size].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-        elif kind == b"x":  # pax header of the next member
-            pax = _pax_records(data[:size])
-        elif kind in (b"g", b"K"):  # global pax header, GNU long link name: nothing the samples use
-            pass
-        else:
-            if kind == b"S":
-                handler(_UnsupportedTar(f"GNU sparse member in {url}"))
-                return
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            if prefix:  # ustar: name = prefix/name
-                name = prefix + "/" + name
-            name = pax.get("path") or long_name or name
-            long_name, pax = None, {}
-            v7_dir = kind == b"\0" and name.endswith("/")
-            if kind in _REGULAR and not v7_dir and not _SKIP_META.match(name):
-                yield {"fname": name, "data": data[:size] if len(data) != size else data, "__url__": url}
-        header = _read_exact(stream, _BLOCK)
-
-
-class _Prepended:
-    """``stream`` with ``head`` (already read from it) put back in front."""
-
-    def __init__(self, head: bytes, stream):
-        self.head, self.stream = head, stream
-
-    def read(self, n=-1):
-        if not self.head:
-            return self.stream.read(n)
-        if n is None or n < 0:
-            out, self.head = self.head + self.stream.read(), b""
-            return out
-        out, self.head = self.head[:n], self.head[n:]
-        return out
-
-
-def _tar_files(stream, url: str, handler: _ShardErrors) -> Iterator[dict]:
-    """webdataset's tar_file_expander for one shard: files, then ``{}`` (end of shard)."""
-    try:
-        first = _read_exact(stream, _BLOCK)
-    except Exception as exn:
-        handler(exn)
-        return
-    if first.startswith(_COMPRESSED):
-        yield from tar_file_expander([{"url": url, "stream": _Prepended(first, stream)}], handler=handler)
-        return
-    try:
-        yield from _plain_tar_files(first, stream, url, handler)
-    except Exception as exn:  # the first header (as tarfile.open) or an I/O error
-        handler(exn)
-        return
-    yield {}
-
-
 def _read_shard(url: str, keep: Callable[[int], bool], skips: Counter) -> Iterator[dict]:
     errors = _ShardErrors()
     try:
@@ -311,7 +170,7 @@ def _read_shard(url: str, keep: Callable[[int], bool], skips: Counter) -> Iterat
         errors(exn)
         stream = None
     if stream is not None:
-        files = _tar_files(stream, url, errors)
+        files = tar_file_expander([{"url": url, "stream": stream}], handler=errors)
         for index, sample in enumerate(group_by_keys(files, handler=errors)):
             if keep(index):
                 yield sample
