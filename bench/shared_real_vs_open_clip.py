@@ -3,9 +3,11 @@
 1. medclip: ``medclip pretrain --config pretrain/shared_real.yaml`` (shard build from ../shared/data
    with concept annotation, training, in-run evaluation and export all inside the timed command).
 2. open_clip_train (the reference): its own ``main`` on the tar shards medclip just built (``.jpg`` +
-   ``.txt``, the radiologist caption; it reads nothing else), same architecture (``--model`` of the
-   recipe, registered with open_clip by importing medclip), batch size, learning rate, weight decay
-   and warmup as the recipe, fp32, one loader worker. Its step count is what fits in the budget: a
+   ``.txt``, the radiologist caption; it reads nothing else), for each ``--baseline-model`` (default:
+   ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own model
+   too to compare on the same architecture; names are registered with open_clip by importing
+   medclip), with the recipe's batch size, learning rate, weight decay and warmup, fp32, one loader
+   worker. Its step count is what fits in the budget: a
    short calibration run gives the per-step time (open_clip_train's own ``Batch (t)``) and the
    start-up cost, and the full run gets ``(budget - start-up) / step time`` steps, so its cosine
    schedule ends inside the budget (stopping a longer schedule early would handicap it). The budget
@@ -17,7 +19,7 @@
     .venv/bin/python bench/shared_real_vs_open_clip.py [--budget 600] [--out runs/compare_shared_real]
     .venv/bin/python bench/shared_real_vs_open_clip.py --medclip-run runs/shared_real   # reuse a finished run
 
-Takes about budget x 2 + 3 minutes. The machine must be otherwise idle: both sides are timed.
+Takes about budget x (1 + baselines) + 2 minutes per baseline + 3 minutes. The machine must be otherwise idle: both sides are timed.
 """
 
 from __future__ import annotations
@@ -65,12 +67,12 @@ def open_clip_train_main(argv: list[str]) -> None:
     main(argv)
 
 
-def baseline_argv(recipe, shards: list[str], steps: int, logs: Path, name: str) -> list[str]:
+def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path, name: str) -> list[str]:
     batch = recipe.data.batch_size
     return [
         "--train-data", "::".join(shards), "--dataset-type", "webdataset",
         "--train-num-samples", str(steps * batch), "--epochs", "1", "--batch-size", str(batch),
-        "--model", recipe.model.name, "--precision", "fp32", "--workers", "1", "--seed", str(recipe.run.seed),
+        "--model", model, "--precision", "fp32", "--workers", "1", "--seed", str(recipe.run.seed),
         "--lr", str(recipe.optim.lr), "--wd", str(recipe.optim.weight_decay),
         "--warmup", str(min(recipe.optim.warmup_steps, max(steps - 1, 0))),
         "--logs", str(logs), "--name", name, "--log-every-n-steps", "5", "--save-frequency", "1",
@@ -78,24 +80,25 @@ def baseline_argv(recipe, shards: list[str], steps: int, logs: Path, name: str) 
     ]
 
 
-def train_baseline(recipe, shards: list[str], budget: float, out: Path, steps: int | None) -> tuple[int, float, Path]:
-    logs = out / "open_clip_train"
+def train_baseline(recipe, model: str, shards: list[str], budget: float, out: Path,
+                   steps: int | None) -> tuple[int, float, Path]:
+    logs = out / f"open_clip_train-{model}"
     if logs.exists():
         shutil.rmtree(logs)
     logs.mkdir(parents=True)
     me = [sys.executable, str(Path(__file__).resolve()), "--open-clip-train"]
     if steps is None:
-        argv = baseline_argv(recipe, shards, CALIBRATION_STEPS, logs, "calibration")
+        argv = baseline_argv(recipe, model, shards, CALIBRATION_STEPS, logs, "calibration")
         total = run_timed(me + argv, logs / "calibration.log")
         times = [float(t) for t in BATCH_TIME.findall((logs / "calibration" / "out.log").read_text())]
         step_time = statistics.median(times[1:] or times)  # the first window holds the loader's start-up
         startup = max(total - CALIBRATION_STEPS * step_time, 0.0)
         steps = math.floor((budget - startup) / step_time)
-        print(f"open_clip_train calibration: {CALIBRATION_STEPS} steps in {total:.1f}s, {step_time:.3f}s/step, "
+        print(f"open_clip_train {model} calibration: {CALIBRATION_STEPS} steps in {total:.1f}s, {step_time:.3f}s/step, "
               f"start-up {startup:.1f}s -> {steps} steps fit in {budget:.0f}s")
-    wall = run_timed(me + baseline_argv(recipe, shards, steps, logs, "baseline"), logs / "baseline.log")
+    wall = run_timed(me + baseline_argv(recipe, model, shards, steps, logs, "baseline"), logs / "baseline.log")
     checkpoint = logs / "baseline" / "checkpoints" / "epoch_1.pt"
-    print(f"open_clip_train: {steps} steps of batch {recipe.data.batch_size} in {wall:.1f}s -> {checkpoint}")
+    print(f"open_clip_train {model}: {steps} steps of batch {recipe.data.batch_size} in {wall:.1f}s -> {checkpoint}")
     return steps, wall, checkpoint
 
 
@@ -122,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for each side")
     parser.add_argument("--out", default="runs/compare_shared_real")
     parser.add_argument("--medclip-run", default=None, help="reuse this finished medclip run (not timed again)")
+    parser.add_argument("--baseline-model", action="append", default=None,
+                        help="architecture(s) open_clip_train trains (repeatable; default medclip-small)")
     parser.add_argument("--baseline-steps", type=int, default=None, help="skip the calibration: train this many steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the medclip run (repeatable)")
@@ -149,30 +154,45 @@ def main(argv: list[str] | None = None) -> int:
     shards = sorted(str(p) for p in (run_dir / "shards").glob("*/*.tar"))
     if not shards:
         raise SystemExit(f"no shards under {run_dir / 'shards'}: is {run_dir} a finished shared_real run?")
-    steps, base_wall, checkpoint = train_baseline(recipe, shards, args.budget, out, args.baseline_steps)
-    base_export = export_baseline(recipe.model.name, checkpoint, out / "open_clip_train" / "export")
+    baselines = {}  # label -> (steps, wall, export dir)
+    for model in args.baseline_model or ["medclip-small"]:
+        steps, wall, checkpoint = train_baseline(recipe, model, shards, args.budget, out, args.baseline_steps)
+        export = export_baseline(model, checkpoint, out / f"open_clip_train-{model}" / "export")
+        baselines[f"open_clip_train {model}"] = (steps, wall, export)
 
     eval_dir = out / "eval"
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
-    models = {"medclip": str(run_dir / "export"), "open_clip_train": str(base_export)}
+    models = {f"medclip {recipe.model.name}": str(run_dir / "export"),
+              **{label: str(export) for label, (_, _, export) in baselines.items()}}
     cmd = [str(BIN / "medclip"), "eval", "suite", "shared_real", "--out", str(eval_dir), "--no-plots",
            "--no-progress", "--workers", "1"]
     for path in models.values():
         cmd += ["--model", path]
     run_timed(cmd, out / "eval.log")
-    ours, theirs = headlines(eval_dir, models["medclip"]), headlines(eval_dir, models["open_clip_train"])
-    rows = [(name, ours.get(name), theirs.get(name)) for name in sorted(set(ours) | set(theirs))]
-    print(f"\n{'dataset (headline)':32s} {'medclip':>9s} {'open_clip_train':>16s} {'diff':>8s}")
-    for name, a, b in rows:
-        diff = f"{100 * (a - b):+8.1f}" if a is not None and b is not None else "     n/a"
-        print(f"{name:32s} {100 * (a or 0):9.1f} {100 * (b or 0):16.1f} {diff}")
+    scores = {label: headlines(eval_dir, path) for label, path in models.items()}
+    ours = next(iter(scores))
+    datasets = sorted({name for s in scores.values() for name in s})
+    print("\n" + " | ".join(["dataset (headline, %)"] + list(scores)))
+    for name in datasets:
+        cells = []
+        for label, s in scores.items():
+            value = s.get(name)
+            cell = "n/a" if value is None else f"{100 * value:.1f}"
+            if label != ours and value is not None and scores[ours].get(name) is not None:
+                cell += f" ({100 * (scores[ours][name] - value):+.1f})"
+            cells.append(cell)
+        print(" | ".join([name] + cells))
+    print("(in brackets: medclip minus that baseline)")
     wall = "reused run" if medclip_wall is None else f"{medclip_wall:.0f}s"
-    print(f"wall clock: medclip {wall} ({recipe.run.steps} steps), open_clip_train {base_wall:.0f}s ({steps} steps); "
-          f"budget {args.budget:.0f}s each")
+    print(f"wall clock: medclip {wall} ({recipe.run.steps} steps); "
+          + "; ".join(f"{label} {w:.0f}s ({n} steps)" for label, (n, w, _) in baselines.items())
+          + f"; budget {args.budget:.0f}s each")
     (out / "comparison.json").write_text(json.dumps({
-        "budget_s": args.budget, "medclip": {"wall_s": medclip_wall, "steps": recipe.run.steps, "headlines": ours},
-        "open_clip_train": {"wall_s": base_wall, "steps": steps, "headlines": theirs}}, indent=2))
+        "budget_s": args.budget,
+        "runs": {ours: {"wall_s": medclip_wall, "steps": recipe.run.steps, "headlines": scores[ours]},
+                 **{label: {"wall_s": w, "steps": n, "headlines": scores[label]}
+                    for label, (n, w, _) in baselines.items()}}}, indent=2))
     return 0
 
 
