@@ -109,10 +109,15 @@ def export_baseline(model_name: str, checkpoint: Path, directory: Path) -> Path:
     return medclip.save(encoder, directory)
 
 
-def headlines(eval_dir: Path, model: str) -> dict[str, float]:
+def headlines(eval_dir: Path) -> dict[str, dict[str, float]]:
+    """{model: {dataset: headline}} from the result JSONs of one eval run."""
     from medclip.evaluation.report import read_results
 
-    return {r["dataset"]: r["headline"] for r in read_results(eval_dir) if r["model"] == model and r["headline"] is not None}
+    out: dict[str, dict[str, float]] = {}
+    for r in read_results(eval_dir):
+        if r["headline"] is not None:
+            out.setdefault(r["model"], {})[r["dataset"]] = r["headline"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for path in models.values():
         cmd += ["--model", path]
     run_timed(cmd, out / "eval.log")
-    scores = {label: headlines(eval_dir, path) for label, path in models.items()}
+    results = headlines(eval_dir)
+    scores = {label: results.get(path, {}) for label, path in models.items()}
     ours = next(iter(scores))
     datasets = sorted({name for s in scores.values() for name in s})
     print("\n" + " | ".join(["dataset (headline, %)"] + list(scores)))

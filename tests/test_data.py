@@ -416,8 +416,10 @@ def test_gray_shortcut_leaves_real_batches_unchanged(tmp_path, tiny_encoder):
         sub = _subset_jsonl(require_shared(*table), rows / f"{name}.jsonl", 120)
         rep = build_shards(read_table(sub), BuildConfig(tmp_path / "shards", prefix=name, max_samples=50))
         urls += [str(tmp_path / "shards" / s.name) for s in rep.shards]
-    members = [tarfile.open(u).extractfile(m).read() for u in urls for m in tarfile.open(u).getmembers()
-               if m.name.endswith(".jpg")]
+    members = []
+    for u in urls:
+        with tarfile.open(u) as tar:
+            members += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
     gray = sum(gray_plane(Image.open(io.BytesIO(b))) is not None for b in members)
     assert 0 < gray < len(members)  # both paths are exercised
     transform = image_transform_v2(PreprocessCfg(size=64), is_train=True)

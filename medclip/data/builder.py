@@ -280,6 +280,12 @@ def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> 
     return index, (members, dropped)
 
 
+def shard_name_pattern(prefix: str, part: tuple[int, int]) -> str:
+    """File name format of a build's shards (``{shard}`` is the shard number within the part)."""
+    i, n = part
+    return f"{prefix}-{{shard:06d}}.tar" if n == 1 else f"{prefix}-{i:03d}-{{shard:05d}}.tar"
+
+
 def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, Any]]:
     i, n = part
     for index, rec in enumerate(records):
@@ -292,7 +298,7 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     i, n = cfg.part
-    name_pattern = f"{cfg.prefix}-{{shard:06d}}.tar" if n == 1 else f"{cfg.prefix}-{i:03d}-{{shard:05d}}.tar"
+    name_pattern = shard_name_pattern(cfg.prefix, cfg.part)
     summary_path = out / (f"{cfg.prefix}-summary.json" if n == 1 else f"{cfg.prefix}-summary-{i:03d}.json")
     sink = ShardSink(out, name_pattern, cfg.max_samples, cfg.max_bytes)
     skipped: Counter[str] = Counter()
@@ -351,7 +357,8 @@ def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **man
                for s in summaries}
     if len(configs) != 1:
         raise MedclipError(f"{out}: the parts of {prefix} were built with different settings")
-    shards = [ShardInfo(**entry) for s in sorted(summaries, key=lambda s: s["part"][0]) for entry in s["shards"]]
+    summaries.sort(key=lambda s: s["part"][0])
+    shards = [ShardInfo(**entry) for s in summaries for entry in s["shards"]]
     absent = [sh.name for sh in shards if not (out / sh.name).is_file()]
     if absent:
         raise MedclipError(f"{out}: {len(absent)} shard(s) listed by the part summaries are missing, "
@@ -365,10 +372,13 @@ def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **man
                                  skipped=dict(sorted(skipped.items())), skipped_items=items[:MAX_LISTED_SKIPS],
                                  config=json.loads(configs.pop()))
     patterns = []
-    for i in range(n):  # one brace pattern per part: its shards are numbered from 0 without gaps
-        k = sum(1 for sh in shards if sh.name.startswith(f"{prefix}-{i:03d}-"))
-        if k:
-            patterns.append(f"{{root}}/{prefix}-{i:03d}-{{00000..{k - 1:05d}}}.tar")
+    for i, s in enumerate(summaries):  # one brace pattern per part: its shards are numbered from 0 without gaps
+        if s["shards"]:
+            name = shard_name_pattern(prefix, (i, n))
+            first, last = name.format(shard=0), name.format(shard=len(s["shards"]) - 1)
+            stem, first_number = first.removesuffix(".tar").rsplit("-", 1)
+            last_number = last.removesuffix(".tar").rsplit("-", 1)[1]
+            patterns.append(f"{{root}}/{stem}-{{{first_number}..{last_number}}}.tar")
     samples = sum(sh.samples for sh in shards)
     write_manifest(out / f"{prefix}.yaml", name=name or prefix, urls=patterns, shards=len(shards),
                    samples=samples, summary=f"{{root}}/{summary_path.name}", **manifest_fields)
