@@ -55,12 +55,15 @@ def _synthetic_cases(rank: int, errors: dict):
     params = [*img_tower.parameters(), *txt_tower.parameters(), *heads.parameters(), log_scale, bias]
     rows = slice(rank * ROWS, (rank + 1) * ROWS)
 
-    def it_loss(kind, xi, xt, world):
+    # Caption keys with duplicates inside a rank (rows 0, 2) and across ranks (rows 1, 4 and 0, 5).
+    all_keys = torch.tensor([7, 8, 7, 9, 8, 7])
+
+    def it_loss(kind, xi, xt, world, keys=None):
         fi = F.normalize(img_tower(xi), dim=-1)
         ft = F.normalize(txt_tower(xt), dim=-1)
         if kind == "infonce":
             return infonce_loss(fi, ft, log_scale.exp(), None, world=world)
-        return sigmoid_loss(fi, ft, log_scale.exp(), bias, world=world)
+        return sigmoid_loss(fi, ft, log_scale.exp(), bias, world=world, caption_keys=keys)
 
     def pc_loss(cfg, ps, states, ids, mask, world):
         concepts = heads.concept_head(states)
@@ -74,6 +77,8 @@ def _synthetic_cases(rank: int, errors: dict):
     cases = {
         "it_infonce": lambda inputs, world: it_loss("infonce", *inputs, world),
         "it_sigmoid": lambda inputs, world: it_loss("sigmoid", *inputs, world),
+        "it_sigmoid_same_caption": lambda inputs, world: it_loss(
+            "sigmoid", *inputs, world, all_keys[rows] if world is None else all_keys),
         "pc_max_naive": lambda inputs, world: pc_loss(PCAlignConfig("max", chunk_size=None), *inputs, world),
         "pc_max_chunked": lambda inputs, world: pc_loss(PCAlignConfig("max", chunk_size=2), *inputs, world),
         "pc_topk_chunked": lambda inputs, world: pc_loss(PCAlignConfig("topk", topk=2, chunk_size=3), *inputs, world),
@@ -131,16 +136,20 @@ def _objective_case(rank: int, errors: dict):
     ids = torch.tensor([[1, 2], [3, 0], [4, 1], [0, 0]])
     mask = torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0]], dtype=torch.bool)
     full = {"images": images, "text": text, "concept_spans": spans, "concept_ids": ids, "concept_mask": mask}
-    for it_kind in ("infonce", "sigmoid"):
+    # The same-caption case repeats rank 0's first caption as rank 1's last.
+    repeated = {**full, "text": build_tokenizer(cfg)(captions[:3] + captions[:1])}
+    for name, it_kind, same_caption in [("infonce", "infonce", "negative"), ("sigmoid", "sigmoid", "negative"),
+                                        ("sigmoid_same_caption", "sigmoid", "positive")]:
         if it_kind == "sigmoid":
             torch.manual_seed(0)
             model = build_model({**cfg, "init_logit_bias": -10.0})
         params = [p for m in (model, heads) for p in m.parameters()]
-        config = ObjectiveConfig(it_kind=it_kind, pc_weight=0.7, pc_chunk_size=2)
+        config = ObjectiveConfig(it_kind=it_kind, it_same_caption=same_caption, pc_weight=0.7, pc_chunk_size=2)
+        batch = repeated if same_caption == "positive" else full
         rows = slice(rank * 2, rank * 2 + 2)
-        local_batch = {k: v[rows] for k, v in full.items()}
+        local_batch = {k: v[rows] for k, v in batch.items()}
         local = Objective(config).compute(model, heads, local_batch, step=0)
-        ref = Objective(config, world=World.single()).compute(model, heads, full, step=0)
+        ref = Objective(config, world=World.single()).compute(model, heads, batch, step=0)
         errs = {}
         for key in ("total", "it", "pc"):
             value = local[key].detach().clone()
@@ -156,7 +165,7 @@ def _objective_case(rank: int, errors: dict):
             worst = max(worst, _max_err(gl / WORLD, gr))
         errs["params"] = worst
         errs["ref_pc"] = float(ref["pc"])
-        errors[f"objective_{it_kind}"] = errs
+        errors[f"objective_{name}"] = errs
 
 
 def _worker(rank: int, init_file: str, out_dir: str):
@@ -179,7 +188,8 @@ def distributed_errors(tmp_path_factory):
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-CASES = ["it_infonce", "it_sigmoid", "pc_max_naive", "pc_max_chunked", "pc_topk_chunked", "pc_lse_chunked"]
+CASES = ["it_infonce", "it_sigmoid", "it_sigmoid_same_caption", "pc_max_naive", "pc_max_chunked",
+         "pc_topk_chunked", "pc_lse_chunked"]
 
 
 @pytest.mark.distributed
@@ -193,10 +203,10 @@ def test_world_size_two_equals_concatenated_batch(distributed_errors, case):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("it_kind", ["infonce", "sigmoid"])
-def test_objective_world_size_two_equals_concatenated_batch(distributed_errors, it_kind):
+@pytest.mark.parametrize("case", ["infonce", "sigmoid", "sigmoid_same_caption"])
+def test_objective_world_size_two_equals_concatenated_batch(distributed_errors, case):
     for rank, errors in enumerate(distributed_errors):
-        errs = errors[f"objective_{it_kind}"]
+        errs = errors[f"objective_{case}"]
         assert errs["ref_pc"] > 0
         bad = {k: v for k, v in errs.items() if k != "ref_pc" and v > 1e-5}
         assert not bad, f"rank {rank}: {bad}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +11,16 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
 
 from medclip.errors import MedclipError
-from medclip.losses import World, clamp_logit_scales_, infonce_loss, init_logit_params_, sigmoid_loss
+from medclip.losses import (
+    Objective,
+    ObjectiveConfig,
+    World,
+    clamp_logit_scales_,
+    hash_captions,
+    infonce_loss,
+    init_logit_params_,
+    sigmoid_loss,
+)
 
 
 def _inputs(seed: int, n: int = 6, d: int = 16):
@@ -23,7 +33,7 @@ def _inputs(seed: int, n: int = 6, d: int = 16):
 
 
 def _grads(loss, *tensors):
-    return torch.autograd.grad(loss, tensors)
+    return torch.autograd.grad(loss, tensors, retain_graph=True)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
@@ -78,3 +88,93 @@ def test_logit_scale_clamp_and_sigmoid_init(tiny_encoder):
     finally:
         with torch.no_grad():
             model.logit_scale.copy_(saved)
+
+
+# ---- identical captions as positives (it_same_caption: positive) ------------------------------------
+
+CAPTIONS = ["CT image of the Head.", "MRI image of the Spine.", "CT image of the Head.", "a lung nodule",
+            "MRI image of the Spine.", "CT image of the Head."]
+
+
+def _tokens(captions, length=12):
+    """Deterministic fake token rows: one id per character, zero-padded (like a tokenizer's output)."""
+    out = torch.zeros(len(captions), length, dtype=torch.long)
+    for i, c in enumerate(captions):
+        ids = [ord(ch) for ch in c[:length]]
+        out[i, :len(ids)] = torch.tensor(ids)
+    return out
+
+
+def test_hash_captions_equal_rows_equal_keys():
+    tokens = _tokens(CAPTIONS, length=30)
+    keys = hash_captions(tokens)
+    same = keys[:, None] == keys[None, :]
+    expected = torch.tensor([[a == b for b in CAPTIONS] for a in CAPTIONS])
+    assert torch.equal(same, expected)
+    one_token_changed = tokens[:1].clone()
+    one_token_changed[0, 25] = 1  # inside the padding
+    assert hash_captions(one_token_changed) != keys[0]
+    assert torch.equal(hash_captions(tokens.int()), keys)  # dtype does not matter
+    with pytest.raises(MedclipError, match=r"\[B, L\]"):
+        hash_captions(tokens[0])
+
+
+def test_same_caption_positive_sigmoid_matches_pairwise_reference():
+    image, text, log_scale, bias = _inputs(3)
+    keys = hash_captions(_tokens(CAPTIONS))
+    ours = sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single(), caption_keys=keys)
+    logits = log_scale.exp() * image @ text.T + bias
+    ref = 0.0
+    for i, a in enumerate(CAPTIONS):
+        for j, b in enumerate(CAPTIONS):
+            ref = ref - F.logsigmoid((1.0 if a == b else -1.0) * logits[i, j]) / len(CAPTIONS)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    params = (image, text, log_scale, bias)
+    for a, r in zip(_grads(ours, *params), _grads(ref, *params)):
+        assert torch.allclose(a, r, atol=1e-5)
+    assert abs(float(ours - sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single()))) > 1e-3
+    unique = hash_captions(_tokens([f"caption {i}" for i in range(6)]))
+    plain = sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single())
+    assert torch.allclose(sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single(), caption_keys=unique),
+                          plain, atol=1e-6)
+
+
+def test_infonce_identical_captions_already_train_as_shared_positives():
+    """Why InfoNCE has no same-caption rule: with identical text rows, CLIP's one-hot targets and
+    UniCL's shared targets give the same loss and the same tower gradients."""
+    torch.manual_seed(0)
+    text_tower = torch.nn.Linear(12, 8)
+    image = F.normalize(torch.randn(len(CAPTIONS), 8), dim=-1)
+    tokens = _tokens(CAPTIONS).float()
+    same = torch.tensor([[a == b for b in CAPTIONS] for a in CAPTIONS], dtype=torch.float32)
+    text = F.normalize(text_tower(tokens), dim=-1)
+    logits = 10 * image @ text.T
+    hard = infonce_loss(image, text, torch.tensor(10.0), None, world=World.single())
+    soft_targets = same / same.sum(1, keepdim=True)
+    shared = (F.cross_entropy(logits, soft_targets) + F.cross_entropy(logits.T, soft_targets)) / 2
+    assert torch.allclose(hard, shared, atol=1e-6)
+    for a, b in zip(_grads(hard, *text_tower.parameters()), _grads(shared, *text_tower.parameters())):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_objective_same_caption_rule(tiny_encoder):
+    model, tokenizer = tiny_encoder.model, tiny_encoder.tokenizer
+    captions = ["ct image of the head.", "mri of the spine", "ct image of the head.", "a lung nodule"]
+    batch = {"images": torch.randn(4, 3, 64, 64), "text": tokenizer(captions)}
+    scale, bias = model.logit_scale.exp(), torch.tensor(-1.0)
+    model_with_bias = SimpleNamespace(logit_scale=model.logit_scale, logit_bias=bias)
+    losses = {}
+    for rule in ("negative", "positive"):
+        objective = Objective(ObjectiveConfig(it_kind="sigmoid", it_same_caption=rule, pc_weight=0.0),
+                              world=World.single())
+        features = objective.forward_features(model, None, batch, step=0)
+        assert (features.caption_keys is not None) == (rule == "positive")
+        losses[rule] = objective.losses(features, 0, model_with_bias, None)["it"]
+    expected = sigmoid_loss(features.image, features.text, scale, bias, world=World.single(),
+                            caption_keys=hash_captions(tokenizer(captions)))
+    assert torch.allclose(losses["positive"], expected)
+    assert abs(float(losses["positive"] - losses["negative"])) > 1e-4
+    with pytest.raises(MedclipError, match="it_same_caption must be one of"):
+        ObjectiveConfig(it_same_caption="ignore")
+    with pytest.raises(MedclipError, match="applies to it_kind 'sigmoid' only"):
+        ObjectiveConfig(it_kind="infonce", it_same_caption="positive")

@@ -8,6 +8,12 @@ global batch's gradients. Rank batches must have equal size (drop the last parti
 The scale and bias are the open_clip model's own ``logit_scale`` (log-space) and ``logit_bias``
 parameters, so an exported model stays a plain open_clip model. open_clip clamps the scale in place
 after each optimizer step; ``clamp_logit_scales_`` does the same here.
+
+Identical captions: SigLIP labels every other pair of the batch negative, even when two images carry
+the same caption (label-derived captions such as "CT image of the Head." repeat in a third of a
+batch). Given ``caption_keys`` (``hash_captions(text_tokens)``), ``sigmoid_loss`` labels every pair
+with identical captions positive. InfoNCE needs no such rule: identical captions have identical
+embeddings, and then CLIP's targets give the same loss and parameter gradients as shared positives.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from medclip.errors import MedclipError
-from medclip.losses.distributed import World, all_gather_with_grad, resolve
+from medclip.losses.distributed import World, all_gather_no_grad, all_gather_with_grad, resolve
 
 # Initial (log scale, bias) for a sigmoid IT-Align: CLIP-style temperature or SigLIP's paper values.
 SIGMOID_INITS = {
@@ -26,6 +32,25 @@ SIGMOID_INITS = {
     "siglip": (math.log(10.0), -10.0),
 }
 MAX_LOGIT_SCALE = math.log(100.0)
+
+_KEY_SEED = 20240611  # fixed: keys must agree across ranks and runs
+
+
+def hash_captions(text: torch.Tensor) -> torch.Tensor:
+    """[B] int64 key per caption: equal token rows give equal keys (a random linear hash mod 2**64,
+    so distinct captions collide with probability ~2**-64 per pair)."""
+    if text.ndim != 2:
+        raise MedclipError(f"hash_captions expects [B, L] token ids, got shape {tuple(text.shape)}")
+    generator = torch.Generator().manual_seed(_KEY_SEED)
+    weights = torch.randint(1, 2**62, (text.shape[1],), generator=generator, dtype=torch.int64)
+    # int64 products and sums wrap around: that is the mod 2**64 of the hash.
+    return (text.long() * weights.to(text.device)).sum(dim=1)
+
+
+def _same_caption(keys: torch.Tensor, world: World) -> torch.Tensor:
+    """[n, N] bool: local caption i equals caption j of the global batch."""
+    all_keys = torch.cat(all_gather_no_grad(keys, world))
+    return keys[:, None] == all_keys[None, :]
 
 
 def infonce_loss(
@@ -58,18 +83,23 @@ def sigmoid_loss(
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor,
     world: World | None = None,
+    caption_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairwise binary loss of the local images against every text of the global batch.
 
-    Normalised like SigLIP: summed over texts, divided by the local batch size.
+    Normalised like SigLIP: summed over texts, divided by the local batch size. With
+    ``caption_keys``, every pair with identical captions is labelled positive.
     """
     world = resolve(world)
     all_text = torch.cat(all_gather_with_grad(text_features, world))
     logits = logit_scale * image_features @ all_text.T + logit_bias
     n = image_features.shape[0]
-    labels = -torch.ones_like(logits)
-    own = torch.arange(n, device=logits.device) + n * world.rank
-    labels[torch.arange(n, device=logits.device), own] = 1.0
+    if caption_keys is None:
+        labels = -torch.ones_like(logits)
+        own = torch.arange(n, device=logits.device) + n * world.rank
+        labels[torch.arange(n, device=logits.device), own] = 1.0
+    else:
+        labels = _same_caption(caption_keys, world).to(logits.dtype) * 2 - 1
     return -F.logsigmoid(labels * logits).sum() / n
 
 

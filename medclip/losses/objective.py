@@ -24,6 +24,7 @@ from medclip.errors import MedclipError
 from medclip.losses.distributed import World
 from medclip.losses.it_align import (
     SIGMOID_INITS,
+    hash_captions,
     infonce_loss,
     init_logit_params_,
     model_logit_params,
@@ -35,6 +36,7 @@ from medclip.models import towers
 log = logging.getLogger(__name__)
 
 IT_KINDS = ("infonce", "sigmoid")
+SAME_CAPTION_RULES = ("negative", "positive")
 
 
 @dataclass
@@ -43,6 +45,9 @@ class ObjectiveConfig:
     # Sigmoid start values of the model's scale/bias: 'clip' (ln 1/0.07, -10), 'siglip' (ln 10, -10), or
     # None to keep the model's own (its config's init_logit_scale / init_logit_bias).
     sigmoid_init: str | None = None
+    # Sigmoid IT-Align, pairs whose captions are identical: 'negative' as in SigLIP / open_clip, or
+    # 'positive', for recipes whose captions repeat (label captions). InfoNCE needs no rule (it_align.py).
+    it_same_caption: str = "negative"
     pc_weight: float = 1.0  # lambda; 0 turns PC-Align off
     pc_start_step: int = 0  # ConceptCLIP turns PC-Align on in a second stage
     pc_pool: str = "max"  # 'max' | 'topk' | 'lse'
@@ -57,6 +62,11 @@ class ObjectiveConfig:
         if self.sigmoid_init is not None and (self.it_kind != "sigmoid" or self.sigmoid_init not in SIGMOID_INITS):
             raise MedclipError(f"sigmoid_init must be one of {sorted(SIGMOID_INITS)} with it_kind 'sigmoid', "
                                f"got {self.sigmoid_init!r} with {self.it_kind!r}")
+        if self.it_same_caption not in SAME_CAPTION_RULES:
+            raise MedclipError(f"it_same_caption must be one of {SAME_CAPTION_RULES}, got {self.it_same_caption!r}")
+        if self.it_same_caption == "positive" and self.it_kind != "sigmoid":
+            raise MedclipError("it_same_caption 'positive' applies to it_kind 'sigmoid' only: with InfoNCE, "
+                               "identical captions already train as shared positives")
         if self.pc_weight < 0:
             raise MedclipError(f"pc_weight must be >= 0, got {self.pc_weight}")
         if self.pc_start_step < 0:
@@ -87,6 +97,7 @@ class Features:
 
     image: torch.Tensor  # [B, D] normalized
     text: torch.Tensor  # [B, D] normalized
+    caption_keys: torch.Tensor | None = None  # [B] int64, equal for identical captions (it_same_caption)
     patches: torch.Tensor | None = None  # [B, P, Dc] heads.embed_patches, not normalized
     concepts: torch.Tensor | None = None  # [B, C, Dc] span (and name) embeddings, not normalized
     concept_mask: torch.Tensor | None = None  # [B, C] bool
@@ -114,11 +125,12 @@ def concat_features(parts: list[Features]) -> Features:
         raise MedclipError("no features to concatenate")
     image = torch.cat([p.image for p in parts])
     text = torch.cat([p.text for p in parts])
+    keys = None if parts[0].caption_keys is None else torch.cat([p.caption_keys for p in parts])
     if not all(p.has_concepts for p in parts):
-        return Features(image, text)
+        return Features(image, text, keys)
     c = max(p.concept_mask.shape[1] for p in parts)
     return Features(
-        image, text,
+        image, text, keys,
         patches=torch.cat([p.patches for p in parts]),
         concepts=torch.cat([_pad_concepts(p.concepts, c) for p in parts]),
         concept_mask=torch.cat([_pad_concepts(p.concept_mask, c, False) for p in parts]),
@@ -217,7 +229,8 @@ class Objective:
             raise MedclipError(f"{images.shape[0]} images but {text.shape[0]} captions in the batch")
         image_pooled, patch_states = towers.image_tokens(model, images)
         text_pooled, token_states = towers.text_tokens(model, text)
-        features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1))
+        keys = hash_captions(text) if self.config.it_same_caption == "positive" else None
+        features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys)
         if heads is None or not self.config.pc_active(step):
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])
@@ -240,7 +253,8 @@ class Objective:
         cfg = self.config
         scale, bias = model_logit_params(model, cfg.it_kind)
         if cfg.it_kind == "sigmoid":
-            it = sigmoid_loss(features.image, features.text, scale, bias, world=self.world)
+            it = sigmoid_loss(features.image, features.text, scale, bias, world=self.world,
+                              caption_keys=features.caption_keys)
         else:
             it = infonce_loss(features.image, features.text, scale, bias, world=self.world)
         if not cfg.pc_active(step):
