@@ -32,7 +32,7 @@ from medclip.data.images import (
 )
 from medclip.data.manifest import Manifest, check_manifest, load_manifest
 from medclip.data.shards import sha256_file
-from medclip.data.stream import build_train_stream
+from medclip.data.stream import StreamConfig, build_train_stream
 from medclip.data.text import CharSpan, SpanTokenizer
 from medclip.errors import MedclipError
 
@@ -478,3 +478,16 @@ def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
     # the crops really are random: another seed gives other pixels for the same samples
     other = _images_by_key(make(seed=4))
     assert sum(not torch.equal(other[k], full[k]) for k in full) > 250
+
+
+def test_first_caption_share_sets_how_often_the_own_caption_is_drawn():
+    from medclip.data.stream import _rng, draw_caption
+
+    draws = 6000
+    for share, expected in [(None, [1 / 3] * 3), (0.6, [0.6, 0.2, 0.2]), (1.0, [1.0, 0.0, 0.0]), (0.0, [0, .5, .5])]:
+        counts = Counter(draw_caption(_rng(0, 0, "key", i), 3, share) for i in range(draws))
+        for index, want in enumerate(expected):
+            assert abs(counts[index] / draws - want) < 0.025, (share, counts)
+        assert draw_caption(_rng(1), 1, share) == 0
+    with pytest.raises(MedclipError, match="first_caption_share"):
+        StreamConfig(batch_size=4, first_caption_share=-0.1)

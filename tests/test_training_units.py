@@ -39,6 +39,7 @@ def test_shipped_recipes_load_and_validate():
     (["objective.it_kind=cosine"], "it_kind must be one of"),
     (["data.batch_size=10", "optim.accum_steps=3"], "not divisible"),
     (["run.tensorboard=maybe"], "expected true/false"),
+    (["data.first_caption_share=1.5"], r"first_caption_share must be in \[0, 1\]"),
 ])
 def test_bad_recipe_values_are_one_clear_error(overrides, message):
     with pytest.raises(MedclipError, match=message):

@@ -100,6 +100,9 @@ class StreamConfig:
     # uint8 images only: augment an image whose R = G = B on its single band (bit-identical pixels,
     # a third of the resampling; see medclip.data.images.gray_transform). False: always RGB.
     gray_shortcut: bool = True
+    # Chance of drawing a sample's first caption (a table's own caption comes before its label captions,
+    # see training.prepare); the others share the rest evenly. None: every caption equally likely.
+    first_caption_share: float | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -110,11 +113,20 @@ class StreamConfig:
             raise MedclipError("num_workers and shuffle_buffer must be >= 0")
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise MedclipError(f"epoch_samples must be positive, got {self.epoch_samples}")
+        if self.first_caption_share is not None and not 0 <= self.first_caption_share <= 1:
+            raise MedclipError(f"first_caption_share must be in [0, 1], got {self.first_caption_share}")
 
 
 def _rng(*parts) -> random.Random:
     # random.Random seeds from a str deterministically (not via the salted hash()).
     return random.Random("/".join(str(p) for p in parts))
+
+
+def draw_caption(rng: random.Random, count: int, first_share: float | None) -> int:
+    """Index of the caption to use this visit (see StreamConfig.first_caption_share)."""
+    if first_share is None or count == 1:
+        return rng.randrange(count)
+    return 0 if rng.random() < first_share else 1 + rng.randrange(count - 1)
 
 
 # ---------------------------------------------------------------- raw sample order (per slot)
@@ -343,7 +355,8 @@ class SampleDecoder:
             skips["transform_error"] += 1
             return None
         # One caption per visit, drawn from an RNG of the sample's stream position: same draw after resume.
-        choice = _rng(self.cfg.seed, epoch, sample["__key__"], position).randrange(len(captions))
+        choice = draw_caption(_rng(self.cfg.seed, epoch, sample["__key__"], position), len(captions),
+                              self.cfg.first_caption_share)
         caption = captions[choice]
         concepts = [c for c in (meta.get(m.concept_field) or []) if isinstance(c, dict)] if indexed else []
         concepts = [c for c in concepts if int(c.get("caption_index", 0) or 0) == choice]

@@ -50,6 +50,8 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: bool = True
+    # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
+    first_caption_share: float | None = None
 
 
 @dataclass
@@ -205,6 +207,9 @@ def validate(recipe: Recipe) -> Recipe:
             raise MedclipError(f"recipe key {key} must not be negative, got {flat[key]!r}")
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
+    share = recipe.data.first_caption_share
+    if share is not None and not 0 <= share <= 1:
+        raise MedclipError(f"recipe key data.first_caption_share must be in [0, 1] (or null), got {share!r}")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
