@@ -17,14 +17,16 @@
    the table and the differences.
 
     .venv/bin/python bench/shared_real_vs_open_clip.py [--budget 600] [--out runs/compare_shared_real]
+    .venv/bin/python bench/shared_real_vs_open_clip.py --seeds 0 1   # every side once per seed; mean and per-seed
     .venv/bin/python bench/shared_real_vs_open_clip.py --medclip-run runs/shared_real   # reuse a finished run
 
-Takes about budget x (1 + baselines) + 2 minutes per baseline + 3 minutes. The machine must be otherwise idle: both sides are timed.
+Takes about seeds x budget x (1 + baselines) + 2 minutes per baseline + 3 minutes. The machine must be otherwise idle: both sides are timed.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 CALIBRATION_STEPS = 30
+SELF = [sys.executable, str(Path(__file__).resolve()), "--open-clip-train"]
 
 
 def run_timed(cmd: list[str], log_path: Path) -> float:
@@ -80,26 +83,32 @@ def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path,
     ]
 
 
-def train_baseline(recipe, model: str, shards: list[str], budget: float, out: Path,
-                   steps: int | None) -> tuple[int, float, Path]:
-    logs = out / f"open_clip_train-{model}"
+def calibrate_baseline(recipe, model: str, shards: list[str], budget: float, out: Path) -> int:
+    """Steps of ``model`` that fit in the budget, from a short timed open_clip_train run."""
+    logs = out / f"open_clip_train-{model}-calibration"
     if logs.exists():
         shutil.rmtree(logs)
     logs.mkdir(parents=True)
-    me = [sys.executable, str(Path(__file__).resolve()), "--open-clip-train"]
-    if steps is None:
-        argv = baseline_argv(recipe, model, shards, CALIBRATION_STEPS, logs, "calibration")
-        total = run_timed(me + argv, logs / "calibration.log")
-        times = [float(t) for t in BATCH_TIME.findall((logs / "calibration" / "out.log").read_text())]
-        step_time = statistics.median(times[1:] or times)  # the first window holds the loader's start-up
-        startup = max(total - CALIBRATION_STEPS * step_time, 0.0)
-        steps = math.floor((budget - startup) / step_time)
-        print(f"open_clip_train {model} calibration: {CALIBRATION_STEPS} steps in {total:.1f}s, {step_time:.3f}s/step, "
-              f"start-up {startup:.1f}s -> {steps} steps fit in {budget:.0f}s")
-    wall = run_timed(me + baseline_argv(recipe, model, shards, steps, logs, "baseline"), logs / "baseline.log")
+    argv = baseline_argv(recipe, model, shards, CALIBRATION_STEPS, logs, "calibration")
+    total = run_timed(SELF + argv, logs / "calibration.log")
+    times = [float(t) for t in BATCH_TIME.findall((logs / "calibration" / "out.log").read_text())]
+    step_time = statistics.median(times[1:] or times)  # the first window holds the loader's start-up
+    startup = max(total - CALIBRATION_STEPS * step_time, 0.0)
+    steps = math.floor((budget - startup) / step_time)
+    print(f"open_clip_train {model} calibration: {CALIBRATION_STEPS} steps in {total:.1f}s, {step_time:.3f}s/step, "
+          f"start-up {startup:.1f}s -> {steps} steps fit in {budget:.0f}s")
+    return steps
+
+
+def train_baseline(recipe, model: str, shards: list[str], steps: int, logs: Path) -> tuple[float, Path]:
+    if logs.exists():
+        shutil.rmtree(logs)
+    logs.mkdir(parents=True)
+    wall = run_timed(SELF + baseline_argv(recipe, model, shards, steps, logs, "baseline"), logs / "baseline.log")
     checkpoint = logs / "baseline" / "checkpoints" / "epoch_1.pt"
-    print(f"open_clip_train {model}: {steps} steps of batch {recipe.data.batch_size} in {wall:.1f}s -> {checkpoint}")
-    return steps, wall, checkpoint
+    print(f"open_clip_train {model} seed {recipe.run.seed}: {steps} steps of batch {recipe.data.batch_size} "
+          f"in {wall:.1f}s -> {checkpoint}")
+    return wall, checkpoint
 
 
 def export_baseline(model_name: str, checkpoint: Path, directory: Path) -> Path:
@@ -120,6 +129,51 @@ def headlines(eval_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
+def train_medclip(args, seed: int, run_dir: Path, log_path: Path) -> float:
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [str(BIN / "medclip"), "pretrain", "--config", args.recipe, "--set", f"run.output_dir={run_dir}",
+           "--set", f"run.seed={seed}"]
+    for item in args.overrides:
+        cmd += ["--set", item]
+    wall = run_timed(cmd, log_path)
+    print(f"medclip pretrain ({args.recipe}) seed {seed}: {wall:.1f}s wall (shard build, training, evaluation, export)")
+    return wall
+
+
+def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Mean over seeds of each dataset's headline (datasets every seed has)."""
+    names = set.intersection(*(set(h) for h in per_seed.values()))
+    return {name: statistics.fmean(h[name] for h in per_seed.values()) for name in sorted(names)}
+
+
+def cell(values: list[float]) -> str:
+    text = f"{100 * statistics.fmean(values):.1f}"
+    if len(values) > 1:
+        text += " [" + ", ".join(f"{100 * v:.1f}" for v in values) + "]"
+    return text
+
+
+def print_table(systems: dict[str, dict]) -> None:
+    labels = list(systems)
+    ours = labels[0]
+    datasets = sorted(systems[ours]["mean"])
+    print("\n" + " | ".join(["dataset (headline %, mean [seeds])"] + labels))
+    for name in datasets:
+        row = [name]
+        for label in labels:
+            values = [h[name] for h in systems[label]["headlines"].values() if name in h]
+            text = cell(values) if values else "n/a"
+            if label != ours and name in systems[label]["mean"]:
+                text += f" ({100 * (systems[ours]['mean'][name] - systems[label]['mean'][name]):+.1f})"
+            row.append(text)
+        print(" | ".join(row))
+    print("(in brackets after a baseline: medclip's mean minus that baseline's mean)")
+    print("wall clock per seed: " + "; ".join(
+        f"{label} " + ", ".join("reused" if w is None else f"{w:.0f}s" for w in s["wall_s"].values())
+        + f" ({s['steps']} steps)" for label, s in systems.items()))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--open-clip-train"]:
@@ -135,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-steps", type=int, default=None, help="skip the calibration: train this many steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the medclip run (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train every side once per seed (default: the recipe's run.seed)")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from medclip.training.config import load_recipe
@@ -142,63 +198,55 @@ def main(argv: list[str] | None = None) -> int:
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.medclip_run:
-        run_dir = (REPO / args.medclip_run).resolve()
-        recipe = load_recipe(run_dir / "recipe.yaml")  # the baseline copies that run's settings
-        medclip_wall = None
+        if args.seeds and len(args.seeds) > 1:
+            raise SystemExit("--medclip-run reuses one run: give at most one --seeds value")
+        reused = (REPO / args.medclip_run).resolve()
+        recipe = load_recipe(reused / "recipe.yaml")  # the baseline copies that run's settings
     else:
         recipe = load_recipe(REPO / args.recipe, args.overrides)
-        run_dir = out / "medclip"
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        cmd = [str(BIN / "medclip"), "pretrain", "--config", args.recipe, "--set", f"run.output_dir={run_dir}"]
-        for item in args.overrides:
-            cmd += ["--set", item]
-        medclip_wall = run_timed(cmd, out / "medclip.log")
-        print(f"medclip pretrain ({args.recipe}): {recipe.run.steps} steps in {medclip_wall:.1f}s wall "
-              f"(shard build, training, evaluation, export)")
-    shards = sorted(str(p) for p in (run_dir / "shards").glob("*/*.tar"))
-    if not shards:
-        raise SystemExit(f"no shards under {run_dir / 'shards'}: is {run_dir} a finished shared_real run?")
-    baselines = {}  # label -> (steps, wall, export dir)
-    for model in args.baseline_model or ["medclip-small"]:
-        steps, wall, checkpoint = train_baseline(recipe, model, shards, args.budget, out, args.baseline_steps)
-        export = export_baseline(model, checkpoint, out / f"open_clip_train-{model}" / "export")
-        baselines[f"open_clip_train {model}"] = (steps, wall, export)
+    seeds = args.seeds or [recipe.run.seed]
+    ours = f"medclip {recipe.model.name}"
+    systems: dict[str, dict] = {ours: {"steps": recipe.run.steps, "wall_s": {}, "exports": {}}}
+    shards: list[str] = []
+    for seed in seeds:
+        if args.medclip_run:
+            run_dir, wall = reused, None
+        else:
+            run_dir = out / f"medclip-s{seed}"
+            wall = train_medclip(args, seed, run_dir, out / f"medclip-s{seed}.log")
+        systems[ours]["wall_s"][seed] = wall
+        systems[ours]["exports"][seed] = str(run_dir / "export")
+        shards = sorted(str(p) for p in (run_dir / "shards").glob("*/*.tar"))
+        if not shards:
+            raise SystemExit(f"no shards under {run_dir / 'shards'}: is {run_dir} a finished shared_real run?")
+        # Shard builds are deterministic, so every seed's baseline reads the same shards.
+        seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))
+        for model in args.baseline_model or ["medclip-small"]:
+            label = f"open_clip_train {model}"
+            if label not in systems:
+                steps = args.baseline_steps or calibrate_baseline(recipe, model, shards, args.budget, out)
+                systems[label] = {"steps": steps, "wall_s": {}, "exports": {}}
+            logs = out / f"open_clip_train-{model}-s{seed}"
+            wall, checkpoint = train_baseline(seeded, model, shards, systems[label]["steps"], logs)
+            systems[label]["wall_s"][seed] = wall
+            systems[label]["exports"][seed] = str(export_baseline(model, checkpoint, logs / "export"))
 
     eval_dir = out / "eval"
     if eval_dir.exists():
         shutil.rmtree(eval_dir)
-    models = {f"medclip {recipe.model.name}": str(run_dir / "export"),
-              **{label: str(export) for label, (_, _, export) in baselines.items()}}
     cmd = [str(BIN / "medclip"), "eval", "suite", "shared_real", "--out", str(eval_dir), "--no-plots",
            "--no-progress", "--workers", "1"]
-    for path in models.values():
-        cmd += ["--model", path]
+    for system in systems.values():
+        for path in system["exports"].values():
+            cmd += ["--model", path]
     run_timed(cmd, out / "eval.log")
     results = headlines(eval_dir)
-    scores = {label: results.get(path, {}) for label, path in models.items()}
-    ours = next(iter(scores))
-    datasets = sorted({name for s in scores.values() for name in s})
-    print("\n" + " | ".join(["dataset (headline, %)"] + list(scores)))
-    for name in datasets:
-        cells = []
-        for label, s in scores.items():
-            value = s.get(name)
-            cell = "n/a" if value is None else f"{100 * value:.1f}"
-            if label != ours and value is not None and scores[ours].get(name) is not None:
-                cell += f" ({100 * (scores[ours][name] - value):+.1f})"
-            cells.append(cell)
-        print(" | ".join([name] + cells))
-    print("(in brackets: medclip minus that baseline)")
-    wall = "reused run" if medclip_wall is None else f"{medclip_wall:.0f}s"
-    print(f"wall clock: medclip {wall} ({recipe.run.steps} steps); "
-          + "; ".join(f"{label} {w:.0f}s ({n} steps)" for label, (n, w, _) in baselines.items())
-          + f"; budget {args.budget:.0f}s each")
-    (out / "comparison.json").write_text(json.dumps({
-        "budget_s": args.budget,
-        "runs": {ours: {"wall_s": medclip_wall, "steps": recipe.run.steps, "headlines": scores[ours]},
-                 **{label: {"wall_s": w, "steps": n, "headlines": scores[label]}
-                    for label, (n, w, _) in baselines.items()}}}, indent=2))
+    for system in systems.values():
+        system["headlines"] = {seed: results.get(path, {}) for seed, path in system["exports"].items()}
+        system["mean"] = summarise(system["headlines"])
+    print_table(systems)
+    (out / "comparison.json").write_text(json.dumps({"budget_s": args.budget, "seeds": seeds, "runs": systems},
+                                                    indent=2))
     return 0
 
 
