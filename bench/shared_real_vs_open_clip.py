@@ -6,7 +6,8 @@
    ``.txt``, the radiologist caption; it reads nothing else), for each ``--baseline-model`` (default:
    ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own model
    too to compare on the same architecture; names are registered with open_clip by importing
-   medclip), with the recipe's batch size, learning rate, weight decay and warmup, fp32, one loader
+   medclip), with the recipe's batch size (or ``MODEL@BATCH``'s, with the warmup kept in samples),
+   learning rate, weight decay and warmup, fp32, one loader
    worker. Its step count is what fits in the budget: a
    short calibration run gives the per-step time (open_clip_train's own ``Batch (t)``) and the
    start-up cost, and the full run gets ``(budget - start-up) / step time`` steps, so its cosine
@@ -83,9 +84,24 @@ def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path,
     ]
 
 
+def baseline_settings(recipe, spec: str):
+    """``MODEL`` or ``MODEL@BATCH`` -> (model, the recipe with that batch size). Another batch size
+    keeps the warmup's length in samples."""
+    model, _, batch = spec.partition("@")
+    if not batch:
+        return model, recipe
+    try:
+        size = int(batch)
+    except ValueError:
+        raise SystemExit(f"--baseline-model {spec}: the batch size after '@' must be an integer") from None
+    warmup = round(recipe.optim.warmup_steps * recipe.data.batch_size / size)
+    return model, dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, batch_size=size),
+                                      optim=dataclasses.replace(recipe.optim, warmup_steps=warmup))
+
+
 def calibrate_baseline(recipe, model: str, shards: list[str], budget: float, out: Path) -> int:
     """Steps of ``model`` that fit in the budget, from a short timed open_clip_train run."""
-    logs = out / f"open_clip_train-{model}-calibration"
+    logs = out / f"open_clip_train-{model}-b{recipe.data.batch_size}-calibration"
     if logs.exists():
         shutil.rmtree(logs)
     logs.mkdir(parents=True)
@@ -184,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for each side")
     parser.add_argument("--out", default="runs/compare_shared_real")
     parser.add_argument("--medclip-run", default=None, help="reuse this finished medclip run (not timed again)")
-    parser.add_argument("--baseline-model", action="append", default=None,
-                        help="architecture(s) open_clip_train trains (repeatable; default medclip-small)")
+    parser.add_argument("--baseline-model", action="append", default=None, metavar="MODEL[@BATCH]",
+                        help="architecture(s) open_clip_train trains, optionally at another batch size "
+                             "(repeatable; default medclip-small at the recipe's batch size)")
     parser.add_argument("--baseline-steps", type=int, default=None, help="skip the calibration: train this many steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the medclip run (repeatable)")
@@ -221,13 +238,14 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"no shards under {run_dir / 'shards'}: is {run_dir} a finished shared_real run?")
         # Shard builds are deterministic, so every seed's baseline reads the same shards.
         seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))
-        for model in args.baseline_model or ["medclip-small"]:
-            label = f"open_clip_train {model}"
+        for spec in args.baseline_model or ["medclip-small"]:
+            model, settings = baseline_settings(seeded, spec)
+            label = f"open_clip_train {model} (batch {settings.data.batch_size})"
+            logs = out / f"open_clip_train-{model}-b{settings.data.batch_size}-s{seed}"
             if label not in systems:
-                steps = args.baseline_steps or calibrate_baseline(recipe, model, shards, args.budget, out)
+                steps = args.baseline_steps or calibrate_baseline(settings, model, shards, args.budget, out)
                 systems[label] = {"steps": steps, "wall_s": {}, "exports": {}}
-            logs = out / f"open_clip_train-{model}-s{seed}"
-            wall, checkpoint = train_baseline(seeded, model, shards, systems[label]["steps"], logs)
+            wall, checkpoint = train_baseline(settings, model, shards, systems[label]["steps"], logs)
             systems[label]["wall_s"][seed] = wall
             systems[label]["exports"][seed] = str(export_baseline(model, checkpoint, logs / "export"))
 
