@@ -163,13 +163,6 @@ def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     return {name: statistics.fmean(h[name] for h in per_seed.values()) for name in sorted(names)}
 
 
-def cell(values: list[float]) -> str:
-    text = f"{100 * statistics.fmean(values):.1f}"
-    if len(values) > 1:
-        text += " [" + ", ".join(f"{100 * v:.1f}" for v in values) + "]"
-    return text
-
-
 def print_table(systems: dict[str, dict]) -> None:
     labels = list(systems)
     ours = labels[0]
@@ -178,10 +171,16 @@ def print_table(systems: dict[str, dict]) -> None:
     for name in datasets:
         row = [name]
         for label in labels:
-            values = [h[name] for h in systems[label]["headlines"].values() if name in h]
-            text = cell(values) if values else "n/a"
-            if label != ours and name in systems[label]["mean"]:
-                text += f" ({100 * (systems[ours]['mean'][name] - systems[label]['mean'][name]):+.1f})"
+            mean = systems[label]["mean"].get(name)
+            if mean is None:
+                row.append("n/a")
+                continue
+            values = [h[name] for h in systems[label]["headlines"].values()]
+            text = f"{100 * mean:.1f}"
+            if len(values) > 1:
+                text += " [" + ", ".join(f"{100 * v:.1f}" for v in values) + "]"
+            if label != ours:
+                text += f" ({100 * (systems[ours]['mean'][name] - mean):+.1f})"
             row.append(text)
         print(" | ".join(row))
     print("(in brackets after a baseline: medclip's mean minus that baseline's mean)")

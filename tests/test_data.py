@@ -104,6 +104,7 @@ def test_builder_is_deterministic_with_checksums_and_parts(tmp_path, monkeypatch
     assert cli_main(["shards", "merge", str(tmp_path / "parts"), "--prefix", "cxr", "--weight", "0.5"]) == 0
     merged = load_manifest(tmp_path / "parts" / "cxr.yaml")
     assert merged.samples == a.samples and merged.weight == 0.5 and len(merged.urls) == merged.shards
+    assert merged.name == "cxr"
     assert check_manifest(merged) == []
     assert json.loads((tmp_path / "parts" / "cxr-summary.json").read_text())["parts"] == 2
     (tmp_path / "parts" / "cxr-summary-001.json").unlink()

@@ -280,10 +280,22 @@ def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> 
     return index, (members, dropped)
 
 
+def _shard_stem(prefix: str, part: tuple[int, int]) -> tuple[str, int]:
+    """(name stem, digits of the shard number) of a build's shards: the one place naming them."""
+    i, n = part
+    return (prefix, 6) if n == 1 else (f"{prefix}-{i:03d}", 5)
+
+
 def shard_name_pattern(prefix: str, part: tuple[int, int]) -> str:
     """File name format of a build's shards (``{shard}`` is the shard number within the part)."""
-    i, n = part
-    return f"{prefix}-{{shard:06d}}.tar" if n == 1 else f"{prefix}-{i:03d}-{{shard:05d}}.tar"
+    stem, digits = _shard_stem(prefix, part)
+    return f"{stem}-{{shard:0{digits}d}}.tar"
+
+
+def shard_brace_pattern(prefix: str, part: tuple[int, int], count: int) -> str:
+    """Brace-expansion pattern of a part's shards 0 .. count - 1 (they are numbered without gaps)."""
+    stem, digits = _shard_stem(prefix, part)
+    return f"{stem}-{{{0:0{digits}d}..{count - 1:0{digits}d}}}.tar"
 
 
 def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, Any]]:
@@ -371,14 +383,8 @@ def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **man
     summary_path = write_summary(out / f"{prefix}-summary.json", shards, parts=n,
                                  skipped=dict(sorted(skipped.items())), skipped_items=items[:MAX_LISTED_SKIPS],
                                  config=json.loads(configs.pop()))
-    patterns = []
-    for i, s in enumerate(summaries):  # one brace pattern per part: its shards are numbered from 0 without gaps
-        if s["shards"]:
-            name = shard_name_pattern(prefix, (i, n))
-            first, last = name.format(shard=0), name.format(shard=len(s["shards"]) - 1)
-            stem, first_number = first.removesuffix(".tar").rsplit("-", 1)
-            last_number = last.removesuffix(".tar").rsplit("-", 1)[1]
-            patterns.append(f"{{root}}/{stem}-{{{first_number}..{last_number}}}.tar")
+    patterns = ["{root}/" + shard_brace_pattern(prefix, (int(s["part"][0]), n), len(s["shards"]))
+                for s in summaries if s["shards"]]
     samples = sum(sh.samples for sh in shards)
     write_manifest(out / f"{prefix}.yaml", name=name or prefix, urls=patterns, shards=len(shards),
                    samples=samples, summary=f"{{root}}/{summary_path.name}", **manifest_fields)

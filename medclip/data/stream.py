@@ -113,13 +113,17 @@ class StreamConfig:
             raise MedclipError("num_workers and shuffle_buffer must be >= 0")
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise MedclipError(f"epoch_samples must be positive, got {self.epoch_samples}")
-        if self.first_caption_share is not None and not 0 <= self.first_caption_share <= 1:
-            raise MedclipError(f"first_caption_share must be in [0, 1], got {self.first_caption_share}")
+        check_first_caption_share(self.first_caption_share)
 
 
 def _rng(*parts) -> random.Random:
     # random.Random seeds from a str deterministically (not via the salted hash()).
     return random.Random("/".join(str(p) for p in parts))
+
+
+def check_first_caption_share(share: float | None, name: str = "first_caption_share") -> None:
+    if share is not None and not 0 <= share <= 1:
+        raise MedclipError(f"{name} must be in [0, 1] (or null), got {share!r}")
 
 
 def draw_caption(rng: random.Random, count: int, first_share: float | None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip.data.stream import check_first_caption_share
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
 from medclip.models.loading import PRECISIONS
@@ -207,9 +208,7 @@ def validate(recipe: Recipe) -> Recipe:
             raise MedclipError(f"recipe key {key} must not be negative, got {flat[key]!r}")
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
-    share = recipe.data.first_caption_share
-    if share is not None and not 0 <= share <= 1:
-        raise MedclipError(f"recipe key data.first_caption_share must be in [0, 1] (or null), got {share!r}")
+    check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
