@@ -77,7 +77,10 @@ def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path,
         "--train-data", "::".join(shards), "--dataset-type", "webdataset",
         "--train-num-samples", str(steps * batch), "--epochs", "1", "--batch-size", str(batch),
         "--model", model, "--precision", "fp32", "--workers", "1", "--seed", str(recipe.run.seed),
-        "--lr", str(recipe.optim.lr), "--wd", str(recipe.optim.weight_decay),
+        # open_clip_train picks Adam's betas and eps by whether "vit" is in the model name; give it the
+        # recipe's so both sides run the same optimiser.
+        "--lr", str(recipe.optim.lr), "--wd", str(recipe.optim.weight_decay), "--beta1", str(recipe.optim.beta1),
+        "--beta2", str(recipe.optim.beta2), "--eps", str(recipe.optim.eps),
         "--warmup", str(min(recipe.optim.warmup_steps, max(steps - 1, 0))),
         "--logs", str(logs), "--name", name, "--log-every-n-steps", "5", "--save-frequency", "1",
         "--report-to", "", "--device", "cpu",
