@@ -7,8 +7,8 @@
    ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own model
    too to compare on the same architecture; names are registered with open_clip by importing
    medclip), with the recipe's batch size (or ``MODEL@BATCH``'s, with the warmup kept in samples),
-   learning rate, weight decay and warmup, fp32, one loader
-   worker. Its step count is what fits in the budget: a
+   learning rate, weight decay, Adam betas and eps, and warmup, fp32, one loader worker. Its step
+   count is what fits in the budget: a
    short calibration run gives the per-step time (open_clip_train's own ``Batch (t)``) and the
    start-up cost, and the full run gets ``(budget - start-up) / step time`` steps, so its cosine
    schedule ends inside the budget (stopping a longer schedule early would handicap it). The budget
@@ -77,8 +77,7 @@ def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path,
         "--train-data", "::".join(shards), "--dataset-type", "webdataset",
         "--train-num-samples", str(steps * batch), "--epochs", "1", "--batch-size", str(batch),
         "--model", model, "--precision", "fp32", "--workers", "1", "--seed", str(recipe.run.seed),
-        # open_clip_train picks Adam's betas and eps by whether "vit" is in the model name; give it the
-        # recipe's so both sides run the same optimiser.
+        # Explicit betas / eps: open_clip_train would otherwise pick them by whether "vit" is in the name.
         "--lr", str(recipe.optim.lr), "--wd", str(recipe.optim.weight_decay), "--beta1", str(recipe.optim.beta1),
         "--beta2", str(recipe.optim.beta2), "--eps", str(recipe.optim.eps),
         "--warmup", str(min(recipe.optim.warmup_steps, max(steps - 1, 0))),
