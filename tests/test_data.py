@@ -482,13 +482,13 @@ def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
 
 
 def test_first_caption_share_sets_how_often_the_own_caption_is_drawn():
-    from medclip.data.stream import _rng, draw_caption
+    from medclip.data.stream import draw_caption, seeded_rng
 
     draws = 6000
     for share, expected in [(None, [1 / 3] * 3), (0.6, [0.6, 0.2, 0.2]), (1.0, [1.0, 0.0, 0.0]), (0.0, [0, .5, .5])]:
-        counts = Counter(draw_caption(_rng(0, 0, "key", i), 3, share) for i in range(draws))
+        counts = Counter(draw_caption(seeded_rng(0, 0, "key", i), 3, share) for i in range(draws))
         for index, want in enumerate(expected):
             assert abs(counts[index] / draws - want) < 0.025, (share, counts)
-        assert draw_caption(_rng(1), 1, share) == 0
+        assert draw_caption(seeded_rng(1), 1, share) == 0
     with pytest.raises(MedclipError, match="first_caption_share"):
         StreamConfig(batch_size=4, first_caption_share=-0.1)
