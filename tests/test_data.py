@@ -263,9 +263,7 @@ def test_exact_mid_epoch_resume(demo_dir, tiny_encoder, workers):
     resumed.load_state_dict(state)
     got += _keys(resumed)
     assert len(full) == 300 and len(set(full)) == 300
-    assert Counter(got) == Counter(full)
-    if workers == 0:
-        assert got == full
+    assert got == full  # the same order, with workers too (the resumed DataLoader starts at the worker due)
     with pytest.raises(MedclipError):
         build_train_stream(manifests, tiny_encoder.tokenizer, TRANSFORM, batch_size=8, seed=4,
                            num_workers=workers).load_state_dict(state)

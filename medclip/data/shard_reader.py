@@ -34,15 +34,18 @@ for _scheme in FSSPEC_SCHEMES:  # webdataset's documented dispatch table; keep a
 class ShardErrors:
     """webdataset exception handler: remembers the error kinds of the shard being read."""
 
-    def __init__(self):
+    def __init__(self, report: bool = True):
         self.kinds: set[str] = set()
+        self.report = report
+
+    def add(self, kind: str, message: object) -> None:
+        self.kinds.add(kind)
+        if self.report:
+            log.warning("shard error (%s): %s", kind, message)
 
     def __call__(self, exn: Exception) -> bool:
-        if isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn).lower():
-            self.kinds.add("truncated_tar")
-        else:
-            self.kinds.add("unreadable_shard")
-        log.warning("shard error: %s", exn)
+        truncated = isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn).lower()
+        self.add("truncated_tar" if truncated else "unreadable_shard", exn)
         return True  # continue with the next shard
 
 
@@ -73,9 +76,12 @@ class TailStream:
             close()
 
 
-def read_shard(url: str, keep: Callable[[int], bool], skips: Counter) -> Iterator[dict]:
-    """The samples (dicts of extension -> bytes, ``__key__``) of one shard whose index ``keep`` accepts."""
-    errors = ShardErrors()
+def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bool = True) -> Iterator[dict]:
+    """The samples (dicts of extension -> bytes, ``__key__``) of one shard whose index ``keep`` accepts.
+
+    ``report=False``: another reader of the same shard counts and logs its failure (shared shards).
+    """
+    errors = ShardErrors(report)
     try:
         stream = TailStream(wds.gopen(url))
     except Exception as exn:
@@ -88,10 +94,9 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter) -> Iterato
                 yield sample
         try:
             if not errors.kinds and not stream.complete():
-                errors.kinds.add("truncated_tar")
-                log.warning("shard error: %s ends before the tar end-of-archive marker", url)
+                errors.add("truncated_tar", f"{url} ends before the tar end-of-archive marker")
         except Exception as exn:
             errors(exn)
         stream.close()
-    for kind in errors.kinds:
-        skips[kind] += 1
+    if report:
+        skips.update(errors.kinds)

@@ -20,17 +20,21 @@ def seeded_rng(*parts) -> random.Random:
 
 
 def slot_shards(urls: list[str], rng: random.Random, slot: int, n_slots: int, shuffle: bool):
-    """(url, keep(sample_index)) pairs this slot reads."""
+    """(url, keep(sample_index), report) triples this slot reads; ``report``: it counts the shard's failures.
+
+    With fewer shards than slots, the k slots sharing a shard take every k-th sample of it, and the
+    first of them alone counts a failure of the shard (it is one shard failing, not k).
+    """
     urls = list(urls)
     if shuffle:
         rng.shuffle(urls)
     n = len(urls)
     if n >= n_slots:
-        return [(u, lambda i: True) for u in urls[slot::n_slots]]
+        return [(u, lambda i: True, True) for u in urls[slot::n_slots]]
     shard = slot % n
     sharing = len(range(shard, n_slots, n))
     rank_in_shard = slot // n
-    return [(urls[shard], lambda i, k=sharing, r=rank_in_shard: i % k == r)]
+    return [(urls[shard], lambda i, k=sharing, r=rank_in_shard: i % k == r, rank_in_shard == 0)]
 
 
 def source_samples(m: Manifest, source_index: int, cfg: StreamConfig, epoch: int, slot: int, n_slots: int,
@@ -39,8 +43,8 @@ def source_samples(m: Manifest, source_index: int, cfg: StreamConfig, epoch: int
     while True:
         rng = seeded_rng(cfg.seed, epoch, source_index, pass_index)
         produced = 0
-        for url, keep in slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards):
-            for sample in read_shard(url, keep, skips):
+        for url, keep, report in slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards):
+            for sample in read_shard(url, keep, skips, report):
                 sample["__source__"] = source_index
                 produced += 1
                 yield sample

@@ -30,9 +30,11 @@ transform would have. ``stream.image_mean`` is None when the batches carry float
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -52,41 +54,67 @@ __all__ = ["StreamConfig", "TrainStream", "build_train_stream", "check_first_cap
            "collate_images", "draw_caption", "seeded_rng"]
 
 
-class _EpochDataset(torch.utils.data.IterableDataset):
-    """One epoch of every slot of this rank; each worker runs its own slot."""
+@dataclass
+class WorkerState:
+    """Where one loader worker of this rank stands in the current epoch, as its consumer last heard."""
 
-    def __init__(self, sources, decoder: SampleDecoder, cfg: StreamConfig, epoch: int, start: list[int]):
-        self.sources, self.decoder, self.cfg, self.epoch, self.start = sources, decoder, cfg, epoch, start
+    position: int = 0  # raw samples of the worker's epoch sequence already delivered (or dropped)
+    skips: dict[str, int] = field(default_factory=dict)  # its skip counts this epoch at that position
+    finished: bool = False  # its last message of the epoch has been consumed
+
+
+def _message(batch, worker: int, position: int, skips: Counter, final: bool = False, words=None) -> dict:
+    return {"batch": batch, "worker": worker, "position": position, "skips": dict(skips), "final": final,
+            "words": words}
+
+
+class _EpochDataset(torch.utils.data.IterableDataset):
+    """One epoch of every worker of this rank, continuing from ``states``.
+
+    The DataLoader asks its workers for items in turn, starting with its worker 0, and leaves out a
+    worker once it has stopped. Loader worker ``j`` therefore plays the rank's worker
+    ``(first + j) % W``: a resumed epoch starts with the worker whose batch was due next, and the
+    batches come in the order the uninterrupted epoch had. A finished worker yields nothing.
+    """
+
+    def __init__(self, sources, decoder: SampleDecoder, cfg: StreamConfig, epoch: int,
+                 states: list[WorkerState], first: int):
+        self.sources, self.decoder, self.cfg, self.epoch = sources, decoder, cfg, epoch
+        self.states, self.first = states, first
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        workers = max(1, self.cfg.num_workers)
+        workers = self.cfg.workers_per_rank
+        worker = (self.first + (info.id if info is not None else 0)) % workers
+        state = self.states[worker]
+        if state.finished:
+            return
         slot, n_slots = self.cfg.rank * workers + worker, self.cfg.world_size * workers
         skips: Counter = Counter()
-        position = 0
+        position, start = 0, state.position
         pending: list[DecodedSample] = []
-        start = self.start[worker]
         for raw in raw_samples(self.sources, self.cfg, self.epoch, slot, n_slots, skips):
             position += 1
-            if position <= start:  # already delivered before the interruption: skip without decoding
+            if position <= start:  # delivered before the interruption: skipped without decoding
+                if position == start:  # the replay counted the shard failures up to here once more
+                    skips.clear()
+                    skips.update(state.skips)
                 continue
             decoded = self.decoder(raw, position, self.epoch, skips)
             if decoded is not None:
                 pending.append(decoded)
             if len(pending) == self.cfg.batch_size:
-                yield {"batch": for_transfer(collate(pending), info), "worker": worker, "position": position,
-                       "skips": dict(skips)}
+                yield _message(for_transfer(collate(pending), info), worker, position, skips)
                 pending = []
         batch = for_transfer(collate(pending), info) if pending and not self.cfg.drop_last else None
         # The final message also carries the worker's last counts (and position when samples were dropped),
         # and the words its tokenizer learnt: the next epoch's workers (copies of the parent's) start with them.
-        yield {"batch": batch, "worker": worker, "position": max(position, start), "skips": dict(skips),
-               "words": self.decoder.tokenizer.take_new_words()}
+        yield _message(batch, worker, max(position, start), skips if position >= start else state.skips,
+                       final=True, words=self.decoder.tokenizer.take_new_words())
 
 
 class TrainStream:
-    """Iterate for one epoch of batches; ``state_dict`` after any batch resumes right after it."""
+    """Iterate for (the rest of) one epoch of batches; ``state_dict`` after any batch resumes right after it."""
 
     def __init__(self, sources: list[Manifest], tokenizer, transform, cfg: StreamConfig):
         if not sources:
@@ -102,71 +130,91 @@ class TrainStream:
         self.image_mean: tuple[float, float, float] | None = split.mean if split else None
         self.image_std: tuple[float, float, float] | None = split.std if split else None
         self.epoch = 0
-        self._workers = max(1, cfg.num_workers)
-        self._positions = [0] * self._workers
-        self._skips_before: Counter = Counter()  # finished epochs and restored state
-        self._skips_now: list[Counter] = [Counter() for _ in range(self._workers)]
+        self._skips_before: Counter = Counter()  # finished epochs
+        self._start_epoch()
 
-    def __len__(self) -> int:
-        """Batches per epoch when ``epoch_samples`` fixes it (upper bound with drop_last=False)."""
-        if self.cfg.epoch_samples is None:
-            raise TypeError("length is only known with epoch_samples set")
-        per_rank = self.cfg.epoch_samples // self.cfg.world_size
-        per_worker = -(-per_rank // self._workers)
-        return self._workers * -(-per_worker // self.cfg.batch_size)
+    def _start_epoch(self) -> None:
+        self._workers = [WorkerState() for _ in range(self.cfg.workers_per_rank)]
+        self._next_worker = 0  # the worker whose message is due next
 
     def set_epoch(self, epoch: int) -> None:
-        self._finish_counts()
+        self._end_epoch()
         self.epoch = int(epoch)
-        self._positions = [0] * self._workers
 
-    def _finish_counts(self) -> None:
-        for c in self._skips_now:
-            self._skips_before.update(c)
-        self._skips_now = [Counter() for _ in range(self._workers)]
+    def _end_epoch(self) -> None:
+        for w in self._workers:
+            self._skips_before.update(w.skips)
+        self.epoch += 1
+        self._start_epoch()
 
     def __iter__(self) -> Iterator[dict]:
-        dataset = _EpochDataset(self.sources, self.decoder, self.cfg, self.epoch, list(self._positions))
+        resumed = any(w.position or w.finished for w in self._workers)
+        produced = yield from self._epoch()
+        if resumed and not produced:  # the state was taken after the epoch's last batch: go on with the next
+            yield from self._epoch()
+
+    def _epoch(self) -> Generator[dict, None, int]:
+        """The batches of the current epoch from where its workers stand; returns how many there were."""
+        dataset = _EpochDataset(self.sources, self.decoder, self.cfg, self.epoch, self._workers,
+                                self._next_worker)
         if self.cfg.num_workers == 0:
             items = iter(dataset)
         else:
             items = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=as_is,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+        batches = 0
         for item in items:
-            worker = item["worker"]
-            self._positions[worker] = item["position"]
-            self._skips_now[worker] = Counter(item["skips"])
-            if "words" in item:  # a worker's last message
-                self.decoder.tokenizer.add_words(item["words"])
+            self._receive(item)
             if item["batch"] is not None:
+                batches += 1
                 yield from_transfer(item["batch"])
-        self._finish_counts()
-        self.epoch += 1
-        self._positions = [0] * self._workers
+        self._end_epoch()
+        return batches
+
+    def _receive(self, item: dict) -> None:
+        """Record a worker's message (before its batch is handed out) and whose message is due next."""
+        worker = item["worker"]
+        state = self._workers[worker]
+        state.position, state.skips = item["position"], item["skips"]
+        if item["final"]:
+            state.finished = True
+            self.decoder.tokenizer.add_words(item["words"])
+        n = len(self._workers)
+        due = [(worker + k) % n for k in range(1, n + 1) if not self._workers[(worker + k) % n].finished]
+        self._next_worker = due[0] if due else 0
 
     def skip_counts(self) -> dict[str, int]:
         total = Counter(self._skips_before)
-        for c in self._skips_now:
-            total.update(c)
+        for w in self._workers:
+            total.update(w.skips)
         return dict(sorted(total.items()))
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "positions": list(self._positions), "skips": self.skip_counts(),
-                "seed": self.cfg.seed, "num_workers": self._workers, "world_size": self.cfg.world_size,
+    def _identity(self) -> dict:
+        """What the sample sequence depends on besides the state: must match for an exact resume."""
+        return {"seed": self.cfg.seed, "num_workers": len(self._workers), "world_size": self.cfg.world_size,
                 "rank": self.cfg.rank, "sources": [m.name for m in self.sources]}
 
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "workers": [dataclasses.asdict(w) for w in self._workers],
+                "next_worker": self._next_worker, "skips_before": dict(self._skips_before),
+                "skips": self.skip_counts(), **self._identity()}
+
     def load_state_dict(self, state: dict) -> None:
-        for key, mine in (("seed", self.cfg.seed), ("num_workers", self._workers),
-                          ("world_size", self.cfg.world_size), ("rank", self.cfg.rank),
-                          ("sources", [m.name for m in self.sources])):
+        for key, mine in self._identity().items():
             if state.get(key) != mine:
                 raise MedclipError(f"cannot resume the data stream: {key} was {state.get(key)!r}, now {mine!r} "
                                    f"(exact resume needs the same seed, sources, world size and workers)")
         self.epoch = int(state["epoch"])
-        self._positions = [int(p) for p in state["positions"]]
-        self._skips_before = Counter(state.get("skips", {}))
-        self._skips_now = [Counter() for _ in range(self._workers)]
+        if "workers" in state:
+            self._workers = [WorkerState(int(w["position"]), dict(w["skips"]), bool(w["finished"]))
+                             for w in state["workers"]]
+            self._next_worker = int(state["next_worker"])
+            self._skips_before = Counter(state["skips_before"])
+        else:  # a checkpoint of medclip <= 466328e: positions only, its worker order is lost
+            self._workers = [WorkerState(int(p)) for p in state["positions"]]
+            self._next_worker = 0
+            self._skips_before = Counter(state.get("skips", {}))
 
 
 def build_train_stream(
