@@ -189,15 +189,17 @@ def test_fewer_shards_than_workers(demo_dir, tiny_encoder):
     assert len(keys) == 40 and len(set(keys)) == 40
 
 
-def test_mixing_weights_are_applied(demo_dir, tiny_encoder):
+def test_mixing_weights_are_applied_and_sources_interleaved_throughout(demo_dir, tiny_encoder):
+    # Weights are visits per sample (see medclip.data.mixing): 240 x 3 = 720 train and 60 val samples.
     a = _manifest(demo_dir, "demo-train", weight=3.0, name="a")
     b = _manifest(demo_dir, "demo-val", weight=1.0, name="b")
-    stream = build_train_stream([a, b], tiny_encoder.tokenizer, TRANSFORM, batch_size=50, epoch_samples=800,
-                                shuffle_buffer=50)
+    stream = build_train_stream([a, b], tiny_encoder.tokenizer, TRANSFORM, batch_size=50, shuffle_buffer=50)
     keys = _keys(stream)
-    assert len(keys) == 800
-    share_a = sum(k.startswith("demo-train") for k in keys) / len(keys)
-    assert abs(share_a - 0.75) < 0.05, share_a  # 800 draws: 3 sigma ~ 0.046
+    assert len(keys) == 780 and Counter(Counter(keys).values()) == {3: 240, 1: 60}
+    # the val samples are spread over the epoch, not left for its end (draws in proportion to samples)
+    halves = [keys[:390], keys[390:]]
+    shares = [sum(k.startswith("demo-val") for k in h) / len(h) for h in halves]
+    assert all(abs(share - 60 / 780) < 0.03 for share in shares), shares
 
 
 def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):

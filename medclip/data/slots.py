@@ -1,10 +1,16 @@
-"""Which raw samples each slot (one loader worker of one rank) reads in an epoch, and in what order.
+"""Which shards and samples each slot (one loader worker of one rank) reads in an epoch.
 
-The sequence depends on (seed, epoch, slot) only, so it can be replayed after a resume.
+Every loader worker of every rank is a *slot* (``rank * workers + worker`` of ``world_size *
+workers``). A source is read in passes; each pass shuffles the source's shard list with an RNG of
+(seed, epoch, source, pass) — the same list in every slot — and deals it out: with at least as
+many shards as slots, slot ``s`` reads shards ``s, s + S, ...``; with fewer, the slots sharing a
+shard take every k-th sample of it. So in one pass every sample is read by exactly one slot, no
+slot idles, and nothing depends on timing: the sequence can be replayed after a resume.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Iterator
@@ -12,6 +18,8 @@ from collections.abc import Iterator
 from medclip.data.manifest import Manifest
 from medclip.data.shard_reader import read_shard
 from medclip.data.stream_config import StreamConfig
+
+THIN_BLOCK = 64  # raw samples among which a partial pass picks its share at random
 
 
 def seeded_rng(*parts) -> random.Random:
@@ -37,56 +45,47 @@ def slot_shards(urls: list[str], rng: random.Random, slot: int, n_slots: int, sh
     return [(urls[shard], lambda i, k=sharing, r=rank_in_shard: i % k == r, rank_in_shard == 0)]
 
 
-def source_samples(m: Manifest, source_index: int, cfg: StreamConfig, epoch: int, slot: int, n_slots: int,
-                   cycle: bool, skips: Counter) -> Iterator[dict]:
-    pass_index = 0
-    while True:
+def thinned(samples: Iterator[dict], fraction: float, rng: random.Random) -> Iterator[dict]:
+    """``floor(n * fraction + phase)`` of the ``n`` samples (phase uniform in [0, 1): n * fraction on average).
+
+    The samples are taken in blocks of :data:`THIN_BLOCK`; each block keeps its exact share, chosen at
+    random, so the count is exact without knowing ``n`` and the kept samples are spread over the pass.
+    """
+    phase = rng.random()
+    seen = 0
+    block: list[dict] = []
+
+    def pick() -> list[dict]:
+        keep = math.floor((seen + len(block)) * fraction + phase) - math.floor(seen * fraction + phase)
+        return [block[j] for j in sorted(rng.sample(range(len(block)), keep))]
+
+    for sample in samples:
+        block.append(sample)
+        if len(block) == THIN_BLOCK:
+            yield from pick()
+            seen += len(block)
+            block = []
+    yield from pick()
+
+
+def source_samples(m: Manifest, source_index: int, visits: float, cfg: StreamConfig, epoch: int, slot: int,
+                   n_slots: int, skips: Counter) -> Iterator[dict]:
+    """The slot's raw samples of one source for one epoch: ``visits`` passes over the source.
+
+    ``floor(visits)`` whole passes, then a random ``visits % 1`` of a last one; each pass deals out a
+    newly shuffled shard list.
+    """
+    for pass_index in range(math.ceil(visits)):
         rng = seeded_rng(cfg.seed, epoch, source_index, pass_index)
-        produced = 0
-        for url, keep, report in slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards):
-            for sample in read_shard(url, keep, skips, report):
-                sample["__source__"] = source_index
-                produced += 1
-                yield sample
-        pass_index += 1
-        if not cycle or produced == 0:  # an unreadable source must not loop forever
-            return
+        samples = _pass_samples(slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards), source_index, skips)
+        fraction = min(1.0, visits - pass_index)
+        if fraction < 1.0:
+            samples = thinned(samples, fraction, seeded_rng(cfg.seed, epoch, source_index, pass_index, slot, "thin"))
+        yield from samples
 
 
-def raw_samples(sources: list[Manifest], cfg: StreamConfig, epoch: int, slot: int, n_slots: int,
-                skips: Counter) -> Iterator[dict]:
-    """The deterministic sequence of undecoded samples of one slot for one epoch."""
-    cycle = cfg.epoch_samples is not None
-    iters = {i: source_samples(m, i, cfg, epoch, slot, n_slots, cycle, skips)
-             for i, m in enumerate(sources) if m.weight > 0}
-    weights = {i: sources[i].weight for i in iters}
-    quota = None
-    if cycle:
-        quota = cfg.epoch_samples // n_slots + (1 if slot < cfg.epoch_samples % n_slots else 0)
-    mix_rng = seeded_rng(cfg.seed, epoch, slot, "mix")
-    shuffle_rng = seeded_rng(cfg.seed, epoch, slot, "shuffle")
-    buffer: list[dict] = []
-    emitted = 0
-
-    def draw() -> dict | None:
-        while iters:
-            keys = list(iters)
-            i = keys[0] if len(keys) == 1 else mix_rng.choices(keys, weights=[weights[k] for k in keys])[0]
-            try:
-                return next(iters[i])
-            except StopIteration:
-                del iters[i]
-        return None
-
-    while quota is None or emitted < quota:
-        while len(buffer) < max(1, cfg.shuffle_buffer):
-            sample = draw()
-            if sample is None:
-                break
-            buffer.append(sample)
-        if not buffer:
-            return
-        j = shuffle_rng.randrange(len(buffer)) if cfg.shuffle_buffer > 0 else 0
-        buffer[j], buffer[-1] = buffer[-1], buffer[j]
-        yield buffer.pop()
-        emitted += 1
+def _pass_samples(shards, source_index: int, skips: Counter) -> Iterator[dict]:
+    for url, keep, report in shards:
+        for sample in read_shard(url, keep, skips, report):
+            sample["__source__"] = source_index
+            yield sample

@@ -1,16 +1,13 @@
 """Resumable, fault-tolerant, weighted multi-source training stream over WebDataset shards.
 
-Every data-loader worker of every rank is a *slot* (``rank * num_workers + worker``). For each
-epoch a slot reads a fully deterministic sequence of raw samples, derived from (seed, epoch,
-slot) only:
+Every data-loader worker of every rank is a *slot* (``rank * workers + worker``). For each epoch a
+slot reads a fully deterministic sequence of raw samples, derived from (seed, epoch, slot) only:
 
-1. per source, the shard list is shuffled with an RNG of (seed, epoch, source, pass); with at
-   least as many shards as slots, slot ``s`` reads shards ``s, s + S, ...``; with fewer shards,
-   the slots sharing a shard take every k-th sample of it (so no slot idles, nothing is read
-   twice, and nothing hangs or asserts);
-2. sources are mixed by drawing the next source with probability proportional to its manifest
-   weight (seeded RNG). With ``epoch_samples`` set, sources are cycled (reshuffled each pass)
-   and the slot stops at its share of ``epoch_samples``; otherwise each source is read once;
+1. each source is read in passes; a pass deals a freshly shuffled shard list out to the slots
+   (:mod:`medclip.data.slots`), so in one pass each sample is read by exactly one slot;
+2. a source's weight sets how many passes (visits per sample) it gets in an epoch, a fraction
+   of a pass being a random subset of exact size (:mod:`medclip.data.mixing`); the sources are
+   interleaved by seeded draws in proportion to their samples this epoch;
 3. a seeded shuffle buffer reorders the raw (undecoded) samples;
 4. a position counter counts raw samples leaving the buffer. Resuming skips the first
    ``position`` samples of each slot without decoding them, so the resumed epoch continues with
@@ -18,8 +15,13 @@ slot) only:
 
 Decoding, caption choice and the random image augmentation (both seeded by (seed, epoch, key,
 position), hence identical after a resume and independent of how the DataLoader seeds its
-workers), tokenization with concept spans and batching happen after the counter. Bad data is
-skipped and counted by kind; workers send their counts with every batch and at their end.
+workers), tokenization with concept spans and batching happen after the counter
+(:mod:`medclip.data.decode`, :mod:`medclip.data.batching`). Bad data is skipped and counted by kind;
+workers send their counts with every batch and at their end.
+
+The consumer records, for every message it takes from a worker, that worker's position and counts
+and which worker is due next; a resumed epoch hands the DataLoader's first worker the slot that was
+due, so the batches come in the uninterrupted order whatever the DataLoader had prefetched.
 
 Images leave the workers as uint8 when the transform ends in ToTensor (+ Normalize), as
 open_clip's do (``StreamConfig.uint8_images``, on by default): 4x less to copy between processes.
@@ -42,7 +44,8 @@ import torch
 from medclip.data.batching import collate, collate_images
 from medclip.data.decode import DecodedSample, SampleDecoder, draw_caption
 from medclip.data.manifest import Manifest, as_manifest
-from medclip.data.slots import raw_samples, seeded_rng
+from medclip.data.mixing import MixPlan, plan_mix, raw_samples
+from medclip.data.slots import seeded_rng
 from medclip.data.stream_config import StreamConfig, check_first_caption_share
 from medclip.data.text import SpanTokenizer
 from medclip.data.workers import as_is, for_transfer, from_transfer
@@ -77,9 +80,9 @@ class _EpochDataset(torch.utils.data.IterableDataset):
     batches come in the order the uninterrupted epoch had. A finished worker yields nothing.
     """
 
-    def __init__(self, sources, decoder: SampleDecoder, cfg: StreamConfig, epoch: int,
+    def __init__(self, sources, plan: MixPlan, decoder: SampleDecoder, cfg: StreamConfig, epoch: int,
                  states: list[WorkerState], first: int):
-        self.sources, self.decoder, self.cfg, self.epoch = sources, decoder, cfg, epoch
+        self.sources, self.plan, self.decoder, self.cfg, self.epoch = sources, plan, decoder, cfg, epoch
         self.states, self.first = states, first
 
     def __iter__(self):
@@ -93,7 +96,7 @@ class _EpochDataset(torch.utils.data.IterableDataset):
         skips: Counter = Counter()
         position, start = 0, state.position
         pending: list[DecodedSample] = []
-        for raw in raw_samples(self.sources, self.cfg, self.epoch, slot, n_slots, skips):
+        for raw in raw_samples(self.sources, self.plan, self.cfg, self.epoch, slot, n_slots, skips):
             position += 1
             if position <= start:  # delivered before the interruption: skipped without decoding
                 if position == start:  # the replay counted the shard failures up to here once more
@@ -119,10 +122,9 @@ class TrainStream:
     def __init__(self, sources: list[Manifest], tokenizer, transform, cfg: StreamConfig):
         if not sources:
             raise MedclipError("no data sources given")
-        if not any(m.weight > 0 for m in sources):
-            raise MedclipError("all data sources have weight 0")
         self.sources = sources
         self.cfg = cfg
+        self.plan = plan_mix(sources, cfg.epoch_samples)
         span_tokenizer = tokenizer if isinstance(tokenizer, SpanTokenizer) else SpanTokenizer(tokenizer)
         self.decoder = SampleDecoder(sources, span_tokenizer, transform, cfg)
         # Set when batches carry uint8 images: what medclip.data.images.normalize_images needs.
@@ -155,7 +157,7 @@ class TrainStream:
 
     def _epoch(self) -> Generator[dict, None, int]:
         """The batches of the current epoch from where its workers stand; returns how many there were."""
-        dataset = _EpochDataset(self.sources, self.decoder, self.cfg, self.epoch, self._workers,
+        dataset = _EpochDataset(self.sources, self.plan, self.decoder, self.cfg, self.epoch, self._workers,
                                 self._next_worker)
         if self.cfg.num_workers == 0:
             items = iter(dataset)
@@ -193,7 +195,8 @@ class TrainStream:
     def _identity(self) -> dict:
         """What the sample sequence depends on besides the state: must match for an exact resume."""
         return {"seed": self.cfg.seed, "num_workers": len(self._workers), "world_size": self.cfg.world_size,
-                "rank": self.cfg.rank, "sources": [m.name for m in self.sources]}
+                "rank": self.cfg.rank, "sources": [m.name for m in self.sources],
+                "visits": [self.plan.visits.get(i, 0.0) for i in range(len(self.sources))]}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "workers": [dataclasses.asdict(w) for w in self._workers],
@@ -202,9 +205,9 @@ class TrainStream:
 
     def load_state_dict(self, state: dict) -> None:
         for key, mine in self._identity().items():
-            if state.get(key) != mine:
+            if state.get(key, mine if key == "visits" else None) != mine:  # checkpoints of 466328e lack "visits"
                 raise MedclipError(f"cannot resume the data stream: {key} was {state.get(key)!r}, now {mine!r} "
-                                   f"(exact resume needs the same seed, sources, world size and workers)")
+                                   f"(exact resume needs the same seed, sources, weights, world size and workers)")
         self.epoch = int(state["epoch"])
         if "workers" in state:
             self._workers = [WorkerState(int(w["position"]), dict(w["skips"]), bool(w["finished"]))

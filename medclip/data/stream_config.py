@@ -21,7 +21,9 @@ class StreamConfig:
     num_workers: int = 0
     shuffle_buffer: int = 1000  # raw samples held per worker (0: no sample shuffling)
     shuffle_shards: bool = True
-    epoch_samples: int | None = None  # all ranks together; None = one pass over every source
+    # Samples per epoch over all ranks and workers: scales every source's weight alike (medclip.data.mixing).
+    # None: sum(weight * samples), e.g. every sample once when all weights are 1.
+    epoch_samples: int | None = None
     drop_last: bool = False
     max_concepts: int | None = None  # cap per caption (None: all)
     prefetch_factor: int = 4
