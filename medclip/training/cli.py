@@ -8,7 +8,7 @@ from medclip.training.config import load_recipe
 def run(args) -> int:
     from medclip.training.trainer import pretrain
 
-    recipe = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set + (["data.allow_pipe=true"] if args.allow_pipe else []))
     if args.print_recipe:
         import yaml
 
@@ -25,4 +25,6 @@ def register(subparsers) -> None:
                         help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="let the data manifests run their pipe: shell commands (= --set data.allow_pipe=true)")
     parser.set_defaults(func=run)
