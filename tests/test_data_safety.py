@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shlex
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -184,3 +189,56 @@ def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys
     whole = _write_manifest(tmp_path / "whole.yaml", str(demo / "demo-val-000000.tar"))
     assert cli_main(["data", "check", str(whole)]) == 0
     assert "OK   whole: 1 shards" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ workers die with their parent
+
+_ITERATE = """
+import multiprocessing, sys, time
+import medclip
+from torchvision import transforms
+from medclip.data.manifest import Manifest
+from medclip.data.stream import build_train_stream
+
+enc = medclip.load("medclip-tiny")
+source = Manifest("train", sys.argv[1:])
+stream = build_train_stream([source], enc.tokenizer, transforms.Compose([transforms.Resize((32, 32)),
+                            transforms.ToTensor()]), batch_size=40, num_workers=2, shuffle_buffer=0)
+batches = iter(stream)
+next(batches)
+time.sleep(3)  # the workers fill their prefetch queue meanwhile
+print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_loader_workers_exit_when_their_process_is_killed(tmp_path):
+    out = tmp_path / "big"
+    build_demo(out, n_train=480, n_val=0, image_size=32, shard_samples=120)
+    shards = sorted(str(p) for p in out.glob("demo-train-*.tar"))
+    proc = subprocess.Popen([sys.executable, "-c", _ITERATE, *shards], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        workers = [int(p) for p in proc.stdout.readline().split()]
+        assert len(workers) == 2 and all(_alive(p) for p in workers)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        survivors = [p for p in workers if _alive(p)]
+    finally:
+        proc.kill()
+        proc.wait()
+    for pid in survivors:  # do not leave them behind when the check fails
+        os.kill(pid, signal.SIGKILL)
+    assert survivors == [], f"loader workers still alive 10 s after their parent was killed: {survivors}"

@@ -49,7 +49,7 @@ from medclip.data.shard_reader import SHARD_FAILURES
 from medclip.data.slots import seeded_rng
 from medclip.data.stream_config import StreamConfig, check_first_caption_share
 from medclip.data.text import SpanTokenizer
-from medclip.data.workers import as_is, for_transfer, from_transfer
+from medclip.data.workers import as_is, exit_with_parent, for_transfer, from_transfer
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class TrainStream:
         else:
             items = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=as_is,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False, worker_init_fn=exit_with_parent))
         batches = 0
         for item in items:
             self._receive(item)
