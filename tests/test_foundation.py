@@ -40,7 +40,7 @@ def test_configs_registered_with_open_clip():
 
 
 @pytest.mark.parametrize("name", ["medclip-tiny", "medclip-tiny-bert"])
-def test_save_then_load_with_medclip_and_open_clip(tmp_path, name):
+def test_save_then_load_with_medclip_and_open_clip(tmp_path, name, monkeypatch):
     torch.manual_seed(0)
     encoder = medclip.load(name, device="cpu")
     images = _images()
@@ -51,9 +51,11 @@ def test_save_then_load_with_medclip_and_open_clip(tmp_path, name):
     torch.testing.assert_close(again.encode_image(images), ref_img, atol=1e-6, rtol=0)
     torch.testing.assert_close(again.encode_text(TEXTS), ref_txt, atol=1e-6, rtol=0)
 
-    # Plain open_clip, no medclip code path: its own transform and tokenizer.
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'export'}")
+    # Plain open_clip, no medclip code path: its own transform and tokenizer. A tower bundled in the
+    # export is named "." (relative, like every path in an export): open_clip resolves it in the cwd.
+    monkeypatch.chdir(tmp_path / "export")
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+    tokenizer = open_clip.get_tokenizer("local-dir:.")
     model.eval()
     with torch.no_grad():
         img = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)

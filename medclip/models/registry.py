@@ -29,7 +29,8 @@ def _resolved_text(path: Path) -> str:
     return path.read_text().replace(ASSETS_PLACEHOLDER, str(ASSETS_DIR))
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """medclip's cache directory (MEDCLIP_CACHE, XDG_CACHE_HOME or ~/.cache), created if missing."""
     base = os.environ.get("MEDCLIP_CACHE") or os.environ.get("XDG_CACHE_HOME")
     root = Path(base) / "medclip" if base else Path.home() / ".cache" / "medclip"
     try:
@@ -50,7 +51,7 @@ def register_model_configs() -> Path:
     files = sorted(CONFIG_DIR.glob("*.json"))
     texts = {f.name: _resolved_text(f) for f in files}
     digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
-    target = _cache_root() / "model_configs" / digest
+    target = cache_root() / "model_configs" / digest
     if not all((target / name).is_file() for name in texts):
         target.mkdir(parents=True, exist_ok=True)
         for name, text in texts.items():

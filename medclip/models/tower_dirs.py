@@ -1,0 +1,73 @@
+"""Directories that describe a tower to the library that builds it.
+
+open_clip builds an HF text tower from ``AutoConfig.from_pretrained(hf_model_name)`` and a timm
+image tower from ``timm.create_model(timm_model_name)``; both accept a local directory (timm as
+``local-dir:PATH``). When a checkpoint carries weights but no tower config (UniMed-CLIP, PMC-CLIP,
+ConceptCLIP, MedSigLIP's SigLIP vision tower at 448 px), medclip writes the config it derived into a
+content-addressed directory under its cache and points the model config there. Exports copy these
+files beside the weights and name them relative to the export (see :func:`medclip.save`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from medclip.models.registry import cache_root
+
+TIMM_PREFIX = "local-dir:"
+# Files of a HF model directory that describe the tokenizer (weights and model config excluded).
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "vocab.txt",
+                   "vocab.json", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "added_tokens.json")
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    directory = Path(directory)
+    return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    return Path(directory).is_dir() and bool(tokenizer_files(directory))
+
+
+def _cached_dir(kind: str, files: dict[str, bytes]) -> Path:
+    digest = hashlib.sha256(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())})
+                            .encode()).hexdigest()[:16]
+    target = cache_root() / kind / digest
+    if not all((target / name).is_file() for name in files):
+        target.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            tmp = target / f".{name}.{os.getpid()}.tmp"
+            tmp.write_bytes(data)
+            os.replace(tmp, target / name)  # atomic: concurrent loads never see half a file
+    return target
+
+
+def hf_tower_dir(config: dict, tokenizer_dir: str | Path | None = None) -> Path:
+    """A directory holding ``config.json`` (and the tokenizer files of ``tokenizer_dir``, if given)."""
+    files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
+    for path in tokenizer_files(tokenizer_dir) if tokenizer_dir else []:
+        files[path.name] = path.read_bytes()
+    return _cached_dir("towers", files)
+
+
+def timm_tower_name(architecture: str, model_args: dict) -> str:
+    """``local-dir:DIR`` for timm: a registered architecture built with ``model_args`` overrides."""
+    config = {"architecture": architecture, "model_args": model_args, "pretrained_cfg": {}}
+    return TIMM_PREFIX + str(_cached_dir("timm", {"config.json": json.dumps(config, indent=2).encode()}))
+
+
+def timm_local_dir(name: str) -> Path | None:
+    return Path(name[len(TIMM_PREFIX):]) if isinstance(name, str) and name.startswith(TIMM_PREFIX) else None
+
+
+def copy_tower_files(source: Path, target: Path, names: list[str] | None = None) -> None:
+    """Copy a tower directory's description files (never weights) into ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and (names is None or path.name in names) and path.suffix == ".json" or \
+                path.name in TOKENIZER_FILES:
+            shutil.copyfile(path, target / path.name)
