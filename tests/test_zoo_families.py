@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
 from collections import OrderedDict
 from pathlib import Path
 
@@ -486,3 +490,104 @@ def test_family_loads_equal_to_its_original(published, name):
     text_diff = _close(encoder.encode_text(TEXTS, normalize=False), ref_txt)
     print(f"{name}: max |image diff| {image_diff:.2e}, max |text diff| {text_diff:.2e}, "
           f"pixels {tuple(pixels.shape[1:])}, context {ids.shape[1]}")
+
+
+CONCEPTS = ["pleural effusion", "nodule", "cardiomegaly of the heart"]
+
+
+def _conceptclip_reference_scores(ref, root: Path, images) -> torch.Tensor:
+    """[N, C, P] per-patch concept logits computed the way ConceptCLIP's loss does, each concept's
+    span being its own word pieces (after [CLS]) in the tokenized name."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(_bert_dir(root))
+    ids = tok(CONCEPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    spans = [(1, 1 + len(tok(name, add_special_tokens=False).input_ids)) for name in CONCEPTS]
+    pixels = torch.stack([_clip_eval_transform(42, (0.5,) * 3, (0.5,) * 3, squash=True)(im) for im in images])
+    with torch.no_grad():
+        return ref.concept_scores(pixels, ids, spans)
+
+
+def test_conceptclip_heads_score_patches_like_the_original(published, tmp_path, capsys):
+    from medclip.cli import main
+    from medclip.concepts.scoring import ConceptScorer
+
+    ref, path, kwargs = published["conceptclip"]
+    encoder = medclip.load("conceptclip", checkpoint=path, device="cpu", **kwargs)
+    assert encoder.heads is not None and encoder.heads.config.concept_head_on_tokens
+    images = _images()
+    expected = _conceptclip_reference_scores(ref, path.parent, images)
+    scorer = ConceptScorer(encoder)
+    assert scorer.method == "pc_align"
+    image_scores, patch_scores = scorer.score(images, CONCEPTS)
+    assert patch_scores.shape == expected.shape == (2, 3, 9)
+    torch.testing.assert_close(patch_scores, expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(image_scores, expected.max(-1).values, atol=ATOL, rtol=0)
+
+    # The commands a user runs, on ConceptCLIP's own checkpoint with its concept scale and bias.
+    image_path = tmp_path / "scan.png"
+    images[0].save(image_path)
+    model_args = ["--model", "conceptclip", "--checkpoint", str(path), "--hf-text-dir", str(kwargs["hf_text_dir"]),
+                  "--device", "cpu", "--concepts", ",".join(CONCEPTS)]
+    assert main(["concepts", "zero-shot", str(image_path), *model_args, "--top-k", "3"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    by_name = {c["name"]: c["score"] for c in row["concepts"]}
+    want = _conceptclip_reference_scores(ref, path.parent, [Image.open(image_path)])[0].max(-1).values
+    assert by_name == pytest.approx(dict(zip(CONCEPTS, want.tolist())), abs=1e-4)
+    assert main(["explain", str(image_path), *model_args, "-o", str(tmp_path / "maps.png")]) == 0
+    out = capsys.readouterr().out
+    shown = json.loads(out[out.index("{"):])
+    assert shown["method"] == "pc_align" and (tmp_path / "maps.png").stat().st_size > 0
+    assert {c["name"]: c["score"] for c in shown["concepts"]} == pytest.approx(dict(zip(CONCEPTS, want.tolist())),
+                                                                              abs=1e-4)
+
+
+# Plain open_clip, nothing of medclip imported: each converted directory from inside it (exports name
+# their bundled towers relative to themselves), open_clip's own transform and tokenizer.
+PLAIN_OPEN_CLIP = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    import open_clip
+    from PIL import Image
+
+    texts, images = json.loads(sys.argv[1]), [Image.open(p) for p in sys.argv[2].split(",")]
+    for directory in sys.argv[3:]:
+        os.chdir(directory)
+        model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+        tokenizer = open_clip.get_tokenizer("local-dir:.")
+        with torch.no_grad():
+            pixels, ids = torch.stack([preprocess(im) for im in images]), tokenizer(texts)
+            torch.save({"image": model.eval().encode_image(pixels), "text": model.encode_text(ids),
+                        "pixels": pixels, "ids": ids}, "plain_open_clip.pt")
+    assert not [m for m in sys.modules if m.split(".")[0] == "medclip"], "medclip was imported"
+    print("ok")
+""")
+
+
+def test_convert_writes_each_family_for_plain_open_clip(published, tmp_path, capsys):
+    from medclip.cli import main
+
+    outs = {}
+    for name, (_, path, kwargs) in published.items():
+        outs[name] = tmp_path / name
+        extra = ["--hf-text-dir", str(kwargs["hf_text_dir"])] if "hf_text_dir" in kwargs else []
+        assert main(["convert", f"{name}={path}", str(outs[name]), *extra]) == 0
+        assert "open_clip.create_model_and_transforms" in capsys.readouterr().out
+    images = _images()
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, json.dumps(TEXTS), ",".join(paths),
+                           *map(str, outs.values())], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    for name, out in outs.items():
+        ref, path, _ = published[name]
+        ref_img, ref_txt, ref_pixels, ref_ids = _reference_features(name, ref, path, images, TEXTS)
+        got = torch.load(out / "plain_open_clip.pt")
+        torch.testing.assert_close(got["pixels"], ref_pixels, atol=1e-5, rtol=0)
+        assert torch.equal(got["ids"], ref_ids), name
+        image_diff, text_diff = _close(got["image"], ref_img), _close(got["text"], ref_txt)
+        print(f"{name} via medclip convert + plain open_clip: max |image diff| {image_diff:.2e}, "
+              f"max |text diff| {text_diff:.2e}")

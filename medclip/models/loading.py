@@ -246,6 +246,21 @@ def load(
     return _encoder(model, model_cfg, build_preprocess_cfg(model), ref, precision, window, heads, tower_name)
 
 
+def load_spec(spec: str | Path, **kwargs) -> Encoder:
+    """``NAME=PATH`` (a named pretrained model with its downloaded checkpoint, as the command line
+    takes it) or anything :func:`load` takes; ``kwargs`` go to :func:`load`."""
+    name, sep, path = str(spec).partition("=")
+    if sep and pretrained.get(name) is not None:
+        return load(name, checkpoint=path, **kwargs)
+    return load(spec, **kwargs)
+
+
+def spec_name(spec: str | Path) -> str:
+    """The display name of a model spec: NAME for ``NAME=PATH``, else the spec itself."""
+    name, sep, _ = str(spec).partition("=")
+    return name if sep and pretrained.get(name) is not None else str(spec)
+
+
 def _load_pretrained(entry, checkpoint, device, precision, allow_mismatch, hf_text_dir, window) -> Encoder:
     family = families.get(entry.family)
     source = Path(checkpoint) if checkpoint is not None else pretrained.download(entry)
