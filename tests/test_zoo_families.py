@@ -30,6 +30,7 @@ from torch import nn
 from torchvision import transforms as T
 
 import medclip
+from medclip.errors import MedclipError
 from medclip.models.registry import ASSETS_DIR
 
 TEXTS = ["axial CT of the chest with a right lower lobe nodule", "T2 weighted MRI of the brain",
@@ -591,3 +592,42 @@ def test_convert_writes_each_family_for_plain_open_clip(published, tmp_path, cap
         image_diff, text_diff = _close(got["image"], ref_img), _close(got["text"], ref_txt)
         print(f"{name} via medclip convert + plain open_clip: max |image diff| {image_diff:.2e}, "
               f"max |text diff| {text_diff:.2e}")
+
+
+def _one_line_error(call, *needles: str) -> str:
+    with pytest.raises(MedclipError) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, message
+    return message
+
+
+def test_wrong_checkpoints_name_the_family_and_the_first_unmatched_keys(published, tmp_path):
+    unimed_path, pmc_path = published["unimed-clip-b16"][1], published["pmc-clip"][1]
+    bert = str(published["unimed-clip-b16"][2]["hf_text_dir"])
+    # A checkpoint of another family.
+    _one_line_error(lambda: medclip.load("pmc-clip", checkpoint=unimed_path, hf_text_dir=bert),
+                    "pmc-clip:", "is not a PMC-CLIP checkpoint", "looks like a UniMed-CLIP checkpoint",
+                    "missing visual.attnpool.c_proj.weight", "did not match: visual.class_embedding")
+    _one_line_error(lambda: medclip.load("unimed-clip-b16", checkpoint=published["conceptclip"][1]),
+                    "not a UniMed-CLIP checkpoint", "looks like a ConceptCLIP checkpoint",
+                    "did not match: logit_bias, concept_logit_scale")
+    _one_line_error(lambda: medclip.load("medsiglip-448", checkpoint=published["biomedclip"][1]),
+                    "medsiglip-448:", "config.json")
+    _one_line_error(lambda: medclip.load(pmc_path), "looks like a PMC-CLIP checkpoint",
+                    f"medclip.load('pmc-clip', checkpoint='{pmc_path}')")
+    # A snapshot with a file missing.
+    for name, drop in (("medsiglip-448", "model.safetensors"), ("biomedclip", "open_clip_pytorch_model.bin")):
+        broken = tmp_path / f"{name}-broken"
+        shutil.copytree(published[name][1], broken)
+        (broken / drop).unlink()
+        _one_line_error(lambda n=name, b=broken: medclip.load(n, checkpoint=b), f"{name}:", "has no weights", drop)
+    _one_line_error(lambda: medclip.load("unimed-clip-b16", checkpoint=tmp_path), "unimed-clip-b16:",
+                    "unimed-clip-vit-b16.pt")
+    # Shapes that do not fit: a text tower config of another size.
+    _one_line_error(lambda: medclip.load("unimed-clip-b16", checkpoint=unimed_path,
+                                         hf_text_dir=ASSETS_DIR / "tiny-bert"),
+                    "unimed-clip-b16 (UniMed-CLIP):", "does not fit the architecture", "shape mismatches",
+                    "text.transformer.encoder.layer.0.intermediate.dense.weight (256, 128) vs model (512, 128)")

@@ -107,7 +107,7 @@ def load_weights(model: torch.nn.Module, state_dict: dict, allow_mismatch: bool 
     lead = f"{context}: " if context else ""
     if shape_errors:
         raise MedclipError(f"{lead}checkpoint{where} does not fit the architecture: {len(shape_errors)} shape "
-                           f"mismatches, e.g. {shape_errors[0]}")
+                           f"mismatches: {'; '.join(shape_errors[:3])}{'; ...' if len(shape_errors) > 3 else ''}")
     if (missing or unexpected) and not allow_mismatch:
         raise MedclipError(
             f"{lead}checkpoint{where} does not match the architecture: {len(missing)} missing keys "

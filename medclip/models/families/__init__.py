@@ -41,11 +41,17 @@ def require(state: dict, required: tuple[str, ...], entry, title: str, source: P
         return
     found = identify(state)
     looks = f" (it looks like a {found} checkpoint)" if found and found != title else ""
-    unmatched = sorted(k for k in state if not any(k.startswith(r.split(".")[0] + ".") or k == r for r in required))
+    expected = {_stem(r) for r in required}
+    unmatched = [k for k in state if _stem(k) not in expected]  # in the checkpoint's own order
     raise FamilyError(
         f"{entry.name}: {source} is not a {title} checkpoint{looks}: missing {preview(missing)}; "
-        f"first keys that did not match: {preview(unmatched or sorted(state))}"
+        f"first keys that did not match: {preview(unmatched or list(state))}"
     )
+
+
+def _stem(key: str) -> str:
+    """The first two components of a key (``visual.conv1``, ``text_encoder.transformer``)."""
+    return ".".join(key.split(".")[:2])
 
 
 def get(family: str):
