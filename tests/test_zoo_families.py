@@ -631,3 +631,49 @@ def test_wrong_checkpoints_name_the_family_and_the_first_unmatched_keys(publishe
                                          hf_text_dir=ASSETS_DIR / "tiny-bert"),
                     "unimed-clip-b16 (UniMed-CLIP):", "does not fit the architecture", "shape mismatches",
                     "text.transformer.encoder.layer.0.intermediate.dense.weight (256, 128) vs model (512, 128)")
+
+
+def _with_tokenizer_beside(checkpoint: Path, bert_dir: Path, target: Path) -> Path:
+    """A folder as a user keeps one offline: the family's checkpoint plus its BERT's config and vocab."""
+    target.mkdir()
+    shutil.copy(checkpoint, target / checkpoint.name)
+    for item in bert_dir.iterdir():
+        shutil.copy(item, target / item.name)
+    return target
+
+
+def test_one_eval_suite_command_compares_families(published, tmp_path):
+    from conftest import require_shared
+
+    from medclip.cli import main
+    from medclip.evaluation.report import read_results
+
+    require_shared("medpix", "dev.jsonl")
+    bert = published["unimed-clip-b16"][2]["hf_text_dir"]
+    unimed = _with_tokenizer_beside(published["unimed-clip-b16"][1], bert, tmp_path / "unimed")
+    pmc = _with_tokenizer_beside(published["pmc-clip"][1], bert, tmp_path / "pmc")
+    out = tmp_path / "compare"
+    assert main(["eval", "suite", "shared_real", "--datasets", "medpix_modality", "--model", f"unimed-clip-b16={unimed}",
+                 "--model", f"biomedclip={published['biomedclip'][1]}", "--model", f"pmc-clip={pmc}",
+                 "--out", str(out), "--workers", "0", "--no-plots", "--no-progress", "--device", "cpu"]) == 0
+    rows = (out / "summary.md").read_text().splitlines()
+    assert rows[0].startswith("| model | medpix_modality [mean_per_class_recall]")
+    assert sorted(r.split("|")[1].strip() for r in rows[2:] if r.startswith("| ")) == \
+        ["biomedclip", "pmc-clip", "unimed-clip-b16"]
+    assert {r["model"] for r in read_results(out)} == {"biomedclip", "pmc-clip", "unimed-clip-b16"}
+    assert all(r["n_samples"] > 100 for r in read_results(out))
+
+
+def test_open_clip_entry_points_take_a_family_checkpoint(published):
+    import open_clip
+
+    ref, path, kwargs = published["unimed-clip-b16"]
+    model, train, val = medclip.create_model_and_transforms("unimed-clip-b16", pretrained=str(path), **kwargs)
+    assert isinstance(model, open_clip.model.CustomTextCLIP) and model.visual.image_size == (32, 32)
+    tokenizer = medclip.get_tokenizer("unimed-clip-b16", **kwargs)
+    image = _images(1)
+    ref_img, ref_txt, _, _ = _reference_features("unimed-clip-b16", ref, path, image, TEXTS)
+    with torch.no_grad():
+        _close(model.encode_image(torch.stack([val(im) for im in image])), ref_img)
+        _close(model.encode_text(tokenizer(TEXTS)), ref_txt)
+    assert tokenizer(TEXTS).shape == (3, 256)

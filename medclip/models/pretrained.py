@@ -54,20 +54,20 @@ ENTRIES: dict[str, Pretrained] = {p.name: p for p in [
         citation=("Zhang et al. BiomedCLIP: a multimodal biomedical foundation model pretrained from fifteen "
                   "million scientific image-text pairs. arXiv:2303.00915 (2023)"),
         architecture="timm ViT-B/16 224 px + BiomedBERT (abstract), context 256, embed 512",
-        settings={"text_hub_id": BIOMEDBERT_BASE},
+        settings={"text_hub_id": BIOMEDBERT_BASE, "context_length": 256},
     ),
     Pretrained(
         name="unimed-clip-b16", title="UniMed-CLIP ViT-B/16", hub_id="UzairK/unimed-clip-vit-b16",
         filename="unimed-clip-vit-b16.pt",
         architecture="ViT-B/16 224 px QuickGELU + BiomedBERT (abstract) base, context 256, embed 512",
-        settings={"text_hub_id": BIOMEDBERT_BASE, "vision": {"width": 768, "layers": 12, "patch_size": 16,
+        settings={"text_hub_id": BIOMEDBERT_BASE, "context_length": 256, "vision": {"width": 768, "layers": 12, "patch_size": 16,
                                                             "image_size": 224}}, **_UNIMED,
     ),
     Pretrained(
         name="unimed-clip-l14-336", title="UniMed-CLIP ViT-L/14-336, base text encoder",
         hub_id="UzairK/unimed_clip_vit_l14_base_text_encoder", filename="unimed_clip_vit_l14_base_text_encoder.pt",
         architecture="ViT-L/14 336 px QuickGELU + BiomedBERT (abstract) base, context 256, embed 768",
-        settings={"text_hub_id": BIOMEDBERT_BASE, "vision": {"width": 1024, "layers": 24, "patch_size": 14,
+        settings={"text_hub_id": BIOMEDBERT_BASE, "context_length": 256, "vision": {"width": 1024, "layers": 24, "patch_size": 14,
                                                             "image_size": 336}}, **_UNIMED,
     ),
     Pretrained(
@@ -77,7 +77,7 @@ ENTRIES: dict[str, Pretrained] = {p.name: p for p in [
         architecture="ViT-L/14 336 px QuickGELU + BiomedBERT (abstract) large, context 256, embed 768",
         inferred=("hub location: the authors link this checkpoint from a file share; the hub repository "
                   "and file name follow the naming of its two hub-hosted siblings"),
-        settings={"text_hub_id": BIOMEDBERT_LARGE, "vision": {"width": 1024, "layers": 24, "patch_size": 14,
+        settings={"text_hub_id": BIOMEDBERT_LARGE, "context_length": 256, "vision": {"width": 1024, "layers": 24, "patch_size": 14,
                                                              "image_size": 336}}, **_UNIMED,
     ),
     Pretrained(
@@ -86,7 +86,7 @@ ENTRIES: dict[str, Pretrained] = {p.name: p for p in [
         citation=("Lin, Zhao, Zhang, Wu, Zhang, Wang, Xie. PMC-CLIP: Contrastive Language-Image Pre-training "
                   "using Biomedical Documents. MICCAI 2023, arXiv:2303.07240"),
         architecture="ModifiedResNet-50 224 px + PubMedBERT (abstract+fulltext), context 77, embed 768",
-        settings={"text_hub_id": PUBMEDBERT_FULLTEXT},
+        settings={"text_hub_id": PUBMEDBERT_FULLTEXT, "context_length": 77},
     ),
     Pretrained(
         name="conceptclip", family="conceptclip", title="ConceptCLIP", hub_id="JerrryNie/ConceptCLIP",
@@ -97,13 +97,14 @@ ENTRIES: dict[str, Pretrained] = {p.name: p for p in [
                       "context 77, embed 1152, concept heads"),
         inferred=("key names of the HF release (gated) are taken to follow the training names; the open_clip "
                   "fork's training checkpoint (epoch_N.pt) is confirmed by its code"),
-        settings={"text_hub_id": PUBMEDBERT_FULLTEXT},
+        settings={"text_hub_id": PUBMEDBERT_FULLTEXT, "context_length": 77},
     ),
     Pretrained(
         name="medsiglip-448", family="medsiglip", title="MedSigLIP 448", hub_id="google/medsiglip-448",
         filename=None, gated=True, licence="Health AI Developer Foundations terms of use",
         citation="Sellergren et al. MedGemma Technical Report. arXiv:2507.05201 (2025)",
         architecture="SigLIP so400m/14 448 px (attention pool) + SigLIP text 64 tokens, embed 1152",
+        settings={"text_hub_id": "google/medsiglip-448", "context_length": 64},
     ),
 ]}
 
