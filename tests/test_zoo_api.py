@@ -84,3 +84,61 @@ def test_public_api_docstrings_stand_alone():
         for parameter in inspect.signature(func).parameters:
             assert parameter in doc, f"{func.__name__} does not explain {parameter}"
     assert "medclip.list_pretrained()" in inspect.getdoc(medclip.load)
+
+
+PLAIN_OPEN_CLIP_HERE = """
+import sys, torch, open_clip
+model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+tokenizer = open_clip.get_tokenizer("local-dir:.")
+ref = torch.load(sys.argv[1])
+with torch.no_grad():
+    text = model.eval().encode_text(tokenizer(ref["texts"]), normalize=True)
+    image = model.encode_image(ref["pixels"], normalize=True)
+torch.testing.assert_close(text, ref["text"], atol=1e-6, rtol=0)
+torch.testing.assert_close(image, ref["image"], atol=1e-6, rtol=0)
+assert not [m for m in sys.modules if m.split(".")[0] == "medclip"]
+print("ok")
+"""
+
+
+def _json_strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _json_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _json_strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_export_is_self_contained_and_loads_elsewhere_with_plain_open_clip(tmp_path):
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from medclip.models.registry import ASSETS_DIR
+
+    tower = shutil.copytree(ASSETS_DIR / "tiny-bert", tmp_path / "source-env" / "tiny-bert")
+    with pytest.warns(medclip.RandomWeightsWarning):
+        encoder = medclip.load("medclip-tiny-bert", hf_text_dir=tower, device="cpu")
+    export = medclip.save(encoder, tmp_path / "source-env" / "export")
+    for path in export.rglob("*.json"):
+        absolute = [s for s in _json_strings(json.loads(path.read_text())) if s.startswith(("/", "~")) or "tmp" in s]
+        assert not absolute, f"{path.name} names {absolute}"
+    texts = ["pleural effusion", "a normal chest x-ray"]
+    pixels = torch.rand(2, 3, 64, 64)
+    expected = {"texts": texts, "pixels": pixels, "text": encoder.encode_text(texts), "image": encoder.encode_image(pixels)}
+    # Another machine: the export copied elsewhere, the source environment (its HF tower dir) gone.
+    moved = shutil.copytree(export, tmp_path / "other-machine" / "model")
+    shutil.rmtree(tmp_path / "source-env")
+    torch.save(expected, tmp_path / "expected.pt")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "empty-hf-home"))
+    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP_HERE, str(tmp_path / "expected.pt")], cwd=moved,
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    again = medclip.load(moved, device="cpu")
+    torch.testing.assert_close(again.encode_text(texts), expected["text"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(again.encode_image(pixels), expected["image"], atol=1e-6, rtol=0)

@@ -47,8 +47,9 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
     return strip_wrappers(extract_state_dict(read_weights_file(path)))
 
 
-def find_file(source: Path, names: tuple[str, ...], entry: str, what: str) -> Path:
-    """``source`` itself if it is a file, else the first of ``names`` inside the directory."""
+def find_file(source: Path, names: tuple[str, ...], entry: str, what: str, patterns: tuple[str, ...] = ()) -> Path:
+    """``source`` itself if it is a file, else the first of ``names`` inside the directory, else the
+    one file matching ``patterns`` (several matches: an error listing them)."""
     if source.is_file():
         return source
     if not source.is_dir():
@@ -56,8 +57,15 @@ def find_file(source: Path, names: tuple[str, ...], entry: str, what: str) -> Pa
     for name in names:
         if (source / name).is_file():
             return source / name
+    matches = sorted({p for pattern in patterns for p in source.glob(pattern) if p.is_file()})
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise FamilyError(f"{entry}: {source} holds several candidate checkpoints ({preview([m.name for m in matches])}); "
+                          f"pass the file itself")
     present = ", ".join(sorted(p.name for p in source.iterdir())[:6]) or "nothing"
-    raise FamilyError(f"{entry}: {source} has no {what} (expected {' or '.join(names)}; found {present})")
+    expected = " or ".join([*names, *patterns])
+    raise FamilyError(f"{entry}: {source} has no {what} (expected {expected}; found {present})")
 
 
 def count_indexed(keys, prefix: str) -> int:

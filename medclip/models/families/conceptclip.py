@@ -69,7 +69,8 @@ def _strip_release_prefix(state: dict) -> dict:
 
 
 def read(source: Path, entry, hf_text_dir=None) -> Converted:
-    path = find_file(source, HF_WEIGHTS, entry.name, "weights (model.safetensors / pytorch_model.bin)")
+    path = find_file(source, HF_WEIGHTS, entry.name, "weights (model.safetensors / pytorch_model.bin)",
+                     ("epoch_latest.pt",) if (source / "epoch_latest.pt").is_file() else ("epoch_*.pt",))
     state = _strip_release_prefix(load_state(path))
     from medclip.models.families import require
 

@@ -62,7 +62,7 @@ def unmasked_padding(config: dict) -> dict:
 
 
 def read(source: Path, entry, hf_text_dir=None) -> Converted:
-    path = find_file(source, (entry.filename,) if entry.filename else (), entry.name, "PMC-CLIP checkpoint")
+    path = find_file(source, (entry.filename,) if entry.filename else (), entry.name, "PMC-CLIP checkpoint", ("*.pt",))
     state = load_state(path)
     from medclip.models.families import require
 

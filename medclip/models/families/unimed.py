@@ -50,7 +50,7 @@ def vit_cfg(state: dict, prefix: str = "visual.") -> dict:
 
 
 def read(source: Path, entry, hf_text_dir=None) -> Converted:
-    path = find_file(source, (entry.filename,) if entry.filename else (), entry.name, "UniMed-CLIP .pt file")
+    path = find_file(source, (entry.filename,) if entry.filename else (), entry.name, "UniMed-CLIP .pt file", ("*.pt",))
     state = load_state(path)
     from medclip.models.families import require
 
