@@ -64,29 +64,6 @@ def test_save_then_load_with_medclip_and_open_clip(tmp_path, name, monkeypatch):
     torch.testing.assert_close(txt, ref_txt, atol=1e-6, rtol=0)
 
 
-def _unimed_state_dict(model: torch.nn.Module) -> dict:
-    """Keys as UniMed-CLIP's fork writes them: text tower `text_encoder.*`, DDP `module.` prefix."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("text."):
-            key = "text_encoder." + key[len("text."):]
-        out["module." + key] = value.clone()
-    return out
-
-
-def test_unimed_clip_checkpoint_loads(tmp_path):
-    torch.manual_seed(3)
-    source = medclip.load("medclip-tiny-bert", device="cpu")
-    sd = _unimed_state_dict(source.model)
-    assert any(k.startswith("module.text_encoder.transformer.") for k in sd)
-    torch.save({"state_dict": sd, "epoch": 10, "name": "unimed"}, tmp_path / "unimed.pt")
-
-    loaded = medclip.load("medclip-tiny-bert", checkpoint=tmp_path / "unimed.pt", device="cpu")
-    images = _images(2)
-    torch.testing.assert_close(loaded.encode_image(images), source.encode_image(images), atol=1e-6, rtol=0)
-    torch.testing.assert_close(loaded.encode_text(TEXTS), source.encode_text(TEXTS), atol=1e-6, rtol=0)
-
-
 def test_safetensors_and_compiled_prefix_checkpoint(tmp_path):
     from safetensors.torch import save_file
 

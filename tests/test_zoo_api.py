@@ -142,3 +142,14 @@ def test_export_is_self_contained_and_loads_elsewhere_with_plain_open_clip(tmp_p
     again = medclip.load(moved, device="cpu")
     torch.testing.assert_close(again.encode_text(texts), expected["text"], atol=1e-6, rtol=0)
     torch.testing.assert_close(again.encode_image(pixels), expected["image"], atol=1e-6, rtol=0)
+
+
+def test_info_lists_the_pretrained_entries_with_licence_and_citation():
+    from medclip.info import pretrained_lines
+
+    text = "\n".join(pretrained_lines())
+    for name, _ in medclip.list_pretrained():
+        assert f"{name} " in text
+    assert "https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224" in text
+    assert "https://huggingface.co/datasets/axiong/pmc_oa_beta/blob/main/checkpoint.pt" in text
+    assert "licence: CC BY-NC 4.0" in text and "arXiv:2412.10372" in text and "(gated)" in text

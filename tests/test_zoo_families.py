@@ -677,3 +677,20 @@ def test_open_clip_entry_points_take_a_family_checkpoint(published):
         _close(model.encode_image(torch.stack([val(im) for im in image])), ref_img)
         _close(model.encode_text(tokenizer(TEXTS)), ref_txt)
     assert tokenizer(TEXTS).shape == (3, 256)
+
+
+def test_unimed_checkpoint_also_loads_into_an_architecture_by_name(published, tmp_path):
+    """The checkpoint form `medclip.load(ARCH, checkpoint=unimed.pt)` (text_encoder.* keys, {"state_dict"},
+    module. prefix), with the architecture registered as an open_clip config."""
+    import open_clip
+
+    from medclip.models import families, pretrained
+
+    ref, path, kwargs = published["unimed-clip-b16"]
+    model_cfg = families.get("unimed").read(path, pretrained.get("unimed-clip-b16"), kwargs["hf_text_dir"]).model_cfg
+    (tmp_path / "unimed-reduced-arch.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "unimed-reduced-arch.json")
+    encoder = medclip.load("unimed-reduced-arch", checkpoint=path, device="cpu")
+    ref_img, ref_txt, pixels, _ = _reference_features("unimed-clip-b16", ref, path, _images(), TEXTS)
+    _close(encoder.encode_image(pixels), ref_img)
+    _close(encoder.encode_text(TEXTS), ref_txt)
