@@ -10,13 +10,10 @@ files beside the weights and name them relative to the export (see :func:`medcli
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
-from medclip.models.registry import cache_root
+from medclip.models.cache import cached_dir
 
 TIMM_PREFIX = "local-dir:"
 # Files of a HF model directory that describe the tokenizer (weights and model config excluded).
@@ -33,41 +30,19 @@ def has_tokenizer(directory: str | Path) -> bool:
     return Path(directory).is_dir() and bool(tokenizer_files(directory))
 
 
-def _cached_dir(kind: str, files: dict[str, bytes]) -> Path:
-    digest = hashlib.sha256(json.dumps({k: hashlib.sha256(v).hexdigest() for k, v in sorted(files.items())})
-                            .encode()).hexdigest()[:16]
-    target = cache_root() / kind / digest
-    if not all((target / name).is_file() for name in files):
-        target.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            tmp = target / f".{name}.{os.getpid()}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, target / name)  # atomic: concurrent loads never see half a file
-    return target
-
-
 def hf_tower_dir(config: dict, tokenizer_dir: str | Path | None = None) -> Path:
     """A directory holding ``config.json`` (and the tokenizer files of ``tokenizer_dir``, if given)."""
     files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
     for path in tokenizer_files(tokenizer_dir) if tokenizer_dir else []:
         files[path.name] = path.read_bytes()
-    return _cached_dir("towers", files)
+    return cached_dir("towers", files)
 
 
 def timm_tower_name(architecture: str, model_args: dict) -> str:
     """``local-dir:DIR`` for timm: a registered architecture built with ``model_args`` overrides."""
     config = {"architecture": architecture, "model_args": model_args, "pretrained_cfg": {}}
-    return TIMM_PREFIX + str(_cached_dir("timm", {"config.json": json.dumps(config, indent=2).encode()}))
+    return TIMM_PREFIX + str(cached_dir("timm", {"config.json": json.dumps(config, indent=2).encode()}))
 
 
 def timm_local_dir(name: str) -> Path | None:
     return Path(name[len(TIMM_PREFIX):]) if isinstance(name, str) and name.startswith(TIMM_PREFIX) else None
-
-
-def copy_tower_files(source: Path, target: Path, names: list[str] | None = None) -> None:
-    """Copy a tower directory's description files (never weights) into ``target``."""
-    target.mkdir(parents=True, exist_ok=True)
-    for path in sorted(source.iterdir()):
-        if path.is_file() and (names is None or path.name in names) and path.suffix == ".json" or \
-                path.name in TOKENIZER_FILES:
-            shutil.copyfile(path, target / path.name)
