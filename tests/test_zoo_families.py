@@ -694,3 +694,33 @@ def test_unimed_checkpoint_also_loads_into_an_architecture_by_name(published, tm
     ref_img, ref_txt, pixels, _ = _reference_features("unimed-clip-b16", ref, path, _images(), TEXTS)
     _close(encoder.encode_image(pixels), ref_img)
     _close(encoder.encode_text(TEXTS), ref_txt)
+
+
+def test_named_models_are_fetched_from_where_they_are_published(published, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_file(repo_id, filename, repo_type=None, **_):
+        calls.append((repo_id, filename, repo_type))
+        return str(published["pmc-clip"][1])
+
+    def fake_snapshot(repo_id, repo_type=None, **_):
+        calls.append((repo_id, None, repo_type))
+        return str(published["medsiglip-448"][1])
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_file)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert medclip.load("pmc-clip", device="cpu", **published["pmc-clip"][2]).name == "pmc-clip"
+    assert medclip.load("medsiglip-448", device="cpu").embed_dim == 48
+    assert calls == [("axiong/pmc_oa_beta", "checkpoint.pt", "dataset"), ("google/medsiglip-448", None, "model")]
+
+    def offline(*_, **__):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load this file.\nCheck your connection.")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    _one_line_error(lambda: medclip.load("unimed-clip-b16"), "cannot fetch unimed-clip-b16 from "
+                    "https://huggingface.co/UzairK/unimed-clip-vit-b16/blob/main/unimed-clip-vit-b16.pt",
+                    "medclip.load('unimed-clip-b16', checkpoint=PATH)")
+    _one_line_error(lambda: medclip.load("conceptclip"), "(gated: accept its terms")
