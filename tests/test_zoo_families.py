@@ -45,21 +45,22 @@ def _images(n: int = 2) -> list[Image.Image]:
 
 
 def _randomize(module: nn.Module, seed: int) -> nn.Module:
-    """Random values in every parameter and BatchNorm statistic (norm gains near 1)."""
+    """Random values in every parameter and BatchNorm statistic; norm gains near 1, so activations
+    neither vanish nor blow up through the reduced towers."""
     gen = torch.Generator().manual_seed(seed)
+    norms = (nn.LayerNorm, nn.BatchNorm2d)
     with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1 + 0.1 * noise if name.endswith(("ln_1.weight", "ln_2.weight", "ln_pre.weight", "ln_post.weight",
-                                                      "LayerNorm.weight", "norm1.weight", "norm2.weight",
-                                                      "norm.weight", "layer_norm1.weight", "layer_norm2.weight",
-                                                      "layernorm.weight", "post_layernorm.weight",
-                                                      "final_layer_norm.weight", "ln_final.weight")) else 0.05 * noise)
-        for name, b in module.named_buffers():
-            if name.endswith("running_mean"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
-            elif name.endswith("running_var"):
-                b.copy_(0.5 + torch.rand(b.shape, generator=gen))
+        for mod in module.modules():
+            is_norm = isinstance(mod, norms) or type(mod).__name__.endswith(("LayerNorm", "RMSNorm"))
+            for name, p in mod.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=gen)
+                if is_norm and name == "weight":
+                    p.copy_(1 + 0.1 * noise)
+                else:  # matrices and kernels at 1/sqrt(fan-in), biases and scalars small
+                    p.copy_(noise / math.sqrt(p[0].numel()) if p.dim() > 1 else 0.05 * noise)
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.copy_(0.1 * torch.randn(mod.running_mean.shape, generator=gen))
+                mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=gen))
     return module.eval()
 
 
@@ -424,7 +425,8 @@ def _publish_medsiglip(root: Path):
     from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipTokenizer
 
     config = SiglipConfig(
-        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+        text_config=dict(vocab_size=50, hidden_size=32, intermediate_size=72, num_hidden_layers=2, pad_token_id=1,
+                         bos_token_id=None, eos_token_id=1,
                          num_attention_heads=2, max_position_embeddings=64, projection_size=48),
         vision_config=dict(hidden_size=48, intermediate_size=104, num_hidden_layers=2, num_attention_heads=2,
                            image_size=56, patch_size=14))
