@@ -56,8 +56,9 @@ def resolve_config(name: str, hf_text_dir: str | Path | None = None) -> dict:
     cfg = registry.get_model_config(name)
     if cfg is None:
         known = ", ".join(registry.list_models())
-        raise MedclipError(f"unknown model {name!r}: not a registered architecture (medclip: {known}; "
-                           f"open_clip: see open_clip.list_models()), nor an existing file or directory")
+        raise MedclipError(f"unknown model {name!r}: not a named pretrained model ({', '.join(pretrained.ENTRIES)}), "
+                           f"a registered architecture (medclip: {known}; open_clip: see open_clip.list_models()), "
+                           f"nor an existing file or directory")
     return with_text_dir(cfg, hf_text_dir)
 
 
