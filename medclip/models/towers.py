@@ -15,6 +15,8 @@ import torch
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
+from medclip.errors import MedclipError
+
 
 def image_width(model) -> int:
     visual = model.visual
@@ -22,7 +24,7 @@ def image_width(model) -> int:
         return visual.proj.shape[0] if visual.proj is not None else visual.transformer.width
     if isinstance(visual, TimmModel):
         return visual.trunk.num_features
-    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+    raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, timm towers)")
 
 
 def text_width(model) -> int:
@@ -56,7 +58,7 @@ def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
         if feats.ndim == 4:  # convolutional trunk: feature-map cells are the patches
             return pooled, feats.flatten(2).transpose(1, 2)
         return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
-    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+    raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, timm towers)")
 
 
 def _vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +67,7 @@ def _vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.
     # tokens equal the forward's own only for the plain layout (ln_post on every token, no attention
     # pooler); other layouts have no per-patch states in the joint space, so refuse them.
     if visual.attn_pool is not None or visual.final_ln_after_pool:
-        raise TypeError("per-patch states need a ViT with token or average pooling and ln_post before "
+        raise MedclipError("per-patch states need a ViT with token or average pooling and ln_post before "
                         "pooling (no attentional pooler, final_ln_after_pool false)")
     out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
     return out["image_features"], out["image_intermediates"][-1]
