@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "medclip.evaluation.cli",
     "medclip.data.cli",
     "medclip.training.cli",
+    "medclip.models.cli",
 ]
 
 

@@ -44,7 +44,23 @@ def run(args) -> int:
     print("registered models:")
     for name in medclip.list_models():
         print(f"  {name}")
+    print("pretrained models (medclip.load(NAME); offline: medclip.load(NAME, checkpoint=PATH)):")
+    for line in pretrained_lines():
+        print(f"  {line}")
     return 0
+
+
+def pretrained_lines() -> list[str]:
+    from medclip.models.pretrained import ENTRIES
+
+    lines = []
+    for entry in ENTRIES.values():
+        lines.append(f"{entry.name:32s} {entry.title}: {entry.architecture}")
+        lines.append(f"{'':32s} {entry.url}{' (gated)' if entry.gated else ''} | licence: {entry.licence}")
+        lines.append(f"{'':32s} cite: {entry.citation}")
+        if entry.inferred:
+            lines.append(f"{'':32s} inferred: {entry.inferred}")
+    return lines
 
 
 def register(subparsers) -> None:

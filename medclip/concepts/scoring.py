@@ -55,8 +55,7 @@ class ConceptScorer:
                 with enc._autocast():
                     _, states = towers.text_tokens(enc.model, ids)
                     words = name_token_mask(ids, pad_token_id(enc.tokenizer)).to(states.dtype)
-                    pooled = (words[..., None] * states).sum(1) / words.sum(1, keepdim=True).clamp_min(1.0)
-                    vectors = enc.heads.embed_pooled_text(pooled).float().cpu()
+                    vectors = enc.heads.embed_names(states, words).float().cpu()
             else:
                 vectors = enc.encode_text(missing, normalize=False)
             for name, vec in zip(missing, F.normalize(vectors, dim=-1)):

@@ -21,7 +21,9 @@ TASK_OF_COMMAND = {"zero-shot": "zero-shot", "retrieval": "retrieval", "linear-p
 
 def _common(p) -> None:
     p.add_argument("--model", action="append", required=True,
-                   help="medclip name or directory, open_clip name, local-dir:DIR or checkpoint (repeatable)")
+                   help="repeatable, one table across models: NAME=PATH for a named pretrained model and its "
+                        "downloaded checkpoint (e.g. biomedclip=DIR, unimed-clip-b16=FILE.pt; see medclip info), "
+                        "a medclip or open_clip name, an export directory, local-dir:DIR or a checkpoint")
     p.add_argument("--out", default="eval_results", help="output directory (JSON per dataset, summary, plots)")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None)
@@ -105,12 +107,12 @@ def run(args) -> int:
     out = Path(args.out)
     for name in args.model:
         model = resolve_model(name, device=args.device, precision=args.precision)
-        for spec in tqdm(specs, desc=f"{name}", disable=args.no_progress):
+        for spec in tqdm(specs, desc=f"{model.name}", disable=args.no_progress):
             record = evaluate_dataset(model, spec, root, options, suite_name)
             path = write_result(record, out)
             value = record["headline"]
             shown = "n/a" if value is None else f"{value:.4f}"
-            print(f"{name}  {spec.name}  {spec.headline}={shown}  (n={record['n_samples']}, "
+            print(f"{model.name}  {spec.name}  {spec.headline}={shown}  (n={record['n_samples']}, "
                   f"skipped={record['n_skipped']})  -> {path}")
     md, csv_path = write_summary(out)
     print(f"summary: {md} {csv_path}")

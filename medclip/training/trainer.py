@@ -114,7 +114,7 @@ class Pretrainer:
                          source=mc.checkpoint)
         set_attention_backend(model, mc.attention)
         if mc.grad_checkpointing:
-            model.set_grad_checkpointing(True)  # HF towers: their own gradient_checkpointing_enable
+            towers.set_grad_checkpointing(model)  # HF towers through transformers' current API
         apply_freezing(model, mc)
         return cfg, model.train()
 
