@@ -66,12 +66,17 @@ def _frame(ds, pixels: np.ndarray) -> np.ndarray:
     return pixels[frames // 2] if frames > 1 and pixels.ndim == (4 if ds.SamplesPerPixel > 1 else 3) else pixels
 
 
+def _has_voi_lut(ds) -> bool:
+    items = ds.get("VOILUTSequence")
+    return bool(items) and None not in (items[0].get("LUTDescriptor"), items[0].get("LUTData"))
+
+
 def _voi_range(ds, pydicom) -> tuple[float, float]:
-    """The output range of the header's VOI transform, from pydicom's own transform of the extremes."""
-    if ds.get("VOILUTSequence") and ds.VOILUTSequence[0].get("LUTData") is not None:
+    """The output range of the header's VOI transform (a VOI LUT wins over a window, as in pydicom)."""
+    if _has_voi_lut(ds):
         depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
         return 0.0, float(2 ** depth - 1)  # PS3.3 C.11.2.1.1: LUT entries span 0 .. 2^bits - 1
-    lo, hi = pydicom.pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)
+    lo, hi = pydicom.pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window's own extremes
     return float(lo), float(hi)
 
 
@@ -79,7 +84,7 @@ def dicom_to_unit(ds, window: Window | None = None) -> np.ndarray:
     """A grayscale dataset's display values in [0, 1] (0 = black): modality, VOI, then MONOCHROME1."""
     pydicom = _pydicom()
     values = pydicom.pixels.apply_modality_lut(_frame(ds, ds.pixel_array), ds)
-    has_voi = ds.get("VOILUTSequence") or ("WindowCenter" in ds and "WindowWidth" in ds)
+    has_voi = _has_voi_lut(ds) or ("WindowCenter" in ds and "WindowWidth" in ds)
     if window is not None or not has_voi:
         unit = apply_window(values, window)
     else:

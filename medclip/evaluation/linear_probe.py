@@ -176,6 +176,7 @@ def sklearn_probe_scores(x_train, y_train, x_val, y_val, x_test, num_classes: in
 
 
 PROBE_METHODS = {"sklearn": sklearn_probe_scores, "clip_benchmark": probe_clip_benchmark.probe_scores}
+SEED_FREE_METHODS = {"sklearn"}  # same data -> same probe (L-BFGS); the SGD probe depends on the seed
 
 
 def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: ProbeConfig, seed: int,
@@ -226,7 +227,7 @@ def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
             idx = np.arange(len(y_train)) if whole else subsample(y_train, rng, shots, fraction)
             runs.append(train_and_score(x_train[idx], y_train[idx], x_test, y_test, num_classes, cfg, seed,
                                         x_val, y_val, refit_with_val=whole))
-            if fraction == 1.0 and x_val is not None:
+            if whole and x_val is not None and cfg.method in SEED_FREE_METHODS:
                 break  # nothing random left: same data, deterministic solver
         mean, std = _mean_std(runs)
         settings[name] = {"mean": mean, "std": std, "runs": runs}
