@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             run_dir, wall = reused, None
         else:
             run_dir = out / f"medclip-s{seed}"
-            wall = train_medclip(args, seed, steps, shards_root, run_dir, out / f"medclip-s{seed}.log")
+            wall = train_medclip(args, seed, systems[ours]["steps"], shards_root, run_dir, out / f"medclip-s{seed}.log")
         systems[ours]["wall_s"][seed] = wall
         systems[ours]["exports"][seed] = str(run_dir / "export")
         seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))

@@ -3,6 +3,7 @@ parity, the same caption pool; medclip is held to the same budget."""
 
 import importlib.util
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -103,3 +104,53 @@ def test_caption_pool_shards_draw_one_caption_per_image_and_pass(tmp_path):
         with tarfile.open(a) as ta, tarfile.open(b) as tb:
             assert [(m.name, ta.extractfile(m).read()) for m in ta.getmembers()] == \
                    [(m.name, tb.extractfile(m).read()) for m in tb.getmembers()]
+
+
+def test_every_seed_and_caption_set_gets_its_steps_and_shards(tmp_path, monkeypatch, capsys):
+    """The comparison's plan, with the training runs replaced by recorders: medclip trains its calibrated
+    steps for every seed, each baseline model is calibrated once and trained on both caption sets."""
+    from medclip.training.prepare import BuildSpec, build_source
+
+    medpix = require_shared("medpix")
+    rows = [json.loads(line) for line in (medpix / "dev.jsonl").read_text().splitlines()[:4]]
+    table = tmp_path / "rows.jsonl"
+    table.write_text("".join(json.dumps({**r, "image": str(medpix / r["image"])}) + "\n" for r in rows))
+    manifest = build_source(BuildSpec(name="mini", input=str(table), max_side=32,
+                                      label_captions=["{modality} image."]), tmp_path / "built")
+    bench = _bench()
+    calls = {"medclip": [], "calibrations": [], "baselines": []}
+    monkeypatch.setattr(bench, "build_shards", lambda recipe, root: [manifest])
+    monkeypatch.setattr(bench, "calibrate_medclip", lambda *a: 77)
+    monkeypatch.setattr(bench, "train_medclip", lambda args, seed, steps, *a: calls["medclip"].append((seed, steps)) or 1.0)
+    monkeypatch.setattr(bench, "calibrate_baseline",
+                        lambda settings, model, *a: calls["calibrations"].append(model) or 5)
+
+    def train_baseline(settings, model, shards, steps, logs):
+        calls["baselines"].append((settings.run.seed, model, logs.name, steps, shards))
+        return 2.0, logs / "epoch_1.pt"
+
+    monkeypatch.setattr(bench, "train_baseline", train_baseline)
+    monkeypatch.setattr(bench, "export_baseline", lambda model, checkpoint, directory: directory)
+    monkeypatch.setattr(bench, "run_timed", lambda cmd, log: 0.0)
+
+    class EveryModel(dict):  # the eval run's headlines: the same score for every exported model
+        def get(self, key, default=None):
+            return {"medpix_modality": 0.5}
+
+    monkeypatch.setattr(bench, "headlines", lambda eval_dir: EveryModel())
+    assert bench.main(["--seeds", "0", "1", "--out", str(tmp_path / "out"), "--baseline-model", "medclip-small",
+                       "--baseline-model", "medclip-small-resnet18@16"]) == 0
+
+    assert calls["medclip"] == [(0, 77), (1, 77)]
+    assert calls["calibrations"] == ["medclip-small", "medclip-small-resnet18"]
+    assert len(calls["baselines"]) == 2 * 2 * 2
+    urls = bench.shard_urls([manifest])
+    for seed, model, name, steps, shards in calls["baselines"]:
+        assert name.endswith(f"-s{seed}") and steps == 5
+        if "-radiologist-" in name:
+            assert shards == urls
+        else:  # enough pool passes for the run's samples: 5 steps x batch 32 (or 16) of 4 images
+            assert "-pool-" in name and all("caption_pool" in s for s in shards)
+            assert len(shards) >= math.ceil(5 * (16 if "resnet18" in model else 32) / 4) * len(urls)
+    out = capsys.readouterr().out
+    assert "what the engine adds (medclip - open_clip_train medclip-small (batch 32, caption pool))" in out
