@@ -8,7 +8,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from medclip.errors import MedclipError
-from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
+from medclip.evaluation.linear_probe import PROBE_METHODS, FeatureCache, ProbeConfig
 from medclip.evaluation.model import EmbedOptions, resolve_model
 from medclip.evaluation.report import write_plots, write_result, write_summary
 from medclip.evaluation.runner import RunOptions, evaluate_dataset
@@ -37,6 +37,9 @@ def _common(p) -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[1.0],
                    help="linear probe: fractions of the training set (e.g. 0.01 0.1 1)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--probe-method", choices=sorted(PROBE_METHODS), default="sklearn",
+                   help="linear probe: scikit-learn logistic regression with a C search, or CLIP_benchmark's "
+                        "AdamW linear layer with its weight-decay search")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -101,7 +104,8 @@ def run(args) -> int:
     suite_name, root, specs = _plan(args)
     options = RunOptions(
         embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress, draft=not args.no_draft),
-        probe=ProbeConfig(shots=tuple(args.shots), fractions=tuple(args.fractions), seeds=tuple(args.seeds)),
+        probe=ProbeConfig(method=args.probe_method, shots=tuple(args.shots), fractions=tuple(args.fractions),
+                          seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
         cache=FeatureCache(args.cache_dir),
     )
     out = Path(args.out)
