@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, require_shared  # tests/ is on sys.path under pytest
 
 from medclip.data.manifest import load_manifest
 from medclip.evaluation.suites import load_suite
 from medclip.models.loading import resolve_config
 from medclip.training.config import load_recipe
-
-from conftest import REPO_ROOT, require_shared  # tests/ is on sys.path under pytest
 
 RECIPES = sorted(p.stem for p in (REPO_ROOT / "pretrain").glob("*.yaml"))
 
