@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from medclip.training import rehearsal
 from medclip.training.config import load_recipe
 
 
 def run(args) -> int:
     from medclip.training.trainer import pretrain
 
+    if args.rehearse:
+        return rehearsal.run_from_args(args)
     recipe = load_recipe(args.config, args.set)
     if args.print_recipe:
         import yaml
@@ -25,4 +28,5 @@ def register(subparsers) -> None:
                         help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    rehearsal.add_arguments(parser)
     parser.set_defaults(func=run)
