@@ -53,6 +53,8 @@ class DataConfig:
     augment: bool = True
     # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
     first_caption_share: float | None = None
+    # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).
+    epoch_samples: int | None = None
 
 
 @dataclass
@@ -209,6 +211,8 @@ def validate(recipe: Recipe) -> Recipe:
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
+    if recipe.data.epoch_samples is not None and recipe.data.epoch_samples < 1:
+        raise MedclipError(f"recipe key data.epoch_samples must be positive (or null), got {recipe.data.epoch_samples}")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
