@@ -264,7 +264,7 @@ def test_exact_mid_epoch_resume(demo_dir, tiny_encoder, workers):
     resumed = make()
     resumed.load_state_dict(state)
     got += _keys(resumed)
-    assert len(full) == 300 and len(set(full)) == 300
+    assert len(full) == 540 and len(set(full)) == 300  # weight 2: every train sample twice
     assert got == full  # the same order, with workers too (the resumed DataLoader starts at the worker due)
     with pytest.raises(MedclipError):
         build_train_stream(manifests, tiny_encoder.tokenizer, TRANSFORM, batch_size=8, seed=4,
@@ -451,7 +451,7 @@ def test_workers_hand_their_bpe_words_to_the_next_epoch(demo_dir, tiny_encoder):
 
 
 def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
-    manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
+    manifests = [_manifest(demo_dir, "demo-train", 1.0), _manifest(demo_dir, "demo-val", 1.0)]
 
     def make(seed=3):
         return build_train_stream(manifests, tiny_encoder.tokenizer, AUGMENT, batch_size=8, seed=seed,

@@ -27,12 +27,12 @@ AUGMENT = image_transform_v2(PreprocessCfg(size=32), is_train=True)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[Manifest]:
-    """Two demo sources (3 shards of 40, 2 of 30) and a third holding one shard cut in the middle of a sample."""
+    """Two demo sources (3 shards of 40; 40 + 20) and a third holding one shard cut in the middle of a sample."""
     out = tmp_path_factory.mktemp("resume")
     build_demo(out, n_train=120, n_val=60, image_size=32, shard_samples=40)
     val = sorted(str(p) for p in out.glob("demo-val-*.tar"))
     with tarfile.open(val[0]) as tar:
-        cut = tar.getmembers()[20].offset_data + 100  # inside the 8th sample's image: 7 samples stay whole
+        cut = tar.getmembers()[20].offset_data + 100  # in the 7th sample's last member (.txt): 6 stay whole
     data = Path(val[0]).read_bytes()
     (out / "cut.tar").write_bytes(data[:cut])
     return [Manifest("train", sorted(str(p) for p in out.glob("demo-train-*.tar")), weight=1.0),

@@ -25,7 +25,7 @@ TRANSFORM = transforms.Compose([transforms.Resize((32, 32)), transforms.ToTensor
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("weights")
-    build_demo(out, n_train=240, n_val=60, image_size=32, shard_samples=40)  # 6 shards of 40; 2 of 30
+    build_demo(out, n_train=240, n_val=60, image_size=32, shard_samples=40)  # 6 shards of 40; 40 + 20
     return out
 
 

@@ -16,8 +16,11 @@ from collections.abc import Callable, Iterator
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
+from medclip.errors import MedclipError
+
 log = logging.getLogger(__name__)
 
+SHARD_FAILURES = ("truncated_tar", "unreadable_shard")  # skip kinds counted per shard, not per sample
 FSSPEC_SCHEMES = ("s3", "gcs", "az", "abfs", "abfss", "oss", "r2", "webhdfs")
 
 
@@ -29,6 +32,12 @@ def _gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
 
 for _scheme in FSSPEC_SCHEMES:  # webdataset's documented dispatch table; keep any existing handler
     wds.gopen_schemes.setdefault(_scheme, _gopen_fsspec)
+
+
+def is_command(url: str) -> bool:
+    """A URL webdataset opens by running it in a shell. (http, gs, ... run curl or gsutil with the URL as
+    one argument, no shell: such a URL cannot run a command of its own.)"""
+    return url.startswith("pipe:")
 
 
 class ShardErrors:
@@ -76,11 +85,15 @@ class TailStream:
             close()
 
 
-def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bool = True) -> Iterator[dict]:
+def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bool = True,
+               allow_commands: bool = False) -> Iterator[dict]:
     """The samples (dicts of extension -> bytes, ``__key__``) of one shard whose index ``keep`` accepts.
 
     ``report=False``: another reader of the same shard counts and logs its failure (shared shards).
+    A ``pipe:`` URL is refused unless ``allow_commands`` (the user's opt-in, see manifest.refuse_commands).
     """
+    if is_command(url) and not allow_commands:
+        raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
     errors = ShardErrors(report)
     try:
         stream = TailStream(wds.gopen(url))
@@ -97,6 +110,9 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
                 errors.add("truncated_tar", f"{url} ends before the tar end-of-archive marker")
         except Exception as exn:
             errors(exn)
-        stream.close()
-    if report:
-        skips.update(errors.kinds)
+        try:
+            stream.close()  # a pipe: command reports its exit status here
+        except Exception as exn:
+            errors(exn)
+    if report:  # one kind per shard: a failing read or command often also leaves the tar short
+        skips.update({"unreadable_shard"} if "unreadable_shard" in errors.kinds else errors.kinds)

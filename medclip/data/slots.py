@@ -77,15 +77,16 @@ def source_samples(m: Manifest, source_index: int, visits: float, cfg: StreamCon
     """
     for pass_index in range(math.ceil(visits)):
         rng = seeded_rng(cfg.seed, epoch, source_index, pass_index)
-        samples = _pass_samples(slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards), source_index, skips)
+        shards = slot_shards(m.urls, rng, slot, n_slots, cfg.shuffle_shards)
+        samples = _pass_samples(shards, source_index, skips, cfg.allow_pipe)
         fraction = min(1.0, visits - pass_index)
         if fraction < 1.0:
             samples = thinned(samples, fraction, seeded_rng(cfg.seed, epoch, source_index, pass_index, slot, "thin"))
         yield from samples
 
 
-def _pass_samples(shards, source_index: int, skips: Counter) -> Iterator[dict]:
+def _pass_samples(shards, source_index: int, skips: Counter, allow_commands: bool) -> Iterator[dict]:
     for url, keep, report in shards:
-        for sample in read_shard(url, keep, skips, report):
+        for sample in read_shard(url, keep, skips, report, allow_commands):
             sample["__source__"] = source_index
             yield sample

@@ -43,12 +43,13 @@ import torch
 
 from medclip.data.batching import collate, collate_images
 from medclip.data.decode import DecodedSample, SampleDecoder, draw_caption
-from medclip.data.manifest import Manifest, as_manifest
+from medclip.data.manifest import Manifest, as_manifest, refuse_commands
 from medclip.data.mixing import MixPlan, plan_mix, raw_samples
+from medclip.data.shard_reader import SHARD_FAILURES
 from medclip.data.slots import seeded_rng
 from medclip.data.stream_config import StreamConfig, check_first_caption_share
 from medclip.data.text import SpanTokenizer
-from medclip.data.workers import as_is, for_transfer, from_transfer
+from medclip.data.workers import as_is, exit_with_parent, for_transfer, from_transfer
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ class TrainStream:
     def __init__(self, sources: list[Manifest], tokenizer, transform, cfg: StreamConfig):
         if not sources:
             raise MedclipError("no data sources given")
+        refuse_commands(sources, cfg.allow_pipe)
         self.sources = sources
         self.cfg = cfg
         self.plan = plan_mix(sources, cfg.epoch_samples)
@@ -151,12 +153,16 @@ class TrainStream:
 
     def __iter__(self) -> Iterator[dict]:
         resumed = any(w.position or w.finished for w in self._workers)
-        produced = yield from self._epoch()
+        produced = yield from self._epoch(whole=not resumed)
         if resumed and not produced:  # the state was taken after the epoch's last batch: go on with the next
-            yield from self._epoch()
+            yield from self._epoch(whole=True)
 
-    def _epoch(self) -> Generator[dict, None, int]:
-        """The batches of the current epoch from where its workers stand; returns how many there were."""
+    def _epoch(self, whole: bool) -> Generator[dict, None, int]:
+        """The batches of the current epoch from where its workers stand; returns how many there were.
+
+        ``whole``: the epoch is read from its start; if not one sample of it could be read because its
+        shards failed, stop with one line (the failures were counted and logged one by one).
+        """
         dataset = _EpochDataset(self.sources, self.plan, self.decoder, self.cfg, self.epoch, self._workers,
                                 self._next_worker)
         if self.cfg.num_workers == 0:
@@ -164,15 +170,26 @@ class TrainStream:
         else:
             items = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=as_is,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False))
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False, worker_init_fn=exit_with_parent))
         batches = 0
         for item in items:
             self._receive(item)
             if item["batch"] is not None:
                 batches += 1
                 yield from_transfer(item["batch"])
+        if whole and not any(w.position for w in self._workers):
+            self._stop_if_nothing_readable()
         self._end_epoch()
         return batches
+
+    def _stop_if_nothing_readable(self) -> None:
+        failed = Counter()
+        for w in self._workers:
+            failed.update({k: n for k, n in w.skips.items() if k in SHARD_FAILURES})
+        if failed:
+            counts = ", ".join(f"{n} {k}" for k, n in sorted(failed.items()))
+            raise MedclipError(f"no training data could be read: every shard failed ({counts}; each is logged "
+                               f"above); check the manifests with `medclip data check`")
 
     def _receive(self, item: dict) -> None:
         """Record a worker's message (before its batch is handed out) and whose message is due next."""

@@ -38,6 +38,8 @@ class StreamConfig:
     # Chance of drawing a sample's first caption (a table's own caption comes before its label captions,
     # see training.prepare); the others share the rest evenly. None: every caption equally likely.
     first_caption_share: float | None = None
+    # Run the shell commands of pipe: shard URLs (the user trusts the manifests; off by default).
+    allow_pipe: bool = False
 
     def __post_init__(self):
         if self.batch_size < 1:

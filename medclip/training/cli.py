@@ -11,7 +11,7 @@ def run(args) -> int:
 
     if args.rehearse:
         return rehearsal.run_from_args(args)
-    recipe = load_recipe(args.config, args.set)
+    recipe = load_recipe(args.config, args.set + (["data.allow_pipe=true"] if args.allow_pipe else []))
     if args.print_recipe:
         import yaml
 
@@ -28,5 +28,7 @@ def register(subparsers) -> None:
                         help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="let the data manifests run their pipe: shell commands (= --set data.allow_pipe=true)")
     rehearsal.add_arguments(parser)
     parser.set_defaults(func=run)

@@ -56,6 +56,8 @@ class DataConfig:
     first_caption_share: float | None = None
     # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).
     epoch_samples: int | None = None
+    # Let manifests run the shell commands of their pipe: URLs (only for manifests you trust; --allow-pipe).
+    allow_pipe: bool = False
 
 
 @dataclass
