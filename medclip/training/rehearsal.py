@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
 
 
 def run_from_args(args) -> int:
-    report = rehearse(args.config, args.set, work_dir=args.rehearse_dir, nproc=args.rehearse_procs,
+    overrides = args.set + (["data.allow_pipe=true"] if getattr(args, "allow_pipe", False) else [])
+    report = rehearse(args.config, overrides, work_dir=args.rehearse_dir, nproc=args.rehearse_procs,
                       device=args.rehearse_device, launcher=args.rehearse_launcher)
     print(report.text(), end="")
     return 0 if report.ok else 1

@@ -133,10 +133,12 @@ def _final_skips(runs: Runs) -> Counter:
     return skips
 
 
-def intended_shares(manifests) -> dict[str, float]:
-    """Each source's intended share of the samples drawn: proportional to its weight."""
-    total = sum(m.weight for m in manifests)
-    return {m.name: m.weight / total for m in manifests}
+def intended_shares(manifests, epoch_samples: int | None) -> dict[str, float]:
+    """Each source's intended share of the samples drawn, by the stream's own mixing plan."""
+    from medclip.data.mixing import plan_mix
+
+    shares = plan_mix(manifests, epoch_samples).shares()
+    return {manifests[i].name: share for i, share in shares.items()}
 
 
 def sources_mixed_as_weighted(runs: Runs) -> Check:
@@ -149,8 +151,9 @@ def sources_mixed_as_weighted(runs: Runs) -> Check:
     drawn = [k for rank in runs.keys("straight") for step in sorted(rank) for k in rank[step]]
     counts = Counter(owner.get(k, "?") for k in drawn)
     n = max(len(drawn), 1)
-    intended = intended_shares(manifests)
-    lines, ok = [], bool(drawn)
+    intended = intended_shares(manifests, runs.recipe.data.epoch_samples)
+    expected = runs.recipe.run.steps * runs.plan.nproc * runs.recipe.data.batch_size
+    lines, ok = [], len(drawn) == expected
     for name, share in intended.items():
         measured = counts.get(name, 0) / n
         # 3 binomial standard deviations of a share measured on n samples (and one point of slack).
@@ -162,7 +165,8 @@ def sources_mixed_as_weighted(runs: Runs) -> Check:
     if counts.get("?"):
         ok = False
         lines.append(f"{counts['?']} sample keys belong to no source's shards")
-    lines.append(f"{len(drawn)} samples over {runs.recipe.run.steps} steps x {runs.plan.nproc} processes")
+    lines.append(f"{len(drawn)} of {expected} samples ({runs.recipe.run.steps} steps x {runs.plan.nproc} processes "
+                 f"x {runs.recipe.data.batch_size}); intended = weight x samples / sum (medclip.data.mixing)")
     return Check("sources mixed as weighted", ok, lines)
 
 

@@ -33,7 +33,6 @@ from medclip.errors import MedclipError
 log = logging.getLogger(__name__)
 
 POOL_SIZE = 64  # distinct synthetic image-caption pairs; stand-in samples cycle through them
-MIN_SAMPLES_PER_SOURCE = 24
 BUILD_ROWS = 64  # rows of a data.build input table the rehearsal converts
 
 
@@ -141,7 +140,7 @@ def _local_path(url: str) -> Path | None:
     return Path(url[len("file:"):] if url.startswith("file:") else url)
 
 
-def write_stand_in_shards(manifest, raw: dict, pool: list, work_dir: Path) -> int:
+def write_stand_in_shards(manifest, raw: dict, pool: list, work_dir: Path, min_samples: int) -> int:
     """Shards at the manifest's URLs (expanded under the stand-in root) and its summary; returns samples."""
     from medclip.data.shards import ShardSink, write_summary
 
@@ -150,7 +149,7 @@ def write_stand_in_shards(manifest, raw: dict, pool: list, work_dir: Path) -> in
     paths = [_local_path(u) for u in manifest.urls]
     if any(p is None for p in paths):
         raise MedclipError(f"manifest {manifest.name}: stand-in shards need local URLs")
-    total = max(len(paths), MIN_SAMPLES_PER_SOURCE)
+    total = max(len(paths), min_samples)
     key_stem = manifest.name.replace(".", "_")
     infos = []
     for shard_index, path in enumerate(paths):
@@ -165,7 +164,7 @@ def write_stand_in_shards(manifest, raw: dict, pool: list, work_dir: Path) -> in
     return total
 
 
-def prepare_source(source: dict, pool: list, data_dir: Path) -> SourceData:
+def prepare_source(source: dict, pool: list, data_dir: Path, min_samples: int) -> SourceData:
     """Use the recipe source's shards when all are on disk; else write stand-ins and point ``root`` at them."""
     from medclip.data.manifest import load_manifest
 
@@ -179,7 +178,7 @@ def prepare_source(source: dict, pool: list, data_dir: Path) -> SourceData:
         return SourceData(manifest.name, source["manifest"], "real", detail)
     root = data_dir / manifest.name
     stand_in = load_manifest(source["manifest"], root=str(root))
-    samples = write_stand_in_shards(stand_in, raw, pool, data_dir / "work" / manifest.name)
+    samples = write_stand_in_shards(stand_in, raw, pool, data_dir / "work" / manifest.name, min_samples)
     source["root"] = str(root)
     where = "remote" if any(p is None for p in paths) else f"not under {Path(paths[0]).parent}"
     return SourceData(manifest.name, source["manifest"], "stand-in",
@@ -246,10 +245,14 @@ def prepare_build(spec: dict, pool: list, data_dir: Path) -> SourceData:
     return SourceData(spec["name"], str(src), kind, detail)
 
 
-def prepare_training_data(values: dict, pool: list, data_dir: Path) -> list[SourceData]:
-    """Point the rehearsed recipe's data section (``values['data']``, edited in place) at runnable data."""
+def prepare_training_data(values: dict, pool: list, data_dir: Path, min_samples: int) -> list[SourceData]:
+    """Point the rehearsed recipe's data section (``values['data']``, edited in place) at runnable data.
+
+    A stand-in source holds at least ``min_samples`` samples: as many as the run could read from it
+    alone, so no source runs dry and the measured shares are the mixing's own.
+    """
     data = values["data"]
-    found = [prepare_source(source, pool, data_dir) for source in data.get("sources") or []]
+    found = [prepare_source(source, pool, data_dir, min_samples) for source in data.get("sources") or []]
     found += [prepare_build(spec, pool, data_dir) for spec in data.get("build") or []]
     if data.get("demo"):
         found.append(SourceData("demo-train", "data.demo", "real", "the embedded synthetic demo set, built by the run"))

@@ -176,6 +176,8 @@ def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str =
     image_size = debug.config["vision_cfg"].get("image_size", 64)
     image_size = image_size if isinstance(image_size, int) else max(image_size)
     pool = stand_in_pool(image_size, recipe.run.seed)
-    plan.sources = prepare_training_data(plan.values, pool, work_dir / "data")
+    data = plan.values["data"]
+    readable = STEPS * nproc * data["batch_size"] + nproc * max(1, data["num_workers"]) * data["shuffle_buffer"]
+    plan.sources = prepare_training_data(plan.values, pool, work_dir / "data", min_samples=readable)
     plan.suites = prepare_eval_data(plan.values, work_dir / "eval", pool)
     return plan
