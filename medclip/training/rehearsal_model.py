@@ -21,6 +21,7 @@ in a directory and names the model ``local-dir:DIR``, which open_clip (and so me
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +103,9 @@ def _meta_trunk(name: str):
         return timm.create_model(name, pretrained=False)
 
 
-def debug_timm_trunk(name: str) -> tuple[str, dict, int]:
-    """(debug timm architecture, its features, its fixed input side or 0) for the trunk ``name``."""
+@functools.lru_cache(maxsize=None)
+def debug_timm_trunk(name: str) -> tuple[str, dict, int, int]:
+    """(debug timm architecture, its features, its fixed input side or 0, its feature width) for ``name``."""
     import timm
 
     if not timm.is_model(name):
@@ -124,20 +126,19 @@ def debug_timm_trunk(name: str) -> tuple[str, dict, int]:
             patch_embed = getattr(model, "patch_embed", None)
             if patch_embed is not None and getattr(patch_embed, "strict_img_size", False):
                 fixed = int(patch_embed.img_size[0])
-            best = (shared, size, candidate, features, fixed)
+            best = (shared, size, candidate, features, fixed, model.num_features)
     if best is None:
         raise MedclipError(f"no tiny timm architecture of class {target['class']} to rehearse {name!r} with; "
                            f"rehearse with a model config whose image tower timm can shrink")
-    return best[2], best[3], best[4]
+    return best[2], best[3], best[4], best[5]
 
 
 def _timm_vision(cfg: dict, notes: list[str]) -> tuple[dict, int]:
     """Debug timm tower config and its feature width (what a 'none' projection passes on)."""
     name = cfg["timm_model_name"]
-    debug, features, fixed_size = debug_timm_trunk(name)
+    debug, features, fixed_size, width = debug_timm_trunk(name)
     out = dict(cfg, timm_model_name=debug, timm_model_pretrained=False)
     out["image_size"] = fixed_size or _shrink(cfg.get("image_size", 224), DEBUG_IMAGE_SIZE)
-    width = _meta_trunk(debug).num_features
     notes.append(f"image tower: timm {name} -> {debug} ({features['class']}, pool {features['global_pool']}, "
                  f"class token {features['class_token']}), image {cfg.get('image_size')} -> {out['image_size']} px; "
                  f"kept timm_pool={cfg.get('timm_pool', 'avg')}, timm_proj={cfg.get('timm_proj', 'linear')}")
