@@ -1,4 +1,4 @@
-"""AdamW with CLIP's decay rule, warmup + cosine schedule, tower freezing."""
+"""AdamW with CLIP's decay rule, warmup + cosine schedule, tower freezing, gradient norm, divergence guard."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from medclip.errors import MedclipError
 from medclip.training.config import ModelConfig, OptimConfig
 
 
@@ -52,3 +53,51 @@ def apply_freezing(model, cfg: ModelConfig) -> None:
         model.lock_image_tower(unlocked_groups=cfg.unlocked_image_layers)
     if cfg.freeze_text:
         model.lock_text_tower(unlocked_layers=cfg.unlocked_text_layers)
+
+
+def grad_norm(parameters, max_norm: float | None = None) -> torch.Tensor:
+    """Global 2-norm of the gradients (fused per-tensor norms, no host sync), clipped to max_norm if given.
+
+    Under FSDP2 the per-shard norms are DTensors; ``full_tensor`` reduces them to the global norm, the
+    same on every rank (as torchtitan does), so the clip and the divergence check agree across ranks.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+class Diverged(MedclipError):
+    """Too many steps in a row had a non-finite loss or non-finite gradients."""
+
+
+class DivergenceGuard:
+    """Counts the steps skipped for a non-finite loss or gradients, and how many of them in a row."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.skipped = 0  # over the whole run (restored on resume)
+        self.in_a_row = 0
+        self.first_bad_step: int | None = None
+
+    def record(self, step: int, finite: bool) -> None:
+        if finite:
+            self.in_a_row, self.first_bad_step = 0, None
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+
+    @property
+    def diverged(self) -> bool:
+        return self.in_a_row >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
