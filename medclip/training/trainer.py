@@ -390,7 +390,7 @@ class Pretrainer:
         samples_per_s = throughput.rate_and_reset()
         metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "logit_scale": self.module.model.logit_scale.detach().exp().item(),
+                   "logit_scale": _whole(self.module.model.logit_scale).exp().item(),
                    "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
                    **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
         if self.flops is not None:
@@ -484,3 +484,9 @@ def _rng_untouched():
 
 def pretrain(recipe: Recipe, resume: str | None = None) -> dict:
     return Pretrainer(recipe, resume).run()
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value on every rank: FSDP2 shards even the 1-element logit scale (rank 1's part is empty)."""
+    param = param.detach()
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
