@@ -200,7 +200,8 @@ def _build_open_clip(args, device):
 
     import medclip  # noqa: F401  (registers the medclip-* architectures with open_clip)
 
-    model = open_clip.create_model(args.model, device=device, output_dict=True)
+    # Random weights on both sides: an HF text tower must not look for its base weights (medclip builds it from its config).
+    model = open_clip.create_model(args.model, device=device, output_dict=True, pretrained_text=False)
     if args.compile:  # what open_clip_train's --torchcompile does
         model = torch.compile(model)
     # open_clip_train.main's parameter groups: no decay on gains, biases and the logit scale.

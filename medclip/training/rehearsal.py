@@ -61,6 +61,7 @@ class RehearsalReport:
     checks: list = field(default_factory=list)
     seconds: float = 0.0
     launcher: str = "fork"
+    timings: dict = field(default_factory=dict)  # phase -> seconds
 
     @property
     def ok(self) -> bool:
@@ -83,11 +84,13 @@ class RehearsalReport:
         passed = sum(c.ok for c in self.checks)
         verdict = "ready for GPUs" if self.ok else "NOT ready: fix the FAIL items (logs in " \
                                                    f"{self.work_dir / 'logs'})"
-        out.append(f"rehearsal: {passed}/{len(self.checks)} items passed in {self.seconds:.0f} s; {verdict}")
+        phases = ", ".join(f"{k} {v:.0f} s" for k, v in self.timings.items())
+        out.append(f"rehearsal: {passed}/{len(self.checks)} items passed in {self.seconds:.0f} s ({phases}); {verdict}")
         return "\n".join(out) + "\n"
 
     def to_dict(self) -> dict:
         return {"config": self.config, "ok": self.ok, "seconds": round(self.seconds, 1),
+                "timings": {k: round(v, 1) for k, v in self.timings.items()},
                 "checks": [{"title": c.title, "ok": c.ok, "lines": c.lines} for c in self.checks],
                 "swaps": [s.line() for s in self.plan.swaps], "model": self.plan.model_notes}
 
@@ -118,6 +121,7 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
     recipe = load_recipe(config, overrides or [])
     work = _prepare_work_dir(Path(work_dir) if work_dir else Path(recipe.run.output_dir + "-rehearsal"))
     plan = make_plan(recipe, str(config), work, nproc=nproc, device=device)
+    timings = {"plan and stand-ins": time.monotonic() - started}
     straight_yaml = plan.write_recipe(work / "recipe-straight.yaml", work / "runs" / "straight")
     resumed_yaml = plan.write_recipe(work / "recipe-resumed.yaml", work / "runs" / "resumed")
     rehearsed = load_recipe(straight_yaml)
@@ -132,9 +136,12 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
                                     kill_at=KILL_AT_CHECKPOINT, fault_file=work / "fault.json")
         after_kill = inspect_checkpoints(work / "runs" / "resumed" / "checkpoints")
         launches["resumed"] = launch("resumed", command(resumed_yaml), nproc, work, launcher)
+    timings.update({name: run.seconds for name, run in launches.items()})
     runs = Runs(plan, work, rehearsed, work / "runs" / "straight", work / "runs" / "resumed", launches,
                 kill_step=KILL_AT_CHECKPOINT, resume_step=CHECKPOINT_EVERY, after_kill=after_kill)
-    report = RehearsalReport(str(config), work, plan, run_checks(runs), launcher=launcher)
+    checked = time.monotonic()
+    report = RehearsalReport(str(config), work, plan, run_checks(runs), launcher=launcher, timings=timings)
+    report.timings["checks"] = time.monotonic() - checked
     report.seconds = time.monotonic() - started
     (work / "checklist.txt").write_text(report.text())
     (work / "rehearsal.json").write_text(json.dumps(report.to_dict(), indent=2))
