@@ -329,7 +329,7 @@ class Pretrainer:
             self.checkpoints.finish()
             encoder = self.snapshot_encoder()
             export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
-            results = self._evaluate(monitor, encoder)
+            results = self._evaluate(monitor, encoder, gathered=True)
         except Diverged as exc:
             failure = exc
         except EvaluationFailed as exc:
@@ -419,11 +419,15 @@ class Pretrainer:
             return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
                                       device=self.device, name=f"{self.output_dir.name}@{self.step}")
 
-    def _evaluate(self, monitor: Monitor, encoder=None) -> dict:
-        """The recipe's suites on rank 0; a failure there is raised on every rank as EvaluationFailed."""
+    def _evaluate(self, monitor: Monitor, encoder=None, gathered: bool = False) -> dict:
+        """The recipe's suites on rank 0; a failure there is raised on every rank as EvaluationFailed.
+
+        ``gathered``: every rank already took part in ``snapshot_encoder`` (whose result is None off rank 0);
+        gathering again on the other ranks alone would leave them in a collective rank 0 never joins (FSDP2).
+        """
         if not self.recipe.eval.suites:
             return {}
-        if encoder is None:
+        if not gathered:
             encoder = self.snapshot_encoder()
         results, error = {}, None
         if self.env.is_main:
