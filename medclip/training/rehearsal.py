@@ -4,9 +4,10 @@ The rehearsal derives the rehearsed recipe (rehearsal_plan: debug model of the s
 stand-in data in the manifests' formats when the real shards are not on disk, a 20-step
 schedule), then runs it three times in N processes (rehearsal_launch):
 
-1. ``straight``: uninterrupted;
-2. ``killed``: the same recipe in a second directory; rank 0 is SIGKILLed half-way through
-   writing the checkpoint of step 14 (the other ranks are ended, as torchrun's agent does);
+1. ``straight``: uninterrupted, with the recipe's evaluations;
+2. ``killed``: the same recipe without evaluation in a second directory; rank 0 is SIGKILLed
+   half-way through writing the checkpoint of step 14 (the other ranks are ended, as torchrun's
+   agent does);
 3. ``resumed``: ``--resume latest`` in that directory, to the end.
 
 and prints a checklist (rehearsal_checks): manifests found and counted, sources mixed as
@@ -123,7 +124,7 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
     plan = make_plan(recipe, str(config), work, nproc=nproc, device=device)
     timings = {"plan and stand-ins": time.monotonic() - started}
     straight_yaml = plan.write_recipe(work / "recipe-straight.yaml", work / "runs" / "straight")
-    resumed_yaml = plan.write_recipe(work / "recipe-resumed.yaml", work / "runs" / "resumed")
+    resumed_yaml = plan.write_recipe(work / "recipe-resumed.yaml", work / "runs" / "resumed", evaluate=False)
     rehearsed = load_recipe(straight_yaml)
 
     def command(path: Path) -> list[str]:

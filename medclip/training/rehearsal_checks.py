@@ -254,7 +254,8 @@ def resume_identical(runs: Runs) -> Check:
     ok &= same_keys == total and total > 0
     la, lb = _losses(runs.straight), _losses(runs.resumed)
     same_loss = sum(1 for s, v in la.items() if lb.get(s) == v)
-    lines.append(f"losses: {same_loss}/{len(la)} logged steps equal (resumed at step {runs.resume_step})")
+    lines.append(f"losses: {same_loss}/{len(la)} logged steps equal (resumed at step {runs.resume_step}; only the "
+                 f"straight run evaluated)")
     ok &= same_loss == len(la)
     return Check("resume identical", ok, lines)
 

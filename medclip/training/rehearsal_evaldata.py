@@ -152,11 +152,16 @@ def prepare_eval_data(values: dict, eval_dir: Path, pool: list) -> list[SuiteDat
             write_stand_in_dataset(spec, stand_in_root, pool)
     section["root"] = str(stand_in_root)
     reasons = {s.name: a for s, a in missing}
-    return [SuiteData(s.name, str(stand_in_root), "stand-in",
-                      f"{len(s.datasets)} datasets written as stand-ins"
-                      + (f" (not found: {_preview(reasons[s.name])} under {Path(root) if root else s.root})"
-                         if s.name in reasons else " (another suite of the recipe needed stand-ins)"))
-            for s in suites]
+
+    def why(suite) -> str:
+        if suite.name not in reasons:
+            return " (another suite of the recipe needed stand-ins)"
+        where = Path(root) if root else suite.root
+        place = f"under {where}" if where else "(no eval.root in the recipe, no root in the suite)"
+        return f" (not found: {_preview(reasons[suite.name])} {place})"
+
+    return [SuiteData(s.name, str(stand_in_root), "stand-in", f"{len(s.datasets)} datasets written as stand-ins"
+                      + why(s)) for s in suites]
 
 
 def _preview(names: list[str], n: int = 3) -> str:

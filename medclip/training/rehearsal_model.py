@@ -103,7 +103,7 @@ def _meta_trunk(name: str):
         return timm.create_model(name, pretrained=False)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def debug_timm_trunk(name: str) -> tuple[str, dict, int, int]:
     """(debug timm architecture, its features, its fixed input side or 0, its feature width) for ``name``."""
     import timm

@@ -53,9 +53,14 @@ class RehearsalPlan:
     nproc: int = 2
     device: str = "cpu"
 
-    def write_recipe(self, path: Path, output_dir: Path) -> Path:
+    def write_recipe(self, path: Path, output_dir: Path, evaluate: bool = True) -> Path:
+        """The rehearsed recipe into ``output_dir``; without ``evaluate``, its suites are dropped (the
+        killed and resumed runs: the straight run evaluates, and the resumed run's weights equal to its
+        then also show that evaluation leaves training untouched)."""
         values = copy.deepcopy(self.values)
         values["run"]["output_dir"] = str(output_dir)
+        if not evaluate:
+            values["eval"]["suites"] = []
         path.write_text(yaml.safe_dump(values, sort_keys=False))
         return path
 
@@ -175,6 +180,10 @@ def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str =
     _run_settings(plan)
     image_size = debug.config["vision_cfg"].get("image_size", 64)
     image_size = image_size if isinstance(image_size, int) else max(image_size)
+    if recipe.eval.suites:
+        plan.swaps.append(Swap("eval.suites of the killed and resumed runs", recipe.eval.suites, [],
+                               "the straight run evaluates; equal final weights then also show that "
+                               "evaluation leaves training untouched"))
     pool = stand_in_pool(image_size, recipe.run.seed)
     data = plan.values["data"]
     readable = STEPS * nproc * data["batch_size"] + nproc * max(1, data["num_workers"]) * data["shuffle_buffer"]
