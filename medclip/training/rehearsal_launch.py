@@ -14,12 +14,15 @@ which has torch and medclip imported already (a fresh interpreter costs seconds 
 process); each rank leads its own process group, so it and its data-loader workers can be ended
 together. ``torchrun`` (CUDA default) starts ``torch.distributed.run`` with this module as the
 entry point, exactly as a cluster job does. Either way, when one process dies the others are
-ended, as torchrun's agent does.
+ended, as torchrun's agent does. A forked run in which no process writes a log line or finishes
+a step for ten minutes is hung (mismatched collectives wait forever): every rank's Python stacks
+go to its log (faulthandler, SIGUSR1) and the run is ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import io
 import json
 import os
@@ -111,6 +114,7 @@ def _forked_rank(rank: int, world: int, port: int, argv: list[str], log_file: st
     import torch
 
     logging.root.handlers.clear()  # the parent's handlers (a test runner's) do not belong to this process
+    faulthandler.register(signal.SIGUSR1, file=log, all_threads=True)  # the launcher asks for stacks of a stalled run
     torch.set_num_threads(threads)
     code = _run_rank(argv, Path(keys_file), kill_at_checkpoint, Path(fault_file) if fault_file else None)
     log.flush()
@@ -133,12 +137,16 @@ def main(args: list[str] | None = None) -> int:
 
 # ----------------------------------------------------------------------------- the parent
 
+STALL_SECONDS = 600  # no log line and no finished step for this long: the run is hung
+
+
 @dataclass
 class Launch:
     name: str
     exit_codes: list[int]
     logs: list[Path]
     seconds: float
+    stalled: bool = False
 
     @property
     def ok(self) -> bool:
@@ -146,6 +154,9 @@ class Launch:
 
     def error_line(self) -> str:
         """The last error-looking line of the logs (what the user would see first)."""
+        if self.stalled:
+            return (f"no progress for {STALL_SECONDS} s: hung (the stacks of every process are at the end of "
+                    f"{', '.join(str(p) for p in self.logs)})")
         for log in self.logs:
             lines = log.read_text(errors="replace").splitlines() if log.is_file() else []
             for line in reversed(lines):
@@ -168,7 +179,7 @@ def _end_group(pgid: int) -> None:
 
 
 def _fork_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at: int | None, fault_file: Path | None,
-                 timeout: float) -> tuple[list[int], list[Path]]:
+                 timeout: float) -> tuple[list[int], list[Path], bool]:
     import multiprocessing as mp
 
     ctx = mp.get_context("fork")
@@ -188,24 +199,42 @@ def _fork_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at: in
             pass
         procs.append(p)
     deadline = time.monotonic() + timeout
+    watched = [*logs, *(work / "keys" / f"{name}-rank{r}.jsonl" for r in range(nproc))]
+    stalled = False
     try:
         while any(p.exitcode is None for p in procs):
             failed = any(p.exitcode not in (None, 0) for p in procs)
-            if failed or time.monotonic() > deadline:
+            stalled = stalled or time.time() - _last_change(watched) > STALL_SECONDS
+            if stalled:
+                _dump_stacks(procs)
+            if failed or stalled or time.monotonic() > deadline:
                 for p in procs:
-                    _end_group(p.pid)  # one died (or time is up): end the others, as torchrun's agent does
+                    _end_group(p.pid)  # one died (or hung, or time is up): end the others, as torchrun's agent does
             time.sleep(0.2)
-            for p in procs:
-                p.join(timeout=0)
     finally:
         for p in procs:
             p.join(timeout=10)
             _end_group(p.pid)  # data-loader workers a killed rank left behind
-    return [p.exitcode for p in procs], logs
+    return [p.exitcode for p in procs], logs, stalled
+
+
+def _last_change(paths: list[Path]) -> float:
+    return max((p.stat().st_mtime for p in paths if p.exists()), default=time.time())
+
+
+def _dump_stacks(procs) -> None:
+    """faulthandler writes every thread's Python stack into the rank's log (registered in _forked_rank)."""
+    for p in procs:
+        if p.exitcode is None:
+            try:
+                os.kill(p.pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                pass
+    time.sleep(2)
 
 
 def _torchrun_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at: int | None,
-                     fault_file: Path | None, timeout: float) -> tuple[list[int], list[Path]]:
+                     fault_file: Path | None, timeout: float) -> tuple[list[int], list[Path], bool]:
     log = work / "logs" / f"{name}-torchrun.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
@@ -223,7 +252,7 @@ def _torchrun_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at
         finally:
             _end_group(proc.pid)
     rank_logs = sorted((work / "logs" / name).rglob("std*.log"))
-    return [code], [log, *rank_logs]
+    return [code], [log, *rank_logs], False
 
 
 def launch(name: str, argv: list[str], nproc: int, work: Path, launcher: str = "fork", kill_at: int | None = None,
@@ -231,8 +260,8 @@ def launch(name: str, argv: list[str], nproc: int, work: Path, launcher: str = "
     """Run ``medclip <argv>`` in ``nproc`` processes; keys and logs go under ``work``."""
     started = time.monotonic()
     run = _fork_launch if launcher == "fork" else _torchrun_launch
-    codes, logs = run(name, argv, nproc, work, kill_at, fault_file, timeout)
-    return Launch(name, codes, logs, time.monotonic() - started)
+    codes, logs, stalled = run(name, argv, nproc, work, kill_at, fault_file, timeout)
+    return Launch(name, codes, logs, time.monotonic() - started, stalled)
 
 
 if __name__ == "__main__":
