@@ -119,6 +119,13 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
     if nproc < 1:
         raise MedclipError(f"--rehearse-procs must be >= 1, got {nproc}")
     launcher = launcher or ("torchrun" if device == "cuda" else "fork")
+    if device == "cuda":
+        import torch
+
+        if launcher == "fork":
+            raise MedclipError("--rehearse-launcher fork cannot start CUDA processes; use torchrun")
+        if nproc > torch.cuda.device_count():
+            raise MedclipError(f"--rehearse-procs {nproc} on cuda: only {torch.cuda.device_count()} GPU(s) visible")
     recipe = load_recipe(config, overrides or [])
     work = _prepare_work_dir(Path(work_dir) if work_dir else Path(recipe.run.output_dir + "-rehearsal"))
     plan = make_plan(recipe, str(config), work, nproc=nproc, device=device)

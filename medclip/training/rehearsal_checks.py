@@ -112,11 +112,11 @@ def manifests_found_and_counted(runs: Runs) -> Check:
 
 def _counted_samples(manifest) -> int:
     from medclip.data.manifest import count_tar_samples
-    from medclip.training.rehearsal_data import _local_path
+    from medclip.training.rehearsal_data import local_path
 
     total = 0
     for url in manifest.urls:
-        path = _local_path(url)
+        path = local_path(url)
         if path is not None and path.is_file():
             total += count_tar_samples(path)
     return total

@@ -132,7 +132,7 @@ def _members_for(fmt: str, record, manifest, work_dir: Path) -> dict[str, bytes]
 
 # ----------------------------------------------------------------------------- manifests
 
-def _local_path(url: str) -> Path | None:
+def local_path(url: str) -> Path | None:
     from medclip.data.manifest import is_local
 
     if not is_local(url):
@@ -146,7 +146,7 @@ def write_stand_in_shards(manifest, raw: dict, pool: list, work_dir: Path, min_s
 
     fmt = shard_format(manifest, raw)
     pool_members = [_members_for(fmt, record, manifest, work_dir / "inputs") for record in pool]
-    paths = [_local_path(u) for u in manifest.urls]
+    paths = [local_path(u) for u in manifest.urls]
     if any(p is None for p in paths):
         raise MedclipError(f"manifest {manifest.name}: stand-in shards need local URLs")
     total = max(len(paths), min_samples)
@@ -170,7 +170,7 @@ def prepare_source(source: dict, pool: list, data_dir: Path, min_samples: int) -
 
     manifest = load_manifest(source["manifest"], root=source.get("root"))
     raw = yaml.safe_load(Path(source["manifest"]).read_text()) or {}
-    paths = [_local_path(u) for u in manifest.urls]
+    paths = [local_path(u) for u in manifest.urls]
     present = [p for p in paths if p is not None and p.is_file()]
     if present:
         missing = len(paths) - len(present)
@@ -284,7 +284,7 @@ def shard_keys(manifest) -> dict[str, str]:
 
     keys = {}
     for url in manifest.urls:
-        path = _local_path(url)
+        path = local_path(url)
         if path is None or not path.is_file():
             continue
         try:
