@@ -8,6 +8,7 @@ after that batch must give the batches the uninterrupted stream gave next: same 
 
 from __future__ import annotations
 
+import io
 import json
 import tarfile
 from itertools import islice
@@ -27,7 +28,8 @@ AUGMENT = image_transform_v2(PreprocessCfg(size=32), is_train=True)
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> list[Manifest]:
-    """Two demo sources (3 shards of 40; 40 + 20) and a third holding one shard cut in the middle of a sample."""
+    """Two demo sources (3 shards of 40; 40 + 20) and a third with a shard cut in the middle of a sample and
+    one with broken samples, so that shard and sample skips are counted before and after each checkpoint."""
     out = tmp_path_factory.mktemp("resume")
     build_demo(out, n_train=120, n_val=60, image_size=32, shard_samples=40)
     val = sorted(str(p) for p in out.glob("demo-val-*.tar"))
@@ -35,8 +37,24 @@ def sources(tmp_path_factory) -> list[Manifest]:
         cut = tar.getmembers()[20].offset_data + 100  # in the 7th sample's last member (.txt): 6 stay whole
     data = Path(val[0]).read_bytes()
     (out / "cut.tar").write_bytes(data[:cut])
+    _write_broken_samples(val[1], out / "broken.tar")
     return [Manifest("train", sorted(str(p) for p in out.glob("demo-train-*.tar")), weight=1.0),
-            Manifest("val", val, weight=1.0), Manifest("cut", [str(out / "cut.tar")], weight=1.0)]
+            Manifest("val", val, weight=1.0),
+            Manifest("bad", [str(out / "cut.tar"), str(out / "broken.tar")], weight=1.0)]
+
+
+def _write_broken_samples(source: str, path: Path) -> None:
+    """Copy the first 12 samples of ``source`` with 2 corrupt images and 2 bad JSONs (counted skips)."""
+    with tarfile.open(source) as src, tarfile.open(path, "w") as dst:
+        for i, member in enumerate(src.getmembers()[:36]):
+            data = src.extractfile(member).read()
+            sample, ext = divmod(i, 3)[0], member.name.rsplit(".", 1)[1]
+            if sample in (2, 7) and ext == "jpg":
+                data = b"\xff\xd8 not an image"
+            if sample in (4, 9) and ext == "json":
+                data = b"{broken"
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
 
 
 def _stream(sources, tokenizer, rank: int, workers: int, batch_size: int):
@@ -106,21 +124,23 @@ def test_resume_is_exact_with_8_workers_per_rank(sources, tiny_encoder):
     assert figures["boundary_resumes"] == 1 and figures["truncated_tar"] == 1
 
 
-def test_shard_failures_are_not_counted_again_after_a_resume(sources, tiny_encoder):
+def test_skip_counts_after_a_resume_are_those_of_the_uninterrupted_run(sources, tiny_encoder):
     def make():
         return build_train_stream(sources, tiny_encoder.tokenizer, AUGMENT, batch_size=8, seed=3, num_workers=2,
                                   shuffle_buffer=30, drop_last=True)
 
     whole = make()
     list(whole)
-    assert whole.skip_counts() == {"truncated_tar": 1}
-    interrupted = make()
-    for _ in interrupted:  # checkpoint right after the cut shard was read and counted
-        if interrupted.skip_counts():
-            state = json.loads(json.dumps(interrupted.state_dict()))
-            break
-    assert state["skips"] == {"truncated_tar": 1}
-    resumed = make()
-    resumed.load_state_dict(state)
-    list(resumed)  # replays the cut shard up to the checkpoint position without counting it again
-    assert resumed.skip_counts() == {"truncated_tar": 1}
+    expected = {"bad_json": 2, "corrupt_image": 2, "truncated_tar": 1}
+    assert whole.skip_counts() == expected
+    # checkpoints right after the cut shard was counted, and right after the first broken sample was
+    for kind in ("truncated_tar", "corrupt_image"):
+        interrupted = make()
+        for _ in interrupted:
+            if kind in interrupted.skip_counts():
+                state = json.loads(json.dumps(interrupted.state_dict()))
+                break
+        resumed = make()
+        resumed.load_state_dict(state)
+        list(resumed)  # replays the shards up to the checkpoint without decoding or counting them again
+        assert resumed.skip_counts() == expected, kind

@@ -207,22 +207,7 @@ def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe
         problems.append(f"{m.name}: {len(m.commands)} shard(s) come from shell commands, not run: read them "
                         f"with --allow-pipe if you trust the manifest")
     summary = _read_summary(m, problems)
-    by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
-    failed: dict[str, list[str]] = {}
-    counted = 0
-    for url in m.urls:
-        if is_command(url) and not allow_pipe:
-            continue
-        if is_local(url) and not Path(urlparse(url).path if url.startswith("file:") else url).is_file():
-            failed.setdefault("missing shard", []).append(url)
-            continue
-        samples, failures = read_whole_shard(url, allow_pipe)
-        for kind in failures:
-            failed.setdefault(kind.replace("_", " "), []).append(url)
-        if failures:
-            continue
-        counted += samples
-        problems += _compare_with_summary(m, url, samples, summary, by_name.get(Path(url).name), verify_checksums)
+    counted, failed = _walk_shards(m, allow_pipe, summary, verify_checksums, problems)
     for kind, urls in failed.items():
         problems += [f"{m.name}: {kind} {u}" for u in urls[:MAX_LISTED]]
         if len(urls) > MAX_LISTED:
@@ -236,6 +221,28 @@ def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe
     if m.samples is not None and all_read and m.counts_exact and counted != m.samples:
         problems.append(f"{m.name}: shards hold {counted} samples, manifest says {m.samples}")
     return problems
+
+
+def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_checksums: bool,
+                 problems: list[str]) -> tuple[int, dict[str, list[str]]]:
+    """Read every shard it may; (samples in the whole shards, failure kind -> shard URLs)."""
+    by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
+    failed: dict[str, list[str]] = {}
+    counted = 0
+    for url in m.urls:
+        if is_command(url) and not allow_pipe:
+            continue
+        if is_local(url) and not Path(urlparse(url).path if url.startswith("file:") else url).is_file():
+            failed.setdefault("missing shard", []).append(url)
+            continue
+        samples, failures = read_whole_shard(url, allow_pipe)
+        for kind in failures:
+            failed.setdefault(kind.replace("_", " "), []).append(url)
+        if not failures:
+            counted += samples
+            problems += _compare_with_summary(m, url, samples, summary, by_name.get(Path(url).name),
+                                              verify_checksums)
+    return counted, failed
 
 
 def read_whole_shard(url: str, allow_pipe: bool) -> tuple[int, list[str]]:

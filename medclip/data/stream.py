@@ -163,7 +163,8 @@ class TrainStream:
         ``whole``: the epoch is read from its start; if not one sample of it could be read because its
         shards failed, stop with one line (the failures were counted and logged one by one).
         """
-        dataset = _EpochDataset(self.sources, self.plan, self.decoder, self.cfg, self.epoch, self._workers,
+        states = [dataclasses.replace(w, skips=dict(w.skips)) for w in self._workers]  # as they stand now
+        dataset = _EpochDataset(self.sources, self.plan, self.decoder, self.cfg, self.epoch, states,
                                 self._next_worker)
         if self.cfg.num_workers == 0:
             items = iter(dataset)
