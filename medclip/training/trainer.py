@@ -56,6 +56,7 @@ from medclip.training.optim import (
     Diverged,
     DivergenceGuard,
     apply_freezing,
+    apply_recipe_settings,
     build_optimizer,
     build_scheduler,
     grad_norm,
@@ -305,6 +306,8 @@ class Pretrainer:
             self.module.load_state_dict(full)
             self.optimizer.load_state_dict(obj["optimizer"])
         self.scheduler.load_state_dict(obj["scheduler"])
+        for name, (old, new) in apply_recipe_settings(self.optimizer, self.scheduler, self.recipe.optim).items():
+            log.info("resume: optimiser %s is now %s (the checkpoint's run used %s)", name, new, old)
         self.scaler.load_state_dict(obj["scaler"])
         self.guard.load_state_dict(obj.get("guard", {}))
         self.data.load_state_dict(obj["data"][self.env.rank])
