@@ -195,20 +195,22 @@ class Pretrainer:
 
         Part j's backward uses the live features of part j and the cached ones of the others; summed
         over j this is the full batch's gradient. Scale/bias parameters enter every part's loss, so
-        they are live only in the first part (else their gradient would count k times). Every part's
-        loss is the loss of the whole batch (the live features equal the cached ones), so the first
-        part's terms are the step's loss.
+        they are live only in the last part (else their gradient would count k times): under DDP that
+        is the part whose backward synchronises, which must reach every parameter. Every part's loss
+        is the loss of the whole batch (the live features equal the cached ones), so the first part's
+        terms are the step's loss.
         """
         step = self._phase_step()
         with torch.no_grad(), self._autocast():
             cached = [self.wrapped(p, step) for p in parts]
         step_losses = None
         for j, part in enumerate(parts):
-            sync = j == len(parts) - 1 or not hasattr(self.wrapped, "no_sync")
+            last = j == len(parts) - 1
+            sync = last or not hasattr(self.wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
                 live = self.wrapped(part, step)
                 features = self.module.merge_features(cached, j, live)
-                losses = self.module.losses(features, step, live_scales=j == 0)
+                losses = self.module.losses(features, step, live_scales=last)
                 self.scaler.scale(losses["total"]).backward()
             if j == 0:
                 step_losses = losses
@@ -393,7 +395,7 @@ class Pretrainer:
         samples_per_s = throughput.rate_and_reset()
         metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "logit_scale": self.module.model.logit_scale.detach().exp().item(),
+                   "logit_scale": _full(self.module.model.logit_scale).exp().item(),
                    "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
                    **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
         if self.flops is not None:
@@ -473,6 +475,12 @@ class Throughput:
         rate = self.samples / max(time.time() - self.started, 1e-9)
         self.started, self.samples = time.time(), 0
         return rate
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value; under FSDP2 its shards are gathered (a collective: every rank calls it)."""
+    value = param.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
 
 
 @contextlib.contextmanager
