@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -56,6 +57,24 @@ class TrainModule(nn.Module):
 
 def _detached(t):
     return t.detach() if t is not None else None
+
+
+class RandomState:
+    """The RNG state a forward draws its dropout masks from (CPU, and the CUDA device in use)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def replayed(self):
+        """Draw again what was drawn from this state; the RNG continues afterwards as if nothing was drawn."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:

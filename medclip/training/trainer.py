@@ -33,6 +33,7 @@ from medclip.models.loading import (
 from medclip.training import checkpoint as ckpt
 from medclip.training.attention import set_attention_backend
 from medclip.training.components import (
+    RandomState,
     TrainModule,
     batches_forever,
     build_data,
@@ -193,21 +194,26 @@ class Pretrainer(TrainerCheckpoints):
         """Contrastive batch kept whole: cache all features without grad, then re-forward each part.
 
         Part j's backward uses the live features of part j and the cached ones of the others; summed
-        over j this is the full batch's gradient. Scale/bias parameters enter every part's loss, so
-        they are live only in the last part (else their gradient would count k times): under DDP that
-        is the part whose backward synchronises, which must reach every parameter. Every part's loss
-        is the loss of the whole batch (the live features equal the cached ones), so the first part's
-        terms are the step's loss.
+        over j this is the full batch's gradient. The re-forward replays the RNG state of part j's
+        cached forward, so dropout draws the same masks and the live features equal the cached ones
+        (as GradCache does). Scale/bias parameters enter every part's loss, so they are live only in
+        the last part (else their gradient would count k times): under DDP that is the part whose
+        backward synchronises, which must reach every parameter. Every part's loss is the loss of the
+        whole batch, so the first part's terms are the step's loss.
         """
         step = self._phase_step()
+        states, cached = [], []
         with torch.no_grad(), self._autocast():
-            cached = [self.wrapped(p, step) for p in parts]
+            for part in parts:
+                states.append(RandomState(self.device))
+                cached.append(self.wrapped(part, step))
         step_losses = None
         for j, part in enumerate(parts):
             last = j == len(parts) - 1
             sync = last or not hasattr(self.wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                live = self.wrapped(part, step)
+                with states[j].replayed():
+                    live = self.wrapped(part, step)
                 features = self.module.merge_features(cached, j, live)
                 losses = self.module.losses(features, step, live_scales=last)
                 self.scaler.scale(losses["total"]).backward()
