@@ -32,6 +32,29 @@ def test_accumulation_over_micro_batches_equals_one_full_batch(tmp_path, it_kind
         torch.testing.assert_close(g_accum[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_accumulation_replays_dropout_so_live_features_equal_the_cached_ones(tmp_path, monkeypatch):
+    """A BERT text tower trains with dropout 0.1: each micro-batch's re-forward must draw the masks its
+    cached forward drew, else the gradient mixes two different networks."""
+    from medclip.training.components import TrainModule
+
+    batch = make_batch(8, model="medclip-tiny-bert")
+    trainer = _pretrainer(recipe(tmp_path, "model.name=medclip-tiny-bert", "optim.accum_steps=2"), batch)
+    assert trainer.model.text.config.hidden_dropout_prob > 0 and trainer.model.training
+    differences = []
+    merge = TrainModule.merge_features
+
+    def checked_merge(cached, live_index, live):
+        differences.append(max((live[k] - cached[live_index][k]).abs().max().item()
+                               for k in live if isinstance(live[k], torch.Tensor) and live[k].is_floating_point()))
+        return merge(cached, live_index, live)
+
+    monkeypatch.setattr(TrainModule, "merge_features", staticmethod(checked_merge))
+    rng = torch.get_rng_state()
+    trainer.backward(batch)
+    assert differences == [0.0, 0.0]
+    assert not torch.equal(torch.get_rng_state(), rng)  # the masks were drawn once, from the training RNG
+
+
 def test_training_steps_reduce_the_loss_and_clamp_the_scale(tmp_path):
     batch = make_batch(8)
     trainer = _pretrainer(recipe(tmp_path, "optim.lr=2e-3", "optim.logit_scale_max=2.0"), batch)

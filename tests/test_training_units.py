@@ -197,3 +197,18 @@ def test_hf_text_tower_gradient_checkpointing_takes_effect():
     loss.backward()
     assert all(p.grad is not None for p in model.text.transformer.encoder.parameters() if p.requires_grad)
     assert math.isfinite(loss.item())
+
+
+def test_the_declared_torch_floor_has_the_engines_apis():
+    """FSDP2's public `torch.distributed.fsdp.fully_shard` and `torch.nn.utils.get_total_norm` /
+    `clip_grads_with_norm_` (the divergence guard's grad norm) arrived in torch 2.6."""
+    import configparser
+    import re
+
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    requires = configparser.ConfigParser()
+    requires.read(REPO / "setup.cfg")
+    floor = re.search(r"^torch>=([\d.]+)$", requires["options"]["install_requires"], re.M).group(1)
+    assert tuple(int(x) for x in floor.split(".")[:2]) >= (2, 6)
+    assert callable(torch.nn.utils.get_total_norm) and callable(torch.nn.utils.clip_grads_with_norm_)

@@ -21,24 +21,13 @@ from medclip.errors import MedclipError
 # name -> kernel(q, k, v, bias, dropout) on [batch, length, heads, head_dim] tensors (xformers' BMHK
 # layout); ``bias`` is an additive float mask broadcastable to [batch, heads, q_len, k_len], or None.
 Kernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
-KERNELS: dict[str, Kernel] = {}
 
 
-def register_kernel(name: str):
-    def add(fn: Kernel) -> Kernel:
-        KERNELS[name] = fn
-        return fn
-
-    return add
-
-
-@register_kernel("sdpa")
 def sdpa_kernel(q, k, v, bias, dropout):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, hd]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout).transpose(1, 2)
 
 
-@register_kernel("math")
 def math_kernel(q, k, v, bias, dropout):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
@@ -47,7 +36,6 @@ def math_kernel(q, k, v, bias, dropout):
     return (F.dropout(scores.softmax(-1), dropout) @ v).transpose(1, 2)
 
 
-@register_kernel("xformers")
 def xformers_kernel(q, k, v, bias, dropout):
     import xformers.ops as xops
 
@@ -56,6 +44,7 @@ def xformers_kernel(q, k, v, bias, dropout):
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=dropout)
 
 
+KERNELS: dict[str, Kernel] = {"sdpa": sdpa_kernel, "xformers": xformers_kernel, "math": math_kernel}
 BACKENDS = tuple(KERNELS)
 
 

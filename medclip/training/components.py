@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -65,9 +66,11 @@ class TrainModule(nn.Module):
 
     @staticmethod
     def merge_features(cached: list[dict], live_index: int, live: dict) -> dict:
+        """The whole batch's features, part ``live_index`` live; the scales are the live forward's."""
         parts = [Features(**_feature_fields(live if i == live_index else c)) for i, c in enumerate(cached)]
         merged = concat_features(parts)
-        return {f.name: getattr(merged, f.name) for f in dataclasses.fields(merged)}
+        scales = {k: v for k, v in live.items() if k not in _feature_fields(live)}
+        return {**{f.name: getattr(merged, f.name) for f in dataclasses.fields(merged)}, **scales}
 
     def clamp_scales(self, max_log_scale: float) -> None:
         clamp_logit_scales_(self.model, self.heads, max_log_scale=max_log_scale)
@@ -79,6 +82,24 @@ SCALE_PARAMS = ("logit_scale", "logit_bias")
 def _feature_fields(features: dict) -> dict:
     names = {f.name for f in dataclasses.fields(Features)}
     return {k: v for k, v in features.items() if k in names}
+
+
+class RandomState:
+    """The RNG state a forward draws its dropout masks from (CPU, and the CUDA device in use)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def replayed(self):
+        """Draw again what was drawn from this state; the RNG continues afterwards as if nothing was drawn."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:

@@ -47,6 +47,22 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
+def apply_recipe_settings(optimizer, scheduler, cfg: OptimConfig) -> dict:
+    """After a checkpoint's optimiser and scheduler state is loaded: the recipe's lr, betas, eps and weight
+    decay apply from here on (as open_clip's resume, whose schedule follows its --lr). Without this, a
+    resumed run silently kept the old values, e.g. a smaller optim.lr given to continue a diverged run.
+    Returns the settings that changed, {name: (old, new)}."""
+    new = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    decay_group = optimizer.param_groups[0]
+    old = {"lr": scheduler.base_lrs[0], "betas": tuple(decay_group["betas"]), "eps": decay_group["eps"],
+           "weight_decay": decay_group["weight_decay"]}
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(betas=new["betas"], eps=cfg.eps, weight_decay=weight_decay, initial_lr=cfg.lr, lr=cfg.lr * factor)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    return {k: (old[k], new[k]) for k in new if old[k] != new[k]}
+
+
 def apply_freezing(model, cfg: ModelConfig) -> None:
     """open_clip's own locking: all but the last N groups/layers of a tower stop training."""
     if cfg.freeze_image:

@@ -33,6 +33,7 @@ from medclip.models.loading import (
 from medclip.training import checkpoint as ckpt
 from medclip.training.attention import set_attention_backend
 from medclip.training.components import (
+    RandomState,
     TrainModule,
     batches_forever,
     build_data,
@@ -45,7 +46,6 @@ from medclip.training.distributed import (
     all_reduce_mean,
     broadcast_from_main,
     detect_env,
-    gather_objects,
     init_distributed,
     pick_device,
     wrap_model,
@@ -61,6 +61,7 @@ from medclip.training.optim import (
     grad_norm,
 )
 from medclip.training.plots import plot_curves, summary_text
+from medclip.training.state import TrainerCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ class EvaluationFailed(MedclipError):
     """An evaluation raised; the run's checkpoint and export are already written."""
 
 
-class Pretrainer:
+class Pretrainer(TrainerCheckpoints):
     def __init__(self, recipe: Recipe, resume: str | None = None, data=None):
         self.recipe = recipe
         self.env = detect_env()
@@ -193,21 +194,28 @@ class Pretrainer:
         """Contrastive batch kept whole: cache all features without grad, then re-forward each part.
 
         Part j's backward uses the live features of part j and the cached ones of the others; summed
-        over j this is the full batch's gradient. Scale/bias parameters enter every part's loss, so
-        they are live only in the first part (else their gradient would count k times). Every part's
-        loss is the loss of the whole batch (the live features equal the cached ones), so the first
-        part's terms are the step's loss.
+        over j this is the full batch's gradient. The re-forward replays the RNG state of part j's
+        cached forward, so dropout draws the same masks and the live features equal the cached ones
+        (as GradCache does). Scale/bias parameters enter every part's loss, so they are live only in
+        the last part (else their gradient would count k times): under DDP that is the part whose
+        backward synchronises, which must reach every parameter. Every part's loss is the loss of the
+        whole batch, so the first part's terms are the step's loss.
         """
         step = self._phase_step()
+        states, cached = [], []
         with torch.no_grad(), self._autocast():
-            cached = [self.wrapped(p, step) for p in parts]
+            for part in parts:
+                states.append(RandomState(self.device))
+                cached.append(self.wrapped(part, step))
         step_losses = None
         for j, part in enumerate(parts):
-            sync = j == len(parts) - 1 or not hasattr(self.wrapped, "no_sync")
+            last = j == len(parts) - 1
+            sync = last or not hasattr(self.wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                live = self.wrapped(part, step)
+                with states[j].replayed():
+                    live = self.wrapped(part, step)
                 features = self.module.merge_features(cached, j, live)
-                losses = self.module.losses(features, step, live_scales=j == 0)
+                losses = self.module.losses(features, step, live_scales=last)
                 self.scaler.scale(losses["total"]).backward()
             if j == 0:
                 step_losses = losses
@@ -232,86 +240,6 @@ class Pretrainer:
         self.step += 1
         self.guard.record(self.step, applied or (self.scaler.is_enabled() and loss_finite))
         return applied
-
-    # ------------------------------------------------------------------ checkpoints
-    def _state_dicts(self) -> tuple[dict, dict | None, dict]:
-        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-            full, optim = get_state_dict(self.module, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            full, optim = self.module.state_dict(), self.optimizer.state_dict()
-        # Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars.
-        full = {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
-                for k, v in full.items()}
-        model = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-        heads = {k[len("heads."):]: v for k, v in full.items() if k.startswith("heads.")} or None
-        return model, heads, optim
-
-    def save_checkpoint(self) -> Path | None:
-        """Every rank takes part; rank 0 writes. A failed write stops every rank with the same one line."""
-        model, heads, optim = self._state_dicts()
-        data_states = gather_objects(self.data.state_dict())
-        rngs = gather_objects(ckpt.rng_state())
-        path = ckpt.checkpoint_dir(self.output_dir) / f"step_{self.step}.pt"
-        error = None
-        if self.env.is_main:
-            obj = {
-                "step": self.step,
-                "model": model,
-                "model_cfg": self.model_cfg,
-                "optimizer": optim,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "data": data_states,
-                "rng": rngs,
-                "world_size": self.env.world_size,
-                "recipe": self.recipe.to_dict(),
-                "finite": ckpt.all_finite(model, heads),
-                "guard": self.guard.state_dict(),
-            }
-            if heads is not None:
-                obj["heads"], obj["heads_config"] = heads, self.heads.config.to_dict()
-            try:
-                ckpt.save_atomic(obj, path)
-            except MedclipError as exc:
-                error = str(exc)
-        error = broadcast_from_main(error)
-        if error:
-            raise MedclipError(error)
-        self.checkpoints.written(self.step, path)
-        return path if self.env.is_main else None
-
-    def _restore(self, path: Path) -> None:
-        obj = ckpt.read_checkpoint(path)
-        if obj.get("world_size", 1) != self.env.world_size:
-            raise MedclipError(f"{path} was written by {obj.get('world_size')} processes; resuming with "
-                               f"{self.env.world_size} would change the data order (use the same world size)")
-        full = {f"model.{k}": v for k, v in obj["model"].items()}
-        if self.heads is not None:
-            if "heads" not in obj:
-                raise MedclipError(f"{path} has no PC-Align heads, but this recipe trains PC-Align")
-            full.update({f"heads.{k}": v for k, v in obj["heads"].items()})
-        shapes = {k: p.shape for k, p in self.module.named_parameters()}
-        full = {k: v.reshape(shapes[k]) if k in shapes and v.shape != shapes[k] and v.numel() == 1 else v
-                for k, v in full.items()}
-        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(self.module, self.optimizer, model_state_dict=full, optim_state_dict=obj["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            self.module.load_state_dict(full)
-            self.optimizer.load_state_dict(obj["optimizer"])
-        self.scheduler.load_state_dict(obj["scheduler"])
-        self.scaler.load_state_dict(obj["scaler"])
-        self.guard.load_state_dict(obj.get("guard", {}))
-        self.data.load_state_dict(obj["data"][self.env.rank])
-        ckpt.set_rng_state(obj["rng"][self.env.rank])
-        self.step = int(obj["step"])
-        self.checkpoints.written(self.step, path)
-        log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
@@ -390,7 +318,7 @@ class Pretrainer:
         samples_per_s = throughput.rate_and_reset()
         metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
                    "lr": self.optimizer.param_groups[0]["lr"],
-                   "logit_scale": _whole(self.module.model.logit_scale).exp().item(),
+                   "logit_scale": _full(self.module.model.logit_scale).exp().item(),
                    "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
                    **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
         if self.flops is not None:
@@ -476,6 +404,12 @@ class Throughput:
         return rate
 
 
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value; under FSDP2 its shards are gathered (a collective: every rank calls it)."""
+    value = param.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
 @contextlib.contextmanager
 def _rng_untouched():
     """Work that draws random numbers (evaluation, building a model) leaves training's RNG states as they were."""
@@ -488,9 +422,3 @@ def _rng_untouched():
 
 def pretrain(recipe: Recipe, resume: str | None = None) -> dict:
     return Pretrainer(recipe, resume).run()
-
-
-def _whole(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's full value on every rank: FSDP2 shards even the 1-element logit scale (rank 1's part is empty)."""
-    param = param.detach()
-    return param.full_tensor() if hasattr(param, "full_tensor") else param
