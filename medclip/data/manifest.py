@@ -6,7 +6,8 @@ the data root), ``shards`` and ``samples`` (expected counts), ``counts_exact`` (
 counts are estimates), ``weight`` (sampling weight when mixing), ``caption_fields`` (JSON fields
 holding captions, ``txt`` for the ``.txt`` member), ``caption_separator`` (several captions
 concatenated in one string, UniMed's layout), ``concept_field``, ``summary`` (the builder's
-summary, for checksums), ``licence``, ``citation``.
+summary, for checksums), ``licence``, ``citation``, ``input_format`` (the ``medclip shards build
+--format`` the shards were converted from, e.g. ``medconcept``; provenance, read by the rehearsal).
 
 The root comes from the ``root`` argument, else ``$MEDCLIP_DATA_ROOT``, else the manifest's own
 ``root`` entry, else the manifest's folder. It is inserted literally: brace patterns in it are not
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 KNOWN_FIELDS = {"name", "modality", "urls", "shards", "samples", "counts_exact", "weight", "caption_fields",
                 "caption_separator", "concept_field", "summary", "licence", "citation", "root", "description",
-                "split", "labels"}
+                "split", "labels", "input_format"}
 
 
 @dataclass

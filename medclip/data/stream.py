@@ -169,9 +169,13 @@ class TrainStream:
         if self.cfg.num_workers == 0:
             items = iter(dataset)
         else:
+            # Its own generator for the workers' base seed: drawn from torch's global RNG, creating the loader
+            # mid-run (a resume) would shift every later dropout mask of the model.
+            seed = seeded_rng(self.cfg.seed, self.epoch, self.cfg.rank, "loader").getrandbits(63)
             items = iter(torch.utils.data.DataLoader(
                 dataset, batch_size=None, num_workers=self.cfg.num_workers, collate_fn=as_is,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False, worker_init_fn=exit_with_parent))
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=False, worker_init_fn=exit_with_parent,
+                generator=torch.Generator().manual_seed(seed)))
         batches = 0
         for item in items:
             self._receive(item)

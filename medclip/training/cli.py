@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from medclip.training import rehearsal
 from medclip.training.config import load_recipe
 
 
 def run(args) -> int:
     from medclip.training.trainer import pretrain
 
+    if args.rehearse:
+        return rehearsal.run_from_args(args)
     recipe = load_recipe(args.config, args.set + (["data.allow_pipe=true"] if args.allow_pipe else []))
     if args.print_recipe:
         import yaml
@@ -27,4 +30,5 @@ def register(subparsers) -> None:
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--allow-pipe", action="store_true",
                         help="let the data manifests run their pipe: shell commands (= --set data.allow_pipe=true)")
+    rehearsal.add_arguments(parser)
     parser.set_defaults(func=run)
