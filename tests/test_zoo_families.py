@@ -273,3 +273,22 @@ def test_named_models_are_fetched_from_where_they_are_published(published, monke
                     "https://huggingface.co/UzairK/unimed-clip-vit-b16/blob/main/unimed-clip-vit-b16.pt",
                     "medclip.load('unimed-clip-b16', checkpoint=PATH)")
     _one_line_error(lambda: medclip.load("conceptclip"), "(gated: accept its terms")
+
+
+def test_shipped_conceptclip_shape_config_is_the_shape_conceptclip_loads_as(published):
+    """medclip-siglip-so400m-pubmedbert is sold as ConceptCLIP's shape: its towers, pooling and
+    projection must be those the conceptclip reader builds from ConceptCLIP's own checkpoint (the fork
+    mean-pools its text: its config names no pooler, so the dataclass default applies)."""
+    import open_clip
+
+    from medclip.models import families, pretrained
+
+    ref, path, kwargs = published["conceptclip"]
+    read = families.get("conceptclip").read(path, pretrained.get("conceptclip"), kwargs["hf_text_dir"]).model_cfg
+    shipped = open_clip.get_model_config("medclip-siglip-so400m-pubmedbert")
+    for key in ("hf_proj_type", "hf_pooler_type", "context_length"):
+        assert shipped["text_cfg"][key] == read["text_cfg"][key], key
+    for key in ("timm_pool", "timm_proj"):
+        assert shipped["vision_cfg"][key] == read["vision_cfg"][key], key
+    assert shipped["vision_cfg"]["timm_model_name"] == "vit_so400m_patch14_siglip_384"
+    assert shipped["init_logit_bias"] == read["init_logit_bias"] and shipped["custom_text"] == read["custom_text"]
