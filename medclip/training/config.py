@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import resources
 from medclip.data.stream import check_first_caption_share
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
@@ -215,13 +216,21 @@ def validate(recipe: Recipe) -> Recipe:
     return recipe
 
 
+def _override_value(raw: str):
+    """A --set value read as YAML; text YAML cannot parse (`{output_dir}/demo_data`) stays a string."""
+    if not raw.strip():
+        return None
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or start from defaults) and apply `key.sub=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MedclipError(f"recipe not found: {path}")
+        path = resources.resolve("recipes", path)  # a shipped recipe's name works too
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -232,5 +241,5 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if "=" not in item:
             raise MedclipError(f"--set expects key=value, got {item!r}")
         key, raw = item.split("=", 1)
-        _set_path(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(values, key.strip(), _override_value(raw))
     return validate(_build(Recipe, values))
