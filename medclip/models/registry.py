@@ -14,8 +14,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import open_clip
-
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "model_configs"
 ASSETS_DIR = PACKAGE_DIR / "assets"
@@ -47,6 +45,12 @@ def register_model_configs() -> Path:
     global _registered_dir
     if _registered_dir is not None:
         return _registered_dir
+    # Imported here, not at the top: open_clip's first import runs medclip._register's hook, which
+    # calls this function (and imports this module) from inside that import.
+    import open_clip
+
+    if _registered_dir is not None:  # the hook just did it
+        return _registered_dir
     files = sorted(CONFIG_DIR.glob("*.json"))
     texts = {f.name: _resolved_text(f) for f in files}
     digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
@@ -64,9 +68,13 @@ def register_model_configs() -> Path:
 
 def list_models() -> list[str]:
     """Names of the architectures medclip ships (all also usable through open_clip)."""
+    import open_clip
+
     return [name for name in open_clip.list_models() if name.startswith(MODEL_PREFIX)]
 
 
 def get_model_config(name: str) -> dict | None:
     """A deep copy of a registered config (medclip's or open_clip's), or None."""
+    import open_clip
+
     return open_clip.get_model_config(name)
