@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import configparser
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -148,3 +150,32 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
         in run.stdout
     assert (work / "runs" / "demo" / "export" / "open_clip_config.json").is_file()
     assert "Traceback" not in run.stderr
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """`medclip ...` lines of the fenced shell blocks (comments and `[--optional ...]` dropped)."""
+    commands, in_block = [], False
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith("```"):
+            in_block = not in_block and line.strip() == "```bash"
+        elif in_block and line.startswith("medclip "):
+            commands.append(shlex.split(re.sub(r" \[--[^\]]*\]", "", line.split(" #")[0]))[1:])
+    return commands
+
+
+@pytest.mark.parametrize("page", ["docs/pypi.md", "README.md"])
+def test_documented_commands_parse_and_their_names_resolve(page):
+    from medclip.cli import build_parser
+
+    commands = _documented_commands((REPO / page).read_text())
+    assert len(commands) >= 5
+    parser = build_parser()
+    for argv in commands:
+        args = parser.parse_args(argv)  # an unknown option or command exits here
+        if args.command == "pretrain" and not args.config.endswith(".yaml"):
+            resources.resolve("recipes", args.config)
+        elif args.command == "eval" and args.eval_command == "suite":
+            resources.resolve("suites", args.suite)
+        elif args.command == "data" and args.data_command == "check":
+            for name in args.manifests:
+                resources.resolve("manifests", name)
