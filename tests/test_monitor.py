@@ -22,14 +22,18 @@ def _metrics(step: int) -> dict:
             "logit_scale": 14.3}
 
 
-def test_one_plain_line_per_logged_step_when_not_a_terminal(tmp_path):
-    stream = io.StringIO()
-    monitor = Monitor(tmp_path, total_steps=40, start_step=0, enabled=True, tensorboard=False, stream=stream)
-    for step in range(1, 41):
+def _train(folder, stream, steps: int, log_every: int = 10) -> None:
+    monitor = Monitor(folder, total_steps=steps, start_step=0, enabled=True, tensorboard=False, stream=stream)
+    for step in range(1, steps + 1):
         monitor.advance()
-        if step % 10 == 0:
+        if step % log_every == 0:
             monitor.log(step, _metrics(step))
     monitor.close()
+
+
+def test_one_plain_line_per_logged_step_when_not_a_terminal(tmp_path):
+    stream = io.StringIO()
+    _train(tmp_path, stream, steps=40)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 4 and "\r" not in stream.getvalue()
     assert lines[0].startswith("step 10/40 (25%) | loss 4.0000 | it 3.0000 | pc 1.5000 | lr 1.000e-03 | "
@@ -40,12 +44,7 @@ def test_one_plain_line_per_logged_step_when_not_a_terminal(tmp_path):
 
 def test_progress_bar_on_a_terminal(tmp_path):
     stream = Terminal()
-    monitor = Monitor(tmp_path, total_steps=20, start_step=0, enabled=True, tensorboard=False, stream=stream)
-    for step in range(1, 21):
-        monitor.advance()
-        if step % 10 == 0:
-            monitor.log(step, _metrics(step))
-    monitor.close()
+    _train(tmp_path, stream, steps=20)
     assert "\r" in stream.getvalue() and "pretrain: 100%" in stream.getvalue()
     assert "step 10/20" not in stream.getvalue()
 
