@@ -8,6 +8,7 @@ do not replace the errors raised later; they move them before the first step.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import importlib.util
 import logging
@@ -149,15 +150,33 @@ def check_eval_data(recipe, made_by_run: bool) -> list[str]:
 
 # ------------------------------------------------------------------ output directory and disk
 
+def _nearest_existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """``folder`` and its ancestors that do not exist yet, deepest first."""
+    existing = _nearest_existing(folder)
+    return [p for p in (folder, *folder.parents) if existing in p.parents]
+
+
 def check_output_dir(output_dir: Path) -> list[str]:
-    """The output directory can be created and written (probed with a small file)."""
-    probe = Path(output_dir) / f".medclip-write-probe-{uuid.uuid4().hex[:8]}"
+    """The output directory can be created and written (probed with a small file, then tidied away)."""
+    output_dir = Path(output_dir)
+    created = _missing_parents(output_dir)
+    probe = output_dir / f".medclip-write-probe-{uuid.uuid4().hex[:8]}"
     try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"ok")
         probe.unlink()
     except OSError as exc:
         return [f"run.output_dir {output_dir} is not writable: {os_error_line(exc) or exc}"]
+    finally:  # a run stopped by another check leaves no empty folders behind
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
     return []
 
 
@@ -183,7 +202,7 @@ def check_disk_space(recipe) -> list[str]:
         log.debug("cannot count parameters on the meta device (%s); disk space not checked", exc)
         return []
     need = int(parameters * BYTES_PER_PARAMETER * SPACE_MARGIN)
-    free = shutil.disk_usage(recipe.output_dir).free
+    free = shutil.disk_usage(_nearest_existing(Path(recipe.output_dir))).free
     if free < need:
         return [f"not enough disk space in {recipe.output_dir}: a checkpoint and the export of "
                 f"{recipe.model.name} ({parameters / 1e6:.1f}M parameters) need about {_gb(need)}, "
