@@ -32,6 +32,7 @@ from urllib.parse import urlparse
 import braceexpand
 import yaml
 
+from medclip import resources
 from medclip.data.shard_reader import is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
 from medclip.errors import MedclipError
@@ -116,7 +117,7 @@ def refuse_commands(sources: list[Manifest], allowed: bool) -> None:
 
 
 def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    path = Path(path)
+    path = resources.resolve("manifests", path)  # a shipped manifest's name works too
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
@@ -131,7 +132,11 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     for required in ("name", "urls"):
         if not data.get(required):
             raise MedclipError(f"manifest {path}: missing required field {required!r}")
-    root = str(root or os.environ.get("MEDCLIP_DATA_ROOT") or data.get("root") or path.parent)
+    root = root or os.environ.get("MEDCLIP_DATA_ROOT") or data.get("root")
+    if not root and resources.is_shipped("manifests", path) and "{root}" in str(data["urls"]):
+        raise MedclipError(f"manifest {data['name']} needs the data root: pass --root DIR (a recipe source's "
+                           f"`root`) or set MEDCLIP_DATA_ROOT")
+    root = str(root or path.parent)
     fields = data.get("caption_fields") or ["captions", "txt"]
     try:
         return Manifest(

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import open_clip
-
 from medclip.models.cache import cache_root, cached_dir  # noqa: F401  (cache_root re-exported)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
@@ -32,6 +30,12 @@ def register_model_configs() -> Path:
     global _registered_dir
     if _registered_dir is not None:
         return _registered_dir
+    # Imported here, not at the top: open_clip's first import runs medclip._register's hook, which
+    # calls this function (and imports this module) from inside that import.
+    import open_clip
+
+    if _registered_dir is not None:  # the hook just did it
+        return _registered_dir
     files = sorted(CONFIG_DIR.glob("*.json"))
     target = cached_dir("model_configs", {f.name: _resolved_text(f).encode() for f in files})
     open_clip.add_model_config(target)
@@ -41,9 +45,13 @@ def register_model_configs() -> Path:
 
 def list_models() -> list[str]:
     """Names of the architectures medclip ships (all also usable through open_clip)."""
+    import open_clip
+
     return [name for name in open_clip.list_models() if name.startswith(MODEL_PREFIX)]
 
 
 def get_model_config(name: str) -> dict | None:
     """A deep copy of a registered config (medclip's or open_clip's), or None."""
+    import open_clip
+
     return open_clip.get_model_config(name)

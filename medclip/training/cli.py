@@ -1,13 +1,13 @@
-"""`medclip pretrain --config pretrain/RECIPE.yaml [--set key=value ...] [--resume latest|PATH]`."""
+"""`medclip pretrain --config RECIPE [--set key=value ...] [--resume latest|PATH]`."""
 
 from __future__ import annotations
 
-from medclip.training import rehearsal
-from medclip.training.config import load_recipe
+from medclip.training import rehearsal  # light at import: the parser needs its arguments
 
 
 def run(args) -> int:
-    from medclip.training.trainer import pretrain
+    from medclip.training.api import pretrain
+    from medclip.training.config import load_recipe
 
     if args.rehearse:
         return rehearsal.run_from_args(args)
@@ -23,7 +23,8 @@ def run(args) -> int:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("pretrain", help="pretrain a dual encoder from a YAML recipe")
-    parser.add_argument("--config", required=True, help="recipe YAML, e.g. pretrain/demo.yaml")
+    parser.add_argument("--config", required=True,
+                        help="a shipped recipe's name (demo, shared_real...; `medclip list recipes`) or a recipe YAML")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")

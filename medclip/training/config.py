@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import resources
 from medclip.data.stream import check_first_caption_share
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
@@ -292,9 +293,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     """Read a YAML recipe (or start from defaults) and apply `key.sub=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MedclipError(f"recipe not found: {path}")
+        path = resources.resolve("recipes", path)  # a shipped recipe's name works too
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:

@@ -31,6 +31,7 @@ from medclip.models.loading import (
     with_text_dir,
 )
 from medclip.training import checkpoint as ckpt
+from medclip.training import preflight
 from medclip.training.attention import set_attention_backend
 from medclip.training.components import (
     RandomState,
@@ -85,6 +86,7 @@ class Pretrainer(TrainerCheckpoints):
         self.env = detect_env()
         self.device = pick_device(recipe.run.device, self.env)
         init_distributed(self.env, self.device)
+        preflight.check(recipe, is_main=self.env.is_main)  # names, data, packages, disk: before anything is built
         if recipe.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(recipe.run.seed)  # same init on every rank; DDP also broadcasts it
@@ -113,6 +115,8 @@ class Pretrainer(TrainerCheckpoints):
         # `data` may be injected (tests): any iterable of batches with state_dict/load_state_dict/skip_counts.
         self.data = data if data is not None else build_data(recipe, self.model, self.model_cfg, self.env,
                                                              self.output_dir)
+        if data is None:
+            preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
         resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
         if resume_path is not None:
             self._restore(resume_path)
