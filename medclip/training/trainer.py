@@ -92,7 +92,6 @@ class Pretrainer(TrainerCheckpoints):
         seed_everything(recipe.run.seed)  # same init on every rank; DDP also broadcasts it
         self.output_dir = recipe.output_dir
         self._prepare_output_dir()
-        # Start-of-run checks of everything the run will need go here, before anything is built.
 
         self.model_cfg, self.model = self._build_model()
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
