@@ -12,6 +12,7 @@ from conftest import REPO_ROOT  # tests/ is on sys.path under pytest
 
 from medclip.data.manifest import check_manifest, load_manifest
 from medclip.models.loading import build_model, resolve_config
+from medclip.training.config import load_recipe
 from medclip.training.rehearsal_data import prepare_source, shard_format, stand_in_pool
 from medclip.training.rehearsal_model import derive_debug_model
 
@@ -116,3 +117,27 @@ def test_creating_the_training_loader_leaves_the_global_rng_alone(tmp_path, pool
     torch.manual_seed(0)
     next(iter(stream))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_loss_check_judges_each_term_over_its_own_steps(tmp_path):
+    """A staged objective raises the total when PC-Align joins; the check must not call that divergence,
+    and must still fail a term that does not fall."""
+    from types import SimpleNamespace
+
+    from medclip.training.rehearsal_checks import Runs, loss_finite_and_falling
+
+    recipe = load_recipe("pretrain/shared_real.yaml", ["run.steps=8", "objective.pc_start_step=4"])
+
+    def check(pc_values):
+        log = tmp_path / "log.jsonl"
+        its = [2.5, 2.4, 2.3, 2.2, 2.1, 2.0, 1.9, 1.8]
+        pcs = [0.0] * 4 + pc_values
+        log.write_text("".join(json.dumps({"step": s + 1, "loss": it + 0.1 * pc, "it": it, "pc": pc}) + "\n"
+                               for s, (it, pc) in enumerate(zip(its, pcs))))
+        runs = Runs(plan=SimpleNamespace(), work=tmp_path, recipe=recipe, straight=tmp_path, resumed=tmp_path,
+                    launches={}, kill_step=0, resume_step=0)
+        return loss_finite_and_falling(runs)
+
+    staged = check([20.0, 15.0, 10.0, 8.0])  # total: 2.2 at step 4 -> 4.0 at step 5, then falling
+    assert staged.ok, staged.lines
+    assert not check([8.0, 10.0, 15.0, 20.0]).ok  # PC-Align rising over its own steps

@@ -60,13 +60,13 @@ class Runs:
         return run_dir / "checkpoints" / f"step_{self.recipe.run.steps}.pt"
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     from medclip.training.monitor import read_log
 
     out = {}
     for record in read_log(run_dir / "log.jsonl"):
-        if "loss" in record:
-            value = record["loss"]
+        if key in record:
+            value = record[key]
             out[int(record["step"])] = float(value) if not isinstance(value, str) else float("nan")
     return out
 
@@ -170,18 +170,30 @@ def sources_mixed_as_weighted(runs: Runs) -> Check:
     return Check("sources mixed as weighted", ok, lines)
 
 
+def loss_terms(recipe) -> dict[str, int]:
+    """Each loss term in log.jsonl -> the first step it trains. A staged objective (PC-Align from
+    ``pc_start_step``) raises the total when a term joins, so each term is judged over its own steps."""
+    terms = {"it": 1}
+    if recipe.objective.pc_weight > 0:
+        terms["pc"] = recipe.objective.pc_start_step + 1
+    return terms
+
+
 def loss_finite_and_falling(runs: Runs) -> Check:
-    losses = _losses(runs.straight)
-    values = [losses[s] for s in sorted(losses)]
-    if not values:
+    totals = _losses(runs.straight)
+    if not totals:
         return Check("loss finite and falling", False, ["no loss in log.jsonl"])
-    finite = all(math.isfinite(v) for v in values)
-    k = max(1, len(values) // 4)
-    first, last = sum(values[:k]) / k, sum(values[-k:]) / k
-    ok = finite and last < first and len(values) == runs.recipe.run.steps
-    return Check("loss finite and falling", ok, [
-        f"{sum(math.isfinite(v) for v in values)}/{len(values)} logged losses finite; mean of the first {k} "
-        f"{first:.4f} -> last {k} {last:.4f}"])
+    ok = all(math.isfinite(v) for v in totals.values()) and len(totals) == runs.recipe.run.steps
+    lines = [f"{sum(math.isfinite(v) for v in totals.values())}/{len(totals)} logged losses finite"]
+    for term, start in loss_terms(runs.recipe).items():
+        by_step = _losses(runs.straight, term)
+        values = [by_step[s] for s in sorted(by_step) if s >= start]
+        k = max(1, len(values) // 4)
+        first, last = sum(values[:k]) / k, sum(values[-k:]) / k
+        ok = ok and len(values) > 1 and last < first
+        lines.append(f"{term} (steps {start}-{runs.recipe.run.steps}): mean of the first {k} {first:.4f} -> "
+                     f"last {k} {last:.4f}")
+    return Check("loss finite and falling", ok, lines)
 
 
 def inspect_checkpoints(folder: Path) -> dict[str, str]:
