@@ -306,12 +306,14 @@ def export_loads_in_plain_open_clip(runs: Runs) -> Check:
         return Check("export loads in plain open_clip", False, [f"no export in {export}"])
     from medclip.data.demo import demo_records
 
-    pool_image = runs.work / "export-check.png"
+    pool_image = runs.work.resolve() / "export-check.png"
     next(demo_records(1, seed=1, image_size=96)).image.save(pool_image)
     texts = ["a chest X-ray showing a pleural effusion.", "an axial CT slice of the lung."]
-    out = runs.work / "export-check.pt"
-    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, str(export), str(pool_image), json.dumps(texts),
-                           str(out)], capture_output=True, text=True, timeout=600, cwd=runs.work)
+    out = runs.work.resolve() / "export-check.pt"
+    # From inside the export, as the README tells open_clip users: a text tower that is not a published
+    # hub model is named "." (the export itself), which plain open_clip resolves against the working directory.
+    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, ".", str(pool_image), json.dumps(texts),
+                           str(out)], capture_output=True, text=True, timeout=600, cwd=export)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return Check("export loads in plain open_clip", False, [f"plain open_clip failed: {last}"])
@@ -323,7 +325,7 @@ def export_loads_in_plain_open_clip(runs: Runs) -> Check:
                float((ours_text.float() - plain["text"].float()).abs().max()))
     ok = diff <= 1e-4
     return Check("export loads in plain open_clip", ok, [
-        f"a fresh interpreter importing only open_clip loaded local-dir:{export}",
+        f"a fresh interpreter importing only open_clip, run inside {export}, loaded local-dir:.",
         f"image and text embeddings equal to medclip.load's: max |difference| {diff:.2g} (tolerance 1e-4)"])
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import resources
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -168,19 +170,23 @@ def prepare_source(source: dict, pool: list, data_dir: Path, min_samples: int) -
     """Use the recipe source's shards when all are on disk; else write stand-ins and point ``root`` at them."""
     from medclip.data.manifest import load_manifest
 
-    manifest = load_manifest(source["manifest"], root=source.get("root"))
-    raw = yaml.safe_load(Path(source["manifest"]).read_text()) or {}
+    path = resources.resolve("manifests", source["manifest"])  # a shipped manifest's name works too
+    raw = yaml.safe_load(path.read_text()) or {}
+    root = data_dir / str(raw.get("name") or path.stem)
+    # Without any data root a shipped manifest's shards cannot be on disk: stand-ins, under a root of ours.
+    given = source.get("root") or os.environ.get("MEDCLIP_DATA_ROOT") or raw.get("root")
+    manifest = load_manifest(path, root=source.get("root") if given else str(root))
     paths = [local_path(u) for u in manifest.urls]
-    present = [p for p in paths if p is not None and p.is_file()]
+    present = [p for p in paths if given and p is not None and p.is_file()]
     if present:
         missing = len(paths) - len(present)
         detail = f"{len(present)} of {len(paths)} shards on disk" + (f" ({missing} missing)" if missing else "")
         return SourceData(manifest.name, source["manifest"], "real", detail)
-    root = data_dir / manifest.name
     stand_in = load_manifest(source["manifest"], root=str(root))
     samples = write_stand_in_shards(stand_in, raw, pool, data_dir / "work" / manifest.name, min_samples)
     source["root"] = str(root)
-    where = "remote" if any(p is None for p in paths) else f"not under {Path(paths[0]).parent}"
+    where = ("with no data root given" if not given else "remote" if any(p is None for p in paths)
+             else f"not under {Path(paths[0]).parent}")
     return SourceData(manifest.name, source["manifest"], "stand-in",
                       f"{len(paths)} shards {where}; wrote {len(paths)} stand-in shards ({shard_format(manifest, raw)} "
                       f"format, {samples} samples) under {root}")
