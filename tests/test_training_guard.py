@@ -166,7 +166,8 @@ def test_a_failed_final_evaluation_leaves_checkpoint_export_curves_and_summary(t
 
     monkeypatch.setattr(trainer_module, "evaluate", broken)
     out = tmp_path / "run"
-    r = recipe(out, "run.steps=3", "run.log_every=1", "eval.suites=[demo]", "eval.every_steps=2")
+    r = recipe(out, "run.steps=3", "run.log_every=1", "eval.suites=[demo]", "eval.every_steps=2",
+               f"eval.root={out}/demo_data")  # the demo recipe's own root: the run writes the set there
     with pytest.raises(EvaluationFailed) as info:
         Pretrainer(r, data=FixedStream(make_batch(8))).run()  # the failure at step 2 does not stop training
     message = str(info.value)
