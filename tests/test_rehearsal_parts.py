@@ -50,7 +50,8 @@ def test_debug_models_of_the_shipped_architectures_keep_their_kinds():
     assert (unimed["text_cfg"]["hf_pooler_type"], unimed["text_cfg"]["hf_proj_type"]) == (
         "cls_last_hidden_state_pooler", "mlp")
     siglip = derive_debug_model(resolve_config("medclip-siglip-so400m-pubmedbert")).config
-    assert siglip["init_logit_bias"] == -10 and siglip["text_cfg"]["hf_pooler_type"] == "cls_pooler"
+    # ConceptCLIP's text pooling (the mean of the token states) is kept
+    assert siglip["init_logit_bias"] == -10 and siglip["text_cfg"]["hf_pooler_type"] == "mean_pooler"
     assert siglip["embed_dim"] == 96  # timm_proj none: the joint space is the debug trunk's own width
     assert sum(p.numel() for p in build_model(siglip).parameters()) < 3e6
 
