@@ -78,7 +78,7 @@ class RehearsalPlan:
             f"optimizer AdamW lr {r.optim.lr:g} betas ({r.optim.beta1}, {r.optim.beta2}) eps {r.optim.eps:g} "
             f"wd {r.optim.weight_decay:g}, grad clip {r.optim.grad_clip}, {r.optim.schedule} schedule",
             f"sources {len(r.data.sources)} manifests, {len(r.data.build)} builds, demo {r.data.demo}; "
-            f"weights {[s.weight for s in r.data.sources] or '-'}, caption/concept fields from the manifests",
+            f"weights {_weights(r.data.sources)}, caption/concept fields from the manifests",
             f"eval suites {', '.join(r.eval.suites) or 'none'}; keep_checkpoints {r.run.keep_checkpoints}; export",
         ]
 
@@ -190,3 +190,12 @@ def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str =
     plan.sources = prepare_training_data(plan.values, pool, work_dir / "data", min_samples=readable)
     plan.suites = prepare_eval_data(plan.values, work_dir / "eval", pool)
     return plan
+
+
+def _weights(sources) -> str:
+    """A recipe source's weight, or the manifest's own where the recipe gives none."""
+    if not sources:
+        return "-"
+    if all(s.weight is None for s in sources):
+        return "from the manifests"
+    return ", ".join("the manifest's" if s.weight is None else f"{s.weight:g}" for s in sources)
