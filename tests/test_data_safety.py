@@ -127,6 +127,29 @@ def test_failing_pipe_shards_are_skipped_and_counted(demo, tiny_encoder, workers
     assert whole <= set(keys) and 30 < len(keys) < 60  # shard 0 whole, the front half of shard 1
 
 
+def test_each_failed_shard_is_one_readable_log_line(demo, tmp_path, caplog):
+    """One warning per failed shard, naming it and the cause (not webdataset's wrapper objects twice)."""
+    from collections import Counter
+
+    from medclip.data.shard_reader import read_shard
+
+    with tarfile.open(demo / "demo-val-000000.tar") as tar:
+        inside = tar.getmembers()[2].offset_data + 10
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((demo / "demo-val-000000.tar").read_bytes()[:inside])
+    urls = ["pipe:exit 3", f"pipe:cat {demo}/gone.tar", str(cut), str(tmp_path / "missing.tar")]
+    skips: Counter = Counter()
+    with caplog.at_level(logging.WARNING, logger="medclip.data.shard_reader"):
+        for url in urls:
+            list(read_shard(url, lambda i: True, skips, allow_commands=True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert skips == {"unreadable_shard": 3, "truncated_tar": 1}
+    assert len(lines) == len(urls), lines
+    for url, line in zip(urls, lines):
+        assert url in line and "\n" not in line and " object at 0x" not in line, line
+    assert "exited with status 3" in lines[0] and "truncated_tar" in lines[2]
+
+
 class _BrokenConnection(io.RawIOBase):
     """A remote file whose connection drops after ``limit`` bytes."""
 
@@ -188,7 +211,7 @@ def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys
         assert f"FAIL cut-{where}: truncated tar {shard}" in capsys.readouterr().out
     whole = _write_manifest(tmp_path / "whole.yaml", str(demo / "demo-val-000000.tar"))
     assert cli_main(["data", "check", str(whole)]) == 0
-    assert "OK   whole: 1 shards" in capsys.readouterr().out
+    assert "OK   whole: 1 shards read to their end, no sample count stated" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ workers die with their parent
