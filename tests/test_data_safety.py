@@ -109,6 +109,32 @@ def test_a_malicious_root_is_quoted_and_runs_nothing(demo, tmp_path, tiny_encode
     assert expand_urls("{root}/s-{0..1}.tar", "/d/{x,y}") == ["/d/{x,y}/s-0.tar", "/d/{x,y}/s-1.tar"]
 
 
+def test_pipe_urls_are_recognised_as_webdataset_dispatches_them(demo, tmp_path, tiny_encoder):
+    """webdataset picks the opener by urllib's scheme (case-folded, leading blanks dropped): PIPE:... is a
+    pipe: URL too, refused without the opt-in (and never run: only the python -O of an assert stood between)."""
+    marker = tmp_path / "ran"
+    for url in (f"PIPE:touch {marker}", f" pipe:;touch {marker}", f"Pipe:touch {marker}"):
+        manifest = _write_manifest(tmp_path / "odd.yaml", url)
+        with pytest.raises(MedclipError, match="--allow-pipe"):
+            build_train_stream([manifest], tiny_encoder.tokenizer, TRANSFORM, batch_size=8)
+    assert not marker.exists()
+
+
+def test_a_root_cannot_turn_a_plain_manifest_into_a_command(demo, tmp_path, tiny_encoder, monkeypatch):
+    """{root} first in a plain pattern: a root starting with pipe: would make it a shell command, which
+    --allow-pipe (given for some other, trusted manifest) would then run."""
+    marker = tmp_path / "injected"
+    manifest = _write_manifest(tmp_path / "plain.yaml", "{root}/demo-val-000000.tar")
+    evil = f"pipe:touch {marker}; cat {demo}"
+    for root_from_env in (False, True):
+        if root_from_env:
+            monkeypatch.setenv("MEDCLIP_DATA_ROOT", evil)
+        with pytest.raises(MedclipError, match="would make .* a shell command") as info:
+            m = load_manifest(manifest, root=None if root_from_env else evil)
+            _keys(build_train_stream([m], tiny_encoder.tokenizer, TRANSFORM, batch_size=8, allow_pipe=True))
+        assert "\n" not in str(info.value) and not marker.exists()
+
+
 # ------------------------------------------------------------------------------ shard failures are skips
 
 

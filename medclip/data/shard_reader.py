@@ -13,6 +13,7 @@ import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -37,8 +38,12 @@ for _scheme in FSSPEC_SCHEMES:  # webdataset's documented dispatch table; keep a
 
 def is_command(url: str) -> bool:
     """A URL webdataset opens by running it in a shell. (http, gs, ... run curl or gsutil with the URL as
-    one argument, no shell: such a URL cannot run a command of its own.)"""
-    return url.startswith("pipe:")
+    one argument, no shell: such a URL cannot run a command of its own.) The scheme is read as
+    webdataset's gopen reads it, with urllib: " pipe:" and "PIPE:" are pipe: URLs too."""
+    try:
+        return urlparse(url).scheme == "pipe"
+    except ValueError:  # e.g. "http://[x": gopen cannot parse it either, so it fails as an unreadable shard
+        return False
 
 
 class ShardErrors:
@@ -67,7 +72,7 @@ def _cause(exn: Exception) -> str:
     """The error's own words: webdataset wraps them as (message, stream, url) or "message @ <stream>";
     its pipe: reader says "(args, kwargs): exit N (read) {}" when the command fails."""
     message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
-    message = re.sub(r" @ <[^>]*>$", "", message)
+    message = re.sub(r" @ <[^>]*>$", "", message) or type(exn).__name__
     status = re.search(r"\): exit (-?\d+) \(\w+\)", message)
     return f"the command exited with status {status.group(1)}" if status else message
 
