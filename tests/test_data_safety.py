@@ -109,6 +109,30 @@ def test_a_malicious_root_is_quoted_and_runs_nothing(demo, tmp_path, tiny_encode
     assert expand_urls("{root}/s-{0..1}.tar", "/d/{x,y}") == ["/d/{x,y}/s-0.tar", "/d/{x,y}/s-1.tar"]
 
 
+def test_pipe_urls_are_recognised_as_webdataset_dispatches_them(demo, tmp_path, tiny_encoder):
+    """webdataset picks the opener by urllib's scheme (case-folded, leading blanks dropped): PIPE:... is a
+    pipe: URL too, refused without the opt-in (and never run: only the python -O of an assert stood between)."""
+    marker = tmp_path / "ran"
+    for url in (f"PIPE:touch {marker}", f" pipe:;touch {marker}", f"Pipe:touch {marker}"):
+        manifest = _write_manifest(tmp_path / "odd.yaml", url)
+        with pytest.raises(MedclipError, match="--allow-pipe"):
+            build_train_stream([manifest], tiny_encoder.tokenizer, TRANSFORM, batch_size=8)
+    assert not marker.exists()
+
+
+def test_a_root_cannot_turn_a_plain_manifest_into_a_command(demo, tmp_path, monkeypatch):
+    """{root} first in a plain pattern: a root starting with pipe: would make it a shell command, which
+    --allow-pipe (given for some other, trusted manifest) would then run."""
+    manifest = _write_manifest(tmp_path / "plain.yaml", "{root}/demo-val-000000.tar")
+    evil = f"pipe:touch {tmp_path / 'injected'}; cat {demo}"
+    with pytest.raises(MedclipError, match="would make .* a shell command") as info:
+        load_manifest(manifest, root=evil)
+    assert "\n" not in str(info.value)
+    monkeypatch.setenv("MEDCLIP_DATA_ROOT", evil)
+    with pytest.raises(MedclipError, match="would make .* a shell command"):
+        load_manifest(manifest)
+
+
 # ------------------------------------------------------------------------------ shard failures are skips
 
 
@@ -125,6 +149,29 @@ def test_failing_pipe_shards_are_skipped_and_counted(demo, tiny_encoder, workers
     with tarfile.open(demo / "demo-val-000000.tar") as tar:
         whole = {n.name.split(".")[0] for n in tar.getmembers()}
     assert whole <= set(keys) and 30 < len(keys) < 60  # shard 0 whole, the front half of shard 1
+
+
+def test_each_failed_shard_is_one_readable_log_line(demo, tmp_path, caplog):
+    """One warning per failed shard, naming it and the cause (not webdataset's wrapper objects twice)."""
+    from collections import Counter
+
+    from medclip.data.shard_reader import read_shard
+
+    with tarfile.open(demo / "demo-val-000000.tar") as tar:
+        inside = tar.getmembers()[2].offset_data + 10
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes((demo / "demo-val-000000.tar").read_bytes()[:inside])
+    urls = ["pipe:exit 3", f"pipe:cat {demo}/gone.tar", str(cut), str(tmp_path / "missing.tar")]
+    skips: Counter = Counter()
+    with caplog.at_level(logging.WARNING, logger="medclip.data.shard_reader"):
+        for url in urls:
+            list(read_shard(url, lambda i: True, skips, allow_commands=True))
+    lines = [r.getMessage() for r in caplog.records]
+    assert skips == {"unreadable_shard": 3, "truncated_tar": 1}
+    assert len(lines) == len(urls), lines
+    for url, line in zip(urls, lines):
+        assert url in line and "\n" not in line and " object at 0x" not in line, line
+    assert "exited with status 3" in lines[0] and "truncated_tar" in lines[2]
 
 
 class _BrokenConnection(io.RawIOBase):
@@ -188,7 +235,7 @@ def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys
         assert f"FAIL cut-{where}: truncated tar {shard}" in capsys.readouterr().out
     whole = _write_manifest(tmp_path / "whole.yaml", str(demo / "demo-val-000000.tar"))
     assert cli_main(["data", "check", str(whole)]) == 0
-    assert "OK   whole: 1 shards" in capsys.readouterr().out
+    assert "OK   whole: 1 shards read to their end, no sample count stated" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ workers die with their parent

@@ -102,3 +102,23 @@ def test_unknown_suite_stops_before_step_one(tmp_path):
     assert line.startswith("medclip: error: the run cannot start: unknown suite 'demo_typo' (not a file, nor a "
                            "shipped suite; shipped: demo, shared_real, unimed21")
     assert not out.exists()  # nothing trained, the demo set not even built
+
+
+def test_unwritable_output_dirs_are_one_line_and_exit_2_from_the_cli(tmp_path, monkeypatch, capsys):
+    """Under a regular file, and on a read-only mount (its EROFS answer): `medclip pretrain` says it in one line."""
+    from medclip.cli import main
+
+    (tmp_path / "file").write_text("x")
+    read_only, real_mkdir = tmp_path / "ro", Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == read_only or read_only in self.parents:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    for out, fix in ((tmp_path / "file" / "run", "a part of the path is a regular file"),
+                     (read_only / "run", "the file system is read-only: choose a writable location")):
+        assert main(["pretrain", "--config", "demo", "--set", f"run.output_dir={out}"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("medclip: error: the run cannot start: ") and fix in err[0], err

@@ -78,7 +78,7 @@ def test_bad_recipe_is_one_line_from_the_cli(tmp_path):
 
 
 @pytest.mark.parametrize("override", ["data.batch_size=[1", "run.steps=.inf", "optim.beta1=2.0", "optim.eps=-1",
-                                      "objective.pc_weight=.nan"])
+                                      "objective.pc_weight=.nan", "model.name=!!python/object/apply:os.system [true]"])
 def test_bad_set_values_are_one_line_from_the_cli(override, capsys):
     from medclip.cli import main
 

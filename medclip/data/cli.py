@@ -127,7 +127,8 @@ def run_check(args: argparse.Namespace) -> int:
             for p in problems:
                 print(f"FAIL {p}")
         else:
-            print(f"OK   {manifest.name}: {len(manifest.urls)} shards, {manifest.samples} samples")
+            counts = f"{manifest.samples} samples" if manifest.samples is not None else "no sample count stated"
+            print(f"OK   {manifest.name}: {len(manifest.urls)} shards read to their end, {counts}")
     return 1 if failed else 0
 
 

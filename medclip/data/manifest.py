@@ -85,7 +85,11 @@ def insert_root(pattern: str, root: str) -> str:
     its braces and backslashes escaped from brace expansion."""
     text = shlex.quote(root) if is_command(pattern) else root
     text = text.replace("\\", "\\\\").replace("{", "\\{").replace("}", "\\}")
-    return pattern.replace("{root}", text)
+    url = pattern.replace("{root}", text)
+    if is_command(url) and not is_command(pattern):  # only a manifest's own pipe: URLs may run commands
+        raise MedclipError(f"the data root {root!r} would make {pattern!r} a shell command (pipe:): a root is a "
+                           f"folder or a URL; a command belongs in a manifest's urls")
+    return url
 
 
 def expand_urls(patterns: str | list[str], root: str) -> list[str]:

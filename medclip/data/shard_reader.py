@@ -9,9 +9,11 @@ shard and is counted by kind in the caller's ``skips``; the samples read before 
 from __future__ import annotations
 
 import logging
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator
+from urllib.parse import urlparse
 
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
@@ -36,26 +38,43 @@ for _scheme in FSSPEC_SCHEMES:  # webdataset's documented dispatch table; keep a
 
 def is_command(url: str) -> bool:
     """A URL webdataset opens by running it in a shell. (http, gs, ... run curl or gsutil with the URL as
-    one argument, no shell: such a URL cannot run a command of its own.)"""
-    return url.startswith("pipe:")
+    one argument, no shell: such a URL cannot run a command of its own.) The scheme is read as
+    webdataset's gopen reads it, with urllib: " pipe:" and "PIPE:" are pipe: URLs too."""
+    try:
+        return urlparse(url).scheme == "pipe"
+    except ValueError:  # e.g. "http://[x": gopen cannot parse it either, so it fails as an unreadable shard
+        return False
 
 
 class ShardErrors:
-    """webdataset exception handler: remembers the error kinds of the shard being read."""
+    """webdataset exception handler: remembers the error kinds of the shard being read, and the first
+    cause of each (a failing command or read is often reported twice: by the tar reader, then at close)."""
 
-    def __init__(self, report: bool = True):
-        self.kinds: set[str] = set()
-        self.report = report
+    def __init__(self):
+        self.causes: dict[str, str] = {}
 
     def add(self, kind: str, message: object) -> None:
-        self.kinds.add(kind)
-        if self.report:
-            log.warning("shard error (%s): %s", kind, message)
+        self.causes.setdefault(kind, str(message))
 
     def __call__(self, exn: Exception) -> bool:
         truncated = isinstance(exn, (tarfile.ReadError, EOFError)) or "unexpected end" in str(exn).lower()
-        self.add("truncated_tar" if truncated else "unreadable_shard", exn)
+        self.add("truncated_tar" if truncated else "unreadable_shard", _cause(exn))
         return True  # continue with the next shard
+
+    def report(self, url: str) -> str:
+        """The counted kind, logged once: a failing read or command often also leaves the tar short."""
+        kind = "unreadable_shard" if "unreadable_shard" in self.causes else next(iter(self.causes))
+        log.warning("skipped shard %s (%s): %s", url, kind, self.causes[kind])
+        return kind
+
+
+def _cause(exn: Exception) -> str:
+    """The error's own words: webdataset wraps them as (message, stream, url) or "message @ <stream>";
+    its pipe: reader says "(args, kwargs): exit N (read) {}" when the command fails."""
+    message = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
+    message = re.sub(r" @ <[^>]*>$", "", message) or type(exn).__name__
+    status = re.search(r"\): exit (-?\d+) \(\w+\)", message)
+    return f"the command exited with status {status.group(1)}" if status else message
 
 
 class TailStream:
@@ -94,7 +113,7 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
     """
     if is_command(url) and not allow_commands:
         raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
-    errors = ShardErrors(report)
+    errors = ShardErrors()
     try:
         stream = TailStream(wds.gopen(url))
     except Exception as exn:
@@ -106,7 +125,7 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
             if keep(index):
                 yield sample
         try:
-            if not errors.kinds and not stream.complete():
+            if not errors.causes and not stream.complete():
                 errors.add("truncated_tar", f"{url} ends before the tar end-of-archive marker")
         except Exception as exn:
             errors(exn)
@@ -114,5 +133,5 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
             stream.close()  # a pipe: command reports its exit status here
         except Exception as exn:
             errors(exn)
-    if report:  # one kind per shard: a failing read or command often also leaves the tar short
-        skips.update({"unreadable_shard"} if "unreadable_shard" in errors.kinds else errors.kinds)
+    if report and errors.causes:
+        skips[errors.report(url)] += 1
