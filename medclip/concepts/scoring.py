@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from medclip.concepts.tokens import name_token_mask, pad_token_id
+from medclip.concepts.tokens import embed_names, pad_token_id
 from medclip.errors import MedclipError
 from medclip.models import towers
 
@@ -53,10 +53,7 @@ class ConceptScorer:
             if self.use_heads:
                 ids = enc.tokenize(missing).to(enc.device)
                 with enc._autocast():
-                    _, states = towers.text_tokens(enc.model, ids)
-                    words = name_token_mask(ids, pad_token_id(enc.tokenizer)).to(states.dtype)
-                    pooled = (words[..., None] * states).sum(1) / words.sum(1, keepdim=True).clamp_min(1.0)
-                    vectors = enc.heads.embed_pooled_text(pooled).float().cpu()
+                    vectors = embed_names(enc.model, enc.heads, ids, pad_token_id(enc.tokenizer)).float().cpu()
             else:
                 vectors = enc.encode_text(missing, normalize=False)
             for name, vec in zip(missing, F.normalize(vectors, dim=-1)):

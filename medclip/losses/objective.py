@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from medclip.concepts.tokens import embed_names, name_token_mask
 from medclip.errors import MedclipError
 from medclip.losses.distributed import World
 from medclip.losses.it_align import (
@@ -138,25 +139,16 @@ def concat_features(parts: list[Features]) -> Features:
     )
 
 
-def _text_pad_id(model) -> int:
-    text = getattr(model, "text", None)
-    if text is not None and hasattr(text, "config"):
-        return int(text.config.pad_token_id)
-    return 0  # open_clip's SimpleTokenizer pads with 0
-
-
-def name_token_mask(token_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """[N, L] bool: the tokens of a tokenized name between its start and end tokens."""
-    real = token_ids != pad_id
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-    last = (real * positions).amax(dim=1, keepdim=True)  # the end token ([SEP] / <end_of_text>)
-    return real & (positions > 0) & (positions < last)
-
-
 class Objective:
-    def __init__(self, config: ObjectiveConfig | None = None, world: World | None = None):
+    def __init__(self, config: ObjectiveConfig | None = None, world: World | None = None,
+                 name_pad_id: int | None = None):
         self.config = config or ObjectiveConfig()
         self.world = world  # None: ask torch.distributed at every call
+        # The id concept_name_tokens are padded with: medclip.concepts.tokens.pad_token_id(tokenizer).
+        if self.config.use_concept_names and name_pad_id is None:
+            raise MedclipError("use_concept_names needs the tokenizer's pad id: "
+                               "Objective(config, name_pad_id=pad_token_id(tokenizer))")
+        self.name_pad_id = name_pad_id
         self.skipped_spans = 0  # concept mentions dropped because their token span was unusable
 
     def init_parameters(self, model) -> None:
@@ -203,13 +195,8 @@ class Objective:
                                f"got {tuple(names.shape)}")
         rows, cols = mask.nonzero(as_tuple=True)
         ids = names[rows, cols].long()
-        words = name_token_mask(ids, _text_pad_id(model))
-        out = None
-        if len(ids):
-            _, states = towers.text_tokens(model, ids)
-            weights = words.to(states.dtype)
-            pooled = (weights[..., None] * states).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-            out = heads.embed_pooled_text(pooled)
+        words = name_token_mask(ids, self.name_pad_id)
+        out = embed_names(model, heads, ids, self.name_pad_id) if len(ids) else None
         dim = heads.config.embed_dim
         embeds = torch.zeros(*mask.shape, dim, dtype=out.dtype if out is not None else torch.float32,
                              device=mask.device)

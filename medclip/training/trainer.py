@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import yaml
 
+from medclip.concepts.tokens import pad_token_id
 from medclip.data.images import normalize_batch
 from medclip.errors import MedclipError
 from medclip.models import towers
@@ -19,6 +20,7 @@ from medclip.models.encoder import AMP_DTYPES
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
 from medclip.models.loading import (
     build_model,
+    build_tokenizer,
     extract_state_dict,
     load_weights,
     read_weights_file,
@@ -78,7 +80,8 @@ class Pretrainer:
 
         self.model_cfg, self.model = self._build_model()
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
-        self.module = TrainModule(self.model, self.heads, recipe.objective).to(self.device)
+        name_pad = pad_token_id(build_tokenizer(self.model_cfg)) if recipe.objective.use_concept_names else None
+        self.module = TrainModule(self.model, self.heads, recipe.objective, name_pad).to(self.device)
         self.wrapped = wrap_model(self.module, recipe.run.strategy, self.env, self.device,
                                   find_unused=recipe.objective.pc_start_step > 0 and self.heads is not None)
         sharded = recipe.run.strategy == "fsdp" and self.env.distributed
