@@ -55,6 +55,9 @@ class ObjectiveConfig:
     pc_topk: int = 4
     pc_lse_temperature: float = 0.1
     pc_chunk_size: int | None = 64  # concepts per chunk; None = naive (all at once)
+    # Another caption's mention of one of the image's own concept ids: 'ignore' (no false negatives)
+    # or 'negative' (ConceptCLIP's form).
+    pc_same_concept: str = "ignore"
     use_concept_names: bool = False  # also align the embedding of each concept's name
 
     def __post_init__(self):
@@ -86,7 +89,7 @@ class ObjectiveConfig:
 
     def pc_config(self) -> PCAlignConfig:
         return PCAlignConfig(pool=self.pc_pool, topk=self.pc_topk, lse_temperature=self.pc_lse_temperature,
-                             chunk_size=self.pc_chunk_size)
+                             chunk_size=self.pc_chunk_size, same_concept=self.pc_same_concept)
 
     def pc_active(self, step: int | None) -> bool:
         return self.pc_weight > 0 and (step is None or step >= self.pc_start_step)
