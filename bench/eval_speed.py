@@ -3,11 +3,15 @@
 Data: MedPix dev (../shared/data/medpix/dev.jsonl), modality CT vs MRI with 4 prompts per class (the
 shared_real suite's entry). Both sides get the same model object, the same image transform, the same
 batch size and worker count, fp32 (CLIP_benchmark with --no_amp, so the numbers are comparable).
-medclip runs twice: with its defaults (JPEG draft decoding on) and with ``--no-draft`` semantics
-(every pixel exactly the plain transform's). The three runs are interleaved in each repeat so a
-busy shared machine slows all of them alike; each is timed end to end (text + images + metrics).
-Prints median (and min) times over --repeats, the ratios medclip / CLIP_benchmark (goal <= 0.8)
-and every run's acc1.
+
+The headline is the same-pixels comparison: medclip with ``--no-draft`` (every image decoded at full
+size, so every pixel the model sees is the plain transform's, as in CLIP_benchmark) against
+CLIP_benchmark. medclip's default JPEG draft decoding (a reduced-scale decode when the JPEG is at least
+twice the model input; other pixels, hence possibly other scores) is reported as an option beside it,
+with its own ratio. The runs are interleaved in each repeat (order rotated) so a busy shared machine
+slows all of them alike; each is timed end to end (text + images + metrics). Prints median (and min)
+times over --repeats, the ratios medclip / CLIP_benchmark (goal <= 0.8 for the headline) and every run's
+acc1.
 
     .venv/bin/python bench/eval_speed.py [--quick] [--model medclip-small] [--workers 2]
 """
@@ -78,8 +82,8 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, num_workers=args.workers)
         return cb.evaluate(encoder.model, loader, encoder.tokenizer, spec.classes.labels, prompts, "cpu", amp=False)
 
-    runs = {"medclip": lambda: run_medclip(True), "medclip --no-draft": lambda: run_medclip(False),
-            "CLIP_benchmark evaluate": run_clip_benchmark}
+    runs = {"medclip --no-draft": lambda: run_medclip(False), "CLIP_benchmark evaluate": run_clip_benchmark,
+            "medclip (draft decoding)": lambda: run_medclip(True)}
     for fn in runs.values():
         fn()  # warm up all (page cache, lazy imports, worker start-up code paths) before timing
     times: dict[str, list[float]] = {name: [] for name in runs}
@@ -99,8 +103,11 @@ def main() -> None:
         print(f"{name:24s} median {median[name]:6.3f} s  min {min(times[name]):6.3f} s  "
               f"acc1={results[name]['acc1']:.4f}")
     ref = median["CLIP_benchmark evaluate"]
-    print(f"ratio medclip / CLIP_benchmark: {median['medclip'] / ref:.3f} (goal <= 0.8)")
-    print(f"ratio medclip --no-draft / CLIP_benchmark: {median['medclip --no-draft'] / ref:.3f}")
+    same = median["medclip --no-draft"] / ref
+    print(f"ratio medclip / CLIP_benchmark, same pixels (--no-draft): {same:.3f} "
+          f"(goal <= 0.8: {'met' if same <= 0.8 else 'NOT met'})")
+    print(f"option: ratio medclip with draft JPEG decoding (other pixels) / CLIP_benchmark: "
+          f"{median['medclip (draft decoding)'] / ref:.3f}")
 
 
 if __name__ == "__main__":

@@ -94,20 +94,20 @@ def main(argv: list[str] | None = None) -> int:
                                                                       processes=args.workers))
             n_rows += rep.samples
         print(f"built {n_rows} samples into {len(list(out.glob('*.tar')))} shards in {time.perf_counter() - t:.1f}s")
-        shards = sorted(str(p) for p in out.glob("*.tar"))
-        blobs = []
-        for s in shards:
+        shards, blobs = [], []
+        for s in sorted(str(p) for p in out.glob("*.tar")):  # --quick: whole shards up to 600 images
+            if args.quick and len(blobs) >= 600:
+                break
+            shards.append(s)
             with tarfile.open(s) as tar:
                 blobs += [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
-        if args.quick:
-            blobs = blobs[:600]
         enc = medclip.load("medclip-tiny")
         manifest = Manifest("bench", shards, caption_fields=["captions"])
 
         # One stream per variant, one epoch per round: the loader as the trainer uses it (epoch after epoch).
         streams = {shortcut: build_train_stream([manifest], enc.tokenizer, TRANSFORM, batch_size=args.batch_size,
-                                                seed=0, num_workers=args.workers, epoch_samples=len(blobs),
-                                                shuffle_buffer=500, gray_shortcut=shortcut)
+                                                seed=0, num_workers=args.workers, shuffle_buffer=500,
+                                                gray_shortcut=shortcut)  # an epoch: every image of the shards once
                    for shortcut in (True, False)}
 
         def loader_rate(gray_shortcut: bool = True) -> tuple[float, float, float, torch.dtype, dict]:

@@ -1,27 +1,47 @@
 """medclip's shared_real recipe vs open_clip_train on the same shards, for the same wall-clock budget.
 
-1. medclip: ``medclip pretrain --config pretrain/shared_real.yaml`` (shard build from ../shared/data
-   with concept annotation, training, in-run evaluation and export all inside the timed command).
-2. open_clip_train (the reference): its own ``main`` on the tar shards medclip just built (``.jpg`` +
-   ``.txt``, the radiologist caption; it reads nothing else), for each ``--baseline-model`` (default:
-   ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own model
-   too to compare on the same architecture; names are registered with open_clip by importing
+Every side is held to ``--budget`` seconds for its whole training process and is charged for the same
+things: process start-up, data loading, training and saving the model. Nobody is charged for the shard
+build (done once, before any timed run) or for evaluation (one common command at the end).
+
+1. Shards: the recipe's ``data.build`` tables (../shared/data) are converted once, with concept
+   annotation, into ``OUT/shards``; every medclip run reuses them (``data.build``'s build key).
+2. medclip: ``medclip pretrain --config pretrain/shared_real.yaml`` with ``eval.suites=[]`` and as many
+   steps as fit in the budget: a short calibration run (IT-Align steps, then IT + PC-Align steps) gives
+   the start-up cost and both per-step times from its ``log.jsonl``, and the run gets the steps that end
+   inside the budget, so its cosine schedule is complete (the recipe's ``run.steps`` is ignored).
+3. open_clip_train (the reference): its own ``main`` on those shards, for each ``--baseline-model``
+   (default ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own
+   model too to compare on the same architecture; names are registered with open_clip by importing
    medclip), with the recipe's batch size (or ``MODEL@BATCH``'s, with the warmup kept in samples),
-   learning rate, weight decay, Adam betas and eps, and warmup, fp32, one loader worker. Its step
-   count is what fits in the budget: a
-   short calibration run gives the per-step time (open_clip_train's own ``Batch (t)``) and the
-   start-up cost, and the full run gets ``(budget - start-up) / step time`` steps, so its cosine
-   schedule ends inside the budget (stopping a longer schedule early would handicap it). The budget
-   covers its whole process; it is not charged for the shard build.
-3. Both final models are evaluated by one ``medclip eval suite shared_real`` command (MedPix dev,
-   COVID-19 test: zero-shot, retrieval, linear probes; same settings for both), and the script prints
-   the table and the differences.
+   learning rate, weight decay, Adam betas and eps, and warmup, fp32, one loader worker, calibrated the
+   same way (its own ``Batch (t)``). Each model is trained on two caption sets (``--baseline-data``):
+   - ``radiologist``: the shards as they are; open_clip_train reads the ``.txt`` member, the
+     radiologist's caption, and nothing else;
+   - ``pool``: data parity. medclip draws one caption per visit, uniformly from the sample's caption
+     pool (the radiologist's caption and the label-derived captions of ``data.build``), and reads every
+     image once per pass. The pool shards give open_clip_train the same: pass ``p`` holds every image
+     once with a caption drawn uniformly from its pool (seeded), with as many passes as its steps need.
+   medclip vs ``pool`` is what the engine adds (same data); ``pool`` vs ``radiologist`` is what the
+   label captions add.
+4. All final models are evaluated by one ``medclip eval suite shared_real`` command (MedPix dev, COVID-19
+   test: zero-shot, retrieval, linear probes; same settings for all), and the script prints the table,
+   the differences and that decomposition.
 
-    .venv/bin/python bench/shared_real_vs_open_clip.py [--budget 600] [--out runs/compare_shared_real]
-    .venv/bin/python bench/shared_real_vs_open_clip.py --seeds 0 1   # every side once per seed; mean and per-seed
+The full table (README), on an otherwise idle machine (both sides are timed), about 2 x (10 + 4 x 10 + 4)
+minutes:
+
+    .venv/bin/python bench/shared_real_vs_open_clip.py --seeds 0 1 --budget 600 \
+        --baseline-model medclip-small@64 --baseline-model medclip-small-resnet18
+
+Other uses:
+
+    .venv/bin/python bench/shared_real_vs_open_clip.py --budget 120 --seeds 0     # a smoke check (~15 min)
     .venv/bin/python bench/shared_real_vs_open_clip.py --medclip-run runs/shared_real   # reuse a finished run
+    .venv/bin/python bench/shared_real_vs_open_clip.py --baseline-data pool        # only the parity baseline
 
-Takes about seeds x budget x (1 + baselines) + 2 minutes per baseline + 3 minutes. The machine must be otherwise idle: both sides are timed.
+Takes about seeds x budget x (1 + baselines x data sets) + 1.5 minutes per calibration + the shard build
++ the evaluation.
 """
 
 from __future__ import annotations
@@ -30,11 +50,13 @@ import argparse
 import dataclasses
 import json
 import math
+import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -42,7 +64,9 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 CALIBRATION_STEPS = 30
+MEDCLIP_CALIBRATION_STEPS = 40  # the second half with PC-Align on
 SELF = [sys.executable, str(Path(__file__).resolve()), "--open-clip-train"]
+BASELINE_DATA = {"radiologist": "radiologist caption", "pool": "caption pool"}
 
 
 def run_timed(cmd: list[str], log_path: Path) -> float:
@@ -71,6 +95,157 @@ def open_clip_train_main(argv: list[str]) -> None:
     main(argv)
 
 
+# ---------------------------------------------------------------------------------------------- data
+def build_shards(recipe, shards_root: Path) -> list[Path]:
+    """The recipe's data.build sources, built once (as ``medclip pretrain`` would) into ``shards_root``."""
+    from medclip.training.prepare import build_source
+
+    manifests = []
+    for spec in recipe.data.build:
+        if "{output_dir}" in spec.input:
+            raise SystemExit(f"data.build {spec.name}: an input under {{output_dir}} cannot be built before the run")
+        # Paths as the medclip subprocess (cwd = the repository) resolves them, so its build key matches.
+        spec = dataclasses.replace(spec, input=str((REPO / spec.input).resolve()),
+                                   vocab=[str((REPO / v).resolve()) for v in spec.vocab])
+        manifests.append(build_source(spec, shards_root))
+    return manifests
+
+
+def shard_urls(manifests: list[Path]) -> list[str]:
+    from medclip.data.manifest import load_manifest
+
+    return [url for m in manifests for url in load_manifest(m).urls]
+
+
+def read_samples(url: str):
+    """(key, image extension, image bytes, caption pool) of each sample of a medclip shard."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(url) as tar:
+        for info in tar:
+            if info.isreg():
+                key, _, ext = info.name.partition(".")
+                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    for key, files in members.items():
+        ext = next((e for e in ("jpg", "png", "jpeg", "webp") if e in files), None)
+        if ext is None or "txt" not in files:
+            continue
+        pool = json.loads(files["json"]).get("captions") if "json" in files else None
+        yield key, ext, files[ext], pool or [files["txt"].decode("utf-8")]
+
+
+def write_caption_pool(urls: list[str], out: Path, passes: int, seed: int = 0) -> tuple[list[str], int]:
+    """Pool shards: per pass and source shard, one tar with every image once and a caption drawn uniformly
+    from its pool (the draws of pass p do not depend on how many passes are written). Returns the shard
+    paths and the number of images per pass."""
+    import webdataset as wds
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths, images = [], 0
+    for p in range(passes):
+        images = 0
+        for i, url in enumerate(urls):
+            path = out / f"pool-p{p:03d}-{i:04d}.tar"
+            with wds.TarWriter(str(path), encoder=False) as sink:
+                for key, ext, image, pool in read_samples(url):
+                    caption = random.Random(f"{seed}/{p}/{key}").choice(pool)
+                    sink.write({"__key__": f"{key}_p{p}", ext: image, "txt": caption.encode("utf-8")})
+                    images += 1
+            paths.append(str(path))
+    return paths, images
+
+
+class BaselineShards:
+    """The shards a baseline reads for one caption set (pool shards are written when first needed)."""
+
+    def __init__(self, urls: list[str], out: Path):
+        self.urls, self.out = urls, out
+        self.images_per_pass = sum(1 for url in urls for _ in read_samples(url))
+        self.pool: list[str] = []
+
+    def for_data(self, data: str, samples: int) -> list[str]:
+        if data == "radiologist":
+            return self.urls
+        passes = math.ceil(samples / self.images_per_pass) + 1  # one spare: shuffling draws across passes
+        if len(self.pool) < passes * len(self.urls):
+            if self.out.exists():
+                shutil.rmtree(self.out)
+            self.pool, _ = write_caption_pool(self.urls, self.out, passes)
+            print(f"caption pool: {passes} passes of {self.images_per_pass} images -> {self.out}")
+        return self.pool
+
+
+# ------------------------------------------------------------------------------------------- medclip
+def medclip_command(args, run_dir: Path, seed: int, steps: int, extra: list[str] = ()) -> list[str]:
+    """``medclip pretrain`` held to ``steps``, without in-run evaluation (all models are evaluated alike)."""
+    cmd = [str(BIN / "medclip"), "pretrain", "--config", args.recipe, "--set", f"run.output_dir={run_dir}",
+           "--set", f"run.seed={seed}", "--set", f"run.steps={steps}", "--set", "eval.suites=[]",
+           "--set", "run.progress=false"]
+    for item in [*args.overrides, *extra]:
+        cmd += ["--set", item]
+    return cmd
+
+
+def fresh_run_dir(run_dir: Path, shards_root: Path) -> None:
+    """An empty run directory whose shards/ is the prebuilt one (reused by data.build's key)."""
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / "shards").symlink_to(shards_root.resolve(), target_is_directory=True)
+
+
+def medclip_steps_for_budget(budget: float, startup: float, it_step: float, pc_step: float, pc_start: int) -> int:
+    """Most steps whose time (start-up, IT-only steps up to ``pc_start``, then IT + PC steps) fits the budget."""
+    left = budget - startup
+    if left <= it_step * pc_start:
+        return max(math.floor(left / it_step), 0)
+    return pc_start + math.floor((left - it_step * pc_start) / pc_step)
+
+
+def window_times(log_jsonl: Path, batch: int) -> list[tuple[int, float]]:
+    """(step, seconds per step) of each logged window after the first (which holds the loader's start)."""
+    records = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()]
+    windows = [(r["step"], batch / r["samples_per_s"]) for r in records if r.get("samples_per_s")]
+    return windows[1:]
+
+
+def calibrate_medclip(args, recipe, shards_root: Path, out: Path) -> int:
+    """Steps of the recipe that fit in the budget, from a short timed run of IT-only then IT + PC steps."""
+    run_dir = out / "medclip-calibration"
+    fresh_run_dir(run_dir, shards_root)
+    n, half = MEDCLIP_CALIBRATION_STEPS, MEDCLIP_CALIBRATION_STEPS // 2
+    pc = recipe.objective.pc_weight > 0
+    extra = ["run.log_every=5", f"objective.pc_start_step={half if pc else 0}", f"run.checkpoint_every={n + 1}"]
+    total = run_timed(medclip_command(args, run_dir, recipe.run.seed, n, extra), out / "medclip-calibration.log")
+    windows = window_times(run_dir / "log.jsonl", recipe.data.batch_size)
+    it_step = statistics.median([t for step, t in windows if step <= half] or [t for _, t in windows])
+    pc_step = statistics.median([t for step, t in windows if step > half + 5] or [it_step]) if pc else it_step
+    it_steps = min(n, half) if pc else n
+    startup = max(total - it_step * it_steps - pc_step * (n - it_steps), 0.0)
+    pc_start = recipe.objective.pc_start_step if pc else 10**9
+    steps = medclip_steps_for_budget(args.budget, startup, it_step, pc_step, pc_start)
+    print(f"medclip calibration: {n} steps in {total:.1f}s, {it_step:.3f}s/step IT, {pc_step:.3f}s/step IT+PC, "
+          f"start-up {startup:.1f}s -> {steps} steps fit in {args.budget:.0f}s")
+    return at_least_one_step(steps, "medclip", args.budget)
+
+
+def at_least_one_step(steps: int, who: str, budget: float) -> int:
+    if steps < 1:
+        raise SystemExit(f"{who}: not one step fits in --budget {budget:.0f}s on this machine (busy?); "
+                         "give a larger budget, or --medclip-steps / --baseline-steps")
+    return steps
+
+
+def train_medclip(args, seed: int, steps: int, shards_root: Path, run_dir: Path, log_path: Path) -> float:
+    fresh_run_dir(run_dir, shards_root)
+    wall = run_timed(medclip_command(args, run_dir, seed, steps), log_path)
+    if "building shards" in log_path.read_text():
+        raise SystemExit(f"medclip rebuilt its shards in the timed run (see {log_path}): the build key did not match")
+    print(f"medclip pretrain ({args.recipe}) seed {seed}: {steps} steps in {wall:.1f}s wall "
+          f"(budget {args.budget:.0f}s; training and export, no shard build, no evaluation)")
+    return wall
+
+
+# ----------------------------------------------------------------------------------- open_clip_train
 def baseline_argv(recipe, model: str, shards: list[str], steps: int, logs: Path, name: str) -> list[str]:
     batch = recipe.data.batch_size
     return [
@@ -115,7 +290,7 @@ def calibrate_baseline(recipe, model: str, shards: list[str], budget: float, out
     steps = math.floor((budget - startup) / step_time)
     print(f"open_clip_train {model} calibration: {CALIBRATION_STEPS} steps in {total:.1f}s, {step_time:.3f}s/step, "
           f"start-up {startup:.1f}s -> {steps} steps fit in {budget:.0f}s")
-    return steps
+    return at_least_one_step(steps, f"open_clip_train {model}", budget)
 
 
 def train_baseline(recipe, model: str, shards: list[str], steps: int, logs: Path) -> tuple[float, Path]:
@@ -147,25 +322,13 @@ def headlines(eval_dir: Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def train_medclip(args, seed: int, run_dir: Path, log_path: Path) -> float:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    cmd = [str(BIN / "medclip"), "pretrain", "--config", args.recipe, "--set", f"run.output_dir={run_dir}",
-           "--set", f"run.seed={seed}"]
-    for item in args.overrides:
-        cmd += ["--set", item]
-    wall = run_timed(cmd, log_path)
-    print(f"medclip pretrain ({args.recipe}) seed {seed}: {wall:.1f}s wall (shard build, training, evaluation, export)")
-    return wall
-
-
 def summarise(per_seed: dict[int, dict[str, float]]) -> dict[str, float]:
     """Mean over seeds of each dataset's headline (datasets every seed has)."""
     names = set.intersection(*(set(h) for h in per_seed.values()))
     return {name: statistics.fmean(h[name] for h in per_seed.values()) for name in sorted(names)}
 
 
-def print_table(systems: dict[str, dict]) -> None:
+def print_table(systems: dict[str, dict], budget: float) -> None:
     labels = list(systems)
     ours = labels[0]
     datasets = sorted(systems[ours]["mean"])
@@ -186,9 +349,24 @@ def print_table(systems: dict[str, dict]) -> None:
             row.append(text)
         print(" | ".join(row))
     print("(in brackets after a baseline: medclip's mean minus that baseline's mean)")
-    print("wall clock per seed: " + "; ".join(
+    print(f"wall clock per seed (budget {budget:.0f}s): " + "; ".join(
         f"{label} " + ", ".join("reused" if w is None else f"{w:.0f}s" for w in s["wall_s"].values())
         + f" ({s['steps']} steps)" for label, s in systems.items()))
+    print_decomposition(systems, ours, datasets)
+
+
+def print_decomposition(systems: dict[str, dict], ours: str, datasets: list[str]) -> None:
+    """Per baseline model trained on both caption sets: engine = medclip - pool, data = pool - radiologist."""
+    pairs = [(label, other) for label, s in systems.items() if s.get("data") == "pool"
+             for other, t in systems.items()
+             if t.get("data") == "radiologist" and (t["model"], t["batch"]) == (s["model"], s["batch"])]
+    for pool, radiologist in pairs:
+        print(f"\nwhat the engine adds (medclip - {pool}) | what the label captions add "
+              f"({pool} - {radiologist}), headline points")
+        for name in datasets:
+            m, q, r = (systems[k]["mean"].get(name) for k in (ours, pool, radiologist))
+            if None not in (m, q, r):
+                print(f"{name} | {100 * (m - q):+.1f} | {100 * (q - r):+.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,12 +376,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="pretrain/shared_real.yaml")
-    parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for each side")
+    parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for each side's training")
     parser.add_argument("--out", default="runs/compare_shared_real")
     parser.add_argument("--medclip-run", default=None, help="reuse this finished medclip run (not timed again)")
+    parser.add_argument("--medclip-steps", type=int, default=None, help="skip medclip's calibration: train this many steps")
     parser.add_argument("--baseline-model", action="append", default=None, metavar="MODEL[@BATCH]",
                         help="architecture(s) open_clip_train trains, optionally at another batch size "
                              "(repeatable; default medclip-small at the recipe's batch size)")
+    parser.add_argument("--baseline-data", nargs="+", choices=list(BASELINE_DATA), default=list(BASELINE_DATA),
+                        help="caption sets each baseline model trains on (default both)")
     parser.add_argument("--baseline-steps", type=int, default=None, help="skip the calibration: train this many steps")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="recipe override for the medclip run (repeatable)")
@@ -220,35 +401,47 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--medclip-run reuses one run: give at most one --seeds value")
         reused = (REPO / args.medclip_run).resolve()
         recipe = load_recipe(reused / "recipe.yaml")  # the baseline copies that run's settings
+        manifests = sorted((reused / "shards").glob("*/*.yaml"))
+        if not manifests:
+            raise SystemExit(f"no shard manifests under {reused / 'shards'}: is {reused} a finished shared_real run?")
+        steps = recipe.run.steps
     else:
         recipe = load_recipe(REPO / args.recipe, args.overrides)
+        shards_root = out / "shards"
+        start = time.perf_counter()
+        manifests = build_shards(recipe, shards_root)
+        print(f"shards: {shards_root} ready in {time.perf_counter() - start:.0f}s (charged to no side)")
+        steps = args.medclip_steps or calibrate_medclip(args, recipe, shards_root, out)
+    shards = BaselineShards(shard_urls(manifests), out / "caption_pool")
     seeds = args.seeds or [recipe.run.seed]
     ours = f"medclip {recipe.model.name}"
-    systems: dict[str, dict] = {ours: {"steps": recipe.run.steps, "wall_s": {}, "exports": {}}}
-    shards: list[str] = []
+    systems: dict[str, dict] = {ours: {"steps": steps, "wall_s": {}, "exports": {}}}
     for seed in seeds:
         if args.medclip_run:
             run_dir, wall = reused, None
         else:
             run_dir = out / f"medclip-s{seed}"
-            wall = train_medclip(args, seed, run_dir, out / f"medclip-s{seed}.log")
+            wall = train_medclip(args, seed, systems[ours]["steps"], shards_root, run_dir, out / f"medclip-s{seed}.log")
         systems[ours]["wall_s"][seed] = wall
         systems[ours]["exports"][seed] = str(run_dir / "export")
-        shards = sorted(str(p) for p in (run_dir / "shards").glob("*/*.tar"))
-        if not shards:
-            raise SystemExit(f"no shards under {run_dir / 'shards'}: is {run_dir} a finished shared_real run?")
-        # Shard builds are deterministic, so every seed's baseline reads the same shards.
         seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))
         for spec in args.baseline_model or ["medclip-small"]:
             model, settings = baseline_settings(seeded, spec)
-            label = f"open_clip_train {model} (batch {settings.data.batch_size})"
-            logs = out / f"open_clip_train-{model}-b{settings.data.batch_size}-s{seed}"
-            if label not in systems:
-                steps = args.baseline_steps or calibrate_baseline(settings, model, shards, args.budget, out)
-                systems[label] = {"steps": steps, "wall_s": {}, "exports": {}}
-            wall, checkpoint = train_baseline(settings, model, shards, systems[label]["steps"], logs)
-            systems[label]["wall_s"][seed] = wall
-            systems[label]["exports"][seed] = str(export_baseline(model, checkpoint, logs / "export"))
+            batch = settings.data.batch_size
+            for data in args.baseline_data:
+                label = f"open_clip_train {model} (batch {batch}, {BASELINE_DATA[data]})"
+                if label not in systems:
+                    calibrated = next((s["steps"] for s in systems.values()
+                                       if s.get("model") == model and s.get("batch") == batch), None)
+                    steps = (args.baseline_steps or calibrated
+                             or calibrate_baseline(settings, model, shards.urls, args.budget, out))
+                    systems[label] = {"steps": steps, "wall_s": {}, "exports": {}, "model": model, "batch": batch,
+                                      "data": data}
+                steps = systems[label]["steps"]
+                logs = out / f"open_clip_train-{model}-b{batch}-{data}-s{seed}"
+                wall, checkpoint = train_baseline(settings, model, shards.for_data(data, steps * batch), steps, logs)
+                systems[label]["wall_s"][seed] = wall
+                systems[label]["exports"][seed] = str(export_baseline(model, checkpoint, logs / "export"))
 
     eval_dir = out / "eval"
     if eval_dir.exists():
@@ -263,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     for system in systems.values():
         system["headlines"] = {seed: results.get(path, {}) for seed, path in system["exports"].items()}
         system["mean"] = summarise(system["headlines"])
-    print_table(systems)
+    print_table(systems, args.budget)
     (out / "comparison.json").write_text(json.dumps({"budget_s": args.budget, "seeds": seeds, "runs": systems},
                                                     indent=2))
     return 0

@@ -29,6 +29,12 @@ phases of one step (forward, loss, backward, optimizer) are timed separately.
 
     .venv/bin/python bench/train_throughput.py            # medclip-small, batch 64, 2 runs x 6 timed steps
     .venv/bin/python bench/train_throughput.py --quick    # 1 run x 3 timed steps
+
+Options for other settings (bench/gpu_check.py drives them): ``--precision amp_bf16``, ``--attention
+xformers``, ``--compile`` (medclip: model.compile; open_clip_train: torch.compile of its model, as its
+--torchcompile), ``--model-config FILE`` (an open_clip JSON config registered under its file name, e.g. a
+BiomedBERT-shaped HF text tower in a local directory), ``--synthetic`` (random pixels and token ids with
+concept spans instead of MedPix: needs no data, measures the step only).
 """
 
 from __future__ import annotations
@@ -113,6 +119,47 @@ def prepare_batches(model_name: str, batch_size: int, n_batches: int, out_file: 
                 float(b["concept_mask"].any(1).float().mean()) for b in batches)}
 
 
+def synthetic_batches(model_name: str, batch_size: int, n_batches: int, out_file: Path) -> dict:
+    """Random normalised pixels and token ids (the model's input size, context and vocabulary) with one
+    concept span per caption: the step's cost without any data."""
+    import torch
+
+    from medclip.models.loading import resolve_config
+
+    cfg = resolve_config(model_name)
+    size = cfg["vision_cfg"].get("image_size", 224)
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    text = cfg.get("text_cfg", {})
+    context = text.get("context_length", 77)
+    if text.get("hf_model_name"):
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(text["hf_model_name"]).vocab_size
+    else:
+        vocab = text.get("vocab_size", 49408)
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(5, vocab - 1, (batch_size, context), generator=g)  # full-length captions, no padding
+        batches.append({"images": torch.randn(batch_size, 3, *size, generator=g), "text": ids,
+                        "concept_spans": torch.tensor([[[1, 3]]] * batch_size),
+                        "concept_ids": torch.randint(1, 10**6, (batch_size, 1), generator=g),
+                        "concept_mask": torch.ones(batch_size, 1, dtype=torch.bool)})
+    torch.save(batches, out_file)
+    return {"samples": batch_size * n_batches, "batches": n_batches, "concepts_per_batch": batch_size,
+            "max_concepts_per_caption": 1, "captions_with_concepts": 1.0}
+
+
+def register_model_config(path: str | None) -> None:
+    """Make --model-config's architecture known to open_clip (and so to medclip) in this process."""
+    if path:
+        import open_clip
+
+        import medclip  # noqa: F401  (registers medclip's own configs first)
+
+        open_clip.add_model_config(path)
+
+
 # ----------------------------------------------------------------------------------------- cases
 
 class TimedBatches:
@@ -141,7 +188,8 @@ def _build_medclip(args, pc_weight: float, output_dir: str):
         f"run.output_dir={output_dir}", "data.demo=true", f"data.batch_size={args.batch_size}",
         f"model.name={args.model}", "run.progress=false", "run.tensorboard=false", f"run.steps={total}",
         f"objective.pc_weight={pc_weight}", f"optim.lr={LR}", f"optim.weight_decay={WD}", f"optim.beta1={BETA1}",
-        f"optim.beta2={BETA2}", f"optim.eps={EPS}", f"optim.warmup_steps={WARMUP}", f"run.device={args.device}"])
+        f"optim.beta2={BETA2}", f"optim.eps={EPS}", f"optim.warmup_steps={WARMUP}", f"run.device={args.device}",
+        f"model.precision={args.precision}", f"model.attention={args.attention}", f"model.compile={args.compile}"])
     return Pretrainer(recipe, data=[])  # batches are fed to train_step directly
 
 
@@ -152,7 +200,10 @@ def _build_open_clip(args, device):
 
     import medclip  # noqa: F401  (registers the medclip-* architectures with open_clip)
 
-    model = open_clip.create_model(args.model, device=device, output_dict=True)
+    # Random weights on both sides: an HF text tower must not look for its base weights (medclip builds it from its config).
+    model = open_clip.create_model(args.model, device=device, output_dict=True, pretrained_text=False)
+    if args.compile:  # what open_clip_train's --torchcompile does
+        model = torch.compile(model)
     # open_clip_train.main's parameter groups: no decay on gains, biases and the logit scale.
     named = list(model.named_parameters())
 
@@ -165,7 +216,7 @@ def _build_open_clip(args, device):
     total = args.warmup + args.steps + 1
     scheduler = cosine_lr(optimizer, LR, WARMUP, total)
     loss = open_clip.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1)
-    train_args = SimpleNamespace(device=str(device), precision="fp32", distill=False, accum_freq=1,
+    train_args = SimpleNamespace(device=str(device), precision=args.precision, distill=False, accum_freq=1,
                                  skip_scheduler=False, horovod=False, grad_clip_norm=None,
                                  log_every_n_steps=10**9, batch_size=args.batch_size, world_size=1, rank=0,
                                  local_rank=0, wandb=False, save_logs=False)
@@ -351,7 +402,9 @@ def _child(case: str, args, batches: Path, mode: str, steps: int | None = None) 
     cmd = [sys.executable, str(Path(__file__).resolve()), f"--{mode}", case, "--batches", str(batches),
            "--out", str(out), "--model", args.model, "--batch-size", str(args.batch_size),
            "--steps", str(steps or args.steps), "--warmup", str(args.warmup),
-           "--threads", str(args.threads), "--device", args.device, "--profile-rows", str(args.profile_rows)]
+           "--threads", str(args.threads), "--device", args.device, "--profile-rows", str(args.profile_rows),
+           "--precision", args.precision, "--attention", args.attention]
+    cmd += ["--compile"] * args.compile + (["--model-config", args.model_config] if args.model_config else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -377,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="profile even when both goals are met")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--profile-rows", type=int, default=18)
+    parser.add_argument("--precision", default="fp32", help="fp32 | amp_bf16 | amp (both sides)")
+    parser.add_argument("--attention", default="sdpa", help="medclip's attention kernel: sdpa | xformers | math")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models")
+    parser.add_argument("--model-config", default=None, help="open_clip JSON config file to register (--model names it)")
+    parser.add_argument("--synthetic", action="store_true", help="random batches: no data needed")
     # internal: one case in this (fresh) process
     parser.add_argument("--case", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--profile-case", dest="profile_case", choices=CASES, help=argparse.SUPPRESS)
@@ -386,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 6)
     args.rounds = args.rounds or (1 if args.quick else 2)
+    register_model_config(args.model_config)
 
     if args.interleaved_case:
         Path(args.out).write_text(json.dumps(run_interleaved(args)))
@@ -396,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result))
         return 0
 
-    if not SHARED.is_dir():
+    if not SHARED.is_dir() and not args.synthetic:
         print(f"shared data missing: {SHARED}", file=sys.stderr)
         return 2
     import torch
@@ -407,11 +466,15 @@ def main(argv: list[str] | None = None) -> int:
         batches = work / "batches.pt"
         t = time.perf_counter()
         n_batches = min(args.warmup + args.steps + 1, 12)
-        info = prepare_batches(args.model, args.batch_size, n_batches, batches, work)
-        print(f"data: {info['batches']} pre-decoded batches of {args.batch_size} from {info['samples']} MedPix train "
-              f"samples (MeSH concept spans; median {info['concepts_per_batch']} valid concepts per batch, "
-              f"{info['captions_with_concepts']:.0%} of captions with concepts, up to "
-              f"{info['max_concepts_per_caption']} per caption), built in {time.perf_counter() - t:.0f}s")
+        if args.synthetic:
+            info = synthetic_batches(args.model, args.batch_size, n_batches, batches)
+            print(f"data: {info['batches']} synthetic batches of {args.batch_size} (random pixels and token ids)")
+        else:
+            info = prepare_batches(args.model, args.batch_size, n_batches, batches, work)
+            print(f"data: {info['batches']} pre-decoded batches of {args.batch_size} from {info['samples']} MedPix "
+                  f"train samples (MeSH concept spans; median {info['concepts_per_batch']} valid concepts per batch, "
+                  f"{info['captions_with_concepts']:.0%} of captions with concepts, up to "
+                  f"{info['max_concepts_per_caption']} per caption), built in {time.perf_counter() - t:.0f}s")
         print(f"model: {args.model}  batch: {args.batch_size}  threads: {args.threads}  "
               f"(data loading EXCLUDED: every case trains on the same in-memory, pre-decoded batches)")
         print(f"speed: {args.rounds} fresh process(es), each alternating the three cases' steps "

@@ -1,13 +1,34 @@
-"""medclip: contrastive medical vision-language pretraining and evaluation on top of open_clip."""
+"""medclip: contrastive medical vision-language pretraining and evaluation on top of open_clip.
+
+``import medclip`` is cheap: the public functions load their modules (and torch) on first use, so
+the ``medclip`` command answers ``--help`` without importing torch. medclip's architectures are
+registered with open_clip as soon as open_clip is imported (before or after medclip), so
+``open_clip.create_model("medclip-tiny")`` works after ``import medclip``.
+"""
+
+from typing import TYPE_CHECKING
+
+from medclip import _lazy, _register
+from medclip.errors import MedclipError
 
 __version__ = "0.1.0"
 
-from medclip.errors import MedclipError  # noqa: E402
-from medclip.models.registry import list_models, register_model_configs  # noqa: E402
+if TYPE_CHECKING:  # imported on first use (medclip._lazy)
+    from medclip.models.encoder import Encoder
+    from medclip.models.factory import (
+        create_model,
+        create_model_and_transforms,
+        get_tokenizer,
+        list_models,
+        list_pretrained,
+    )
+    from medclip.models.loading import RandomWeightsWarning, load, save
+    from medclip.models.registry import register_model_configs
+    from medclip.training.api import pretrain
 
-register_model_configs()
+__all__ = ["Encoder", "MedclipError", "RandomWeightsWarning", "create_model", "create_model_and_transforms",
+           "get_tokenizer", "list_models", "list_pretrained", "load", "pretrain", "register_model_configs",
+           "save", "__version__"]
 
-from medclip.models.encoder import Encoder  # noqa: E402
-from medclip.models.loading import load, save  # noqa: E402
-
-__all__ = ["Encoder", "MedclipError", "list_models", "load", "save", "__version__"]
+_lazy.attach(__name__)
+_register.install()

@@ -1,8 +1,14 @@
 """Medical image input: 8/16-bit grayscale, RGB and DICOM to 8-bit RGB PIL images.
 
-Windowing maps raw intensities (Hounsfield units for CT) to display range: values below
-``center - width/2`` become 0, above ``center + width/2`` become 1, linear in between
-(DICOM PS3.3 C.11.2.1.2 simplified to the linear form).
+A caller's :class:`Window` maps raw intensities (Hounsfield units for CT) to display range linearly:
+values below ``center - width/2`` become 0, above ``center + width/2`` become 1. It works the same on
+every input and, for DICOM, overrides the header.
+
+DICOM goes through pydicom's implementation of the standard's pipeline (PS3.3 C.11): the Modality LUT
+or rescale, then the header's VOI LUT Sequence or window (LINEAR with its ``center - 0.5`` /
+``width - 1`` form, LINEAR_EXACT or SIGMOID, the first of several), then MONOCHROME1's inversion, which
+comes after the window because the window is given in the stored values' space. Colour DICOM (RGB, YBR,
+palette) keeps its colours.
 """
 
 from __future__ import annotations
@@ -45,33 +51,77 @@ def to_rgb_uint8(unit: np.ndarray) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def _first(value) -> float:
-    # Window centre/width may be multi-valued in the header; the first is the primary window.
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
-
-
-def read_dicom(path: str | Path, window: Window | None = None) -> tuple[np.ndarray, Window | None]:
-    """Rescaled pixel values (slope/intercept applied) and the window to use."""
+def _pydicom():
     try:
         import pydicom
+        import pydicom.pixels
     except ImportError as exc:
         raise MedclipError("reading DICOM needs the 'dicom' extra: pip install 'medclip[dicom]'") from exc
+    return pydicom
+
+
+def _frame(ds, pixels: np.ndarray) -> np.ndarray:
+    """One image of a multi-frame dataset: the middle frame."""
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    return pixels[frames // 2] if frames > 1 and pixels.ndim == (4 if ds.SamplesPerPixel > 1 else 3) else pixels
+
+
+def _has_voi_lut(ds) -> bool:
+    items = ds.get("VOILUTSequence")
+    return bool(items) and None not in (items[0].get("LUTDescriptor"), items[0].get("LUTData"))
+
+
+def _voi_range(ds, pydicom) -> tuple[float, float]:
+    """The output range of the header's VOI transform (a VOI LUT wins over a window, as in pydicom)."""
+    if _has_voi_lut(ds):
+        depth = int(ds.VOILUTSequence[0].LUTDescriptor[2])
+        return 0.0, float(2 ** depth - 1)  # PS3.3 C.11.2.1.1: LUT entries span 0 .. 2^bits - 1
+    lo, hi = pydicom.pixels.apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window's own extremes
+    return float(lo), float(hi)
+
+
+def dicom_to_unit(ds, window: Window | None = None) -> np.ndarray:
+    """A grayscale dataset's display values in [0, 1] (0 = black): modality, VOI, then MONOCHROME1."""
+    pydicom = _pydicom()
+    values = pydicom.pixels.apply_modality_lut(_frame(ds, ds.pixel_array), ds)
+    has_voi = _has_voi_lut(ds) or ("WindowCenter" in ds and "WindowWidth" in ds)
+    if window is not None or not has_voi:
+        unit = apply_window(values, window)
+    else:
+        lo, hi = _voi_range(ds, pydicom)
+        shown = pydicom.pixels.apply_voi_lut(values, ds)
+        unit = np.clip((shown.astype(np.float64) - lo) / (hi - lo), 0.0, 1.0)
+    if ds.PhotometricInterpretation == "MONOCHROME1":
+        unit = 1.0 - unit  # MONOCHROME1 shows low values white, after the window
+    return unit
+
+
+def _dicom_colour(ds) -> Image.Image:
+    pydicom = _pydicom()
+    pixels = _frame(ds, ds.pixel_array)  # pydicom converts YBR to RGB
+    if ds.PhotometricInterpretation == "PALETTE COLOR":
+        pixels = pydicom.pixels.apply_color_lut(pixels, ds)
+        top = np.iinfo(pixels.dtype).max  # the palette's entries span their whole type
+    else:
+        top = 2 ** int(ds.BitsStored) - 1
+    if top != 255:
+        pixels = np.round(pixels.astype(np.float64) / top * 255.0)
+    pixels = np.clip(pixels, 0, 255).astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(pixels), mode="RGB")
+
+
+def read_dicom(path: str | Path, window: Window | None = None) -> Image.Image:
+    """A DICOM file as an 8-bit RGB image (grayscale windowed as the header says, unless ``window``)."""
+    pydicom = _pydicom()
     try:
         ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array.astype(np.float64)
+        if ds.PhotometricInterpretation in ("MONOCHROME1", "MONOCHROME2"):
+            return to_rgb_uint8(dicom_to_unit(ds, window))
+        return _dicom_colour(ds)
+    except MedclipError:
+        raise
     except Exception as exc:  # pydicom raises many types for broken files
         raise MedclipError(f"cannot read DICOM {path}: {exc}") from exc
-    if pixels.ndim == 3 and getattr(ds, "SamplesPerPixel", 1) == 1:
-        pixels = pixels[pixels.shape[0] // 2]  # multi-frame: the middle frame
-    pixels = pixels * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    if window is None and "WindowCenter" in ds and "WindowWidth" in ds:
-        window = Window(_first(ds.WindowCenter), _first(ds.WindowWidth))
-    if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
-        pixels = pixels.max() + pixels.min() - pixels  # MONOCHROME1 shows high values dark
-    return pixels, window
 
 
 def load_image(source, window: Window | None = None) -> Image.Image:
@@ -81,8 +131,7 @@ def load_image(source, window: Window | None = None) -> Image.Image:
         if not path.is_file():
             raise MedclipError(f"image not found: {path}")
         if path.suffix.lower() in DICOM_SUFFIXES:
-            pixels, window = read_dicom(path, window)
-            return to_rgb_uint8(apply_window(pixels, window))
+            return read_dicom(path, window)
         try:
             with Image.open(path) as img:
                 img.load()

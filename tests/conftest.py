@@ -25,6 +25,14 @@ def require_shared(*parts: str) -> Path:
     return path
 
 
+def one_error_line(stderr: str) -> str:
+    """A failed command's output ends in exactly one `medclip: error:` line and holds no traceback."""
+    lines = stderr.strip().splitlines()
+    assert "Traceback" not in stderr, stderr
+    assert lines and [x for x in lines if x.startswith("medclip: error: ")] == [lines[-1]], stderr
+    return lines[-1]
+
+
 @pytest.fixture
 def shared_data() -> Path:
     return require_shared()

@@ -87,9 +87,18 @@ def test_builder_is_deterministic_with_checksums_and_parts(tmp_path, monkeypatch
     with tarfile.open(tmp_path / "out1" / a.shards[0].name) as tar:
         names = tar.getnames()
         meta = json.loads(tar.extractfile(names[1]).read())
-        assert max(tar.extractfile(names[0]).read().__len__(), 1) > 0
+        stored = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
+        text = tar.extractfile(names[2]).read().decode()
     assert names[0].endswith(".jpg") and names[1].endswith(".json") and names[2].endswith(".txt")
-    assert meta["labels"]["finding"] and meta["modality"] and meta["captions"]
+    # the first sample is the first row with a caption: its labels, its caption, its image shrunk to 64 px
+    row = next(r for r in map(json.loads, src.read_text().splitlines()) if r["caption"].strip())
+    assert meta["captions"] == [row["caption"]] == [text] and meta["labels"]["finding"] == row["finding"]
+    assert meta["modality"] == row["modality"] and meta["labels"]["view"] == row["view"]
+    original = Image.open(row["image"]).convert("RGB")
+    assert max(stored.size) == 64 and stored.format == "JPEG"
+    assert abs(stored.width / stored.height - original.width / original.height) < 0.05
+    reference = np.asarray(original.resize(stored.size, Image.BICUBIC), dtype=np.float32)
+    assert np.abs(np.asarray(stored.convert("RGB"), dtype=np.float32) - reference).mean() < 4  # JPEG noise only
     # --part i/n: disjoint parts whose union is the whole input
     monkeypatch.setattr(builder, "PART_BLOCK", 5)
     keys = []
@@ -189,15 +198,17 @@ def test_fewer_shards_than_workers(demo_dir, tiny_encoder):
     assert len(keys) == 40 and len(set(keys)) == 40
 
 
-def test_mixing_weights_are_applied(demo_dir, tiny_encoder):
+def test_mixing_weights_are_applied_and_sources_interleaved_throughout(demo_dir, tiny_encoder):
+    # Weights are visits per sample (see medclip.data.mixing): 240 x 3 = 720 train and 60 val samples.
     a = _manifest(demo_dir, "demo-train", weight=3.0, name="a")
     b = _manifest(demo_dir, "demo-val", weight=1.0, name="b")
-    stream = build_train_stream([a, b], tiny_encoder.tokenizer, TRANSFORM, batch_size=50, epoch_samples=800,
-                                shuffle_buffer=50)
+    stream = build_train_stream([a, b], tiny_encoder.tokenizer, TRANSFORM, batch_size=50, shuffle_buffer=50)
     keys = _keys(stream)
-    assert len(keys) == 800
-    share_a = sum(k.startswith("demo-train") for k in keys) / len(keys)
-    assert abs(share_a - 0.75) < 0.05, share_a  # 800 draws: 3 sigma ~ 0.046
+    assert len(keys) == 780 and Counter(Counter(keys).values()) == {3: 240, 1: 60}
+    # the val samples are spread over the epoch, not left for its end (draws in proportion to samples)
+    halves = [keys[:390], keys[390:]]
+    shares = [sum(k.startswith("demo-val") for k in h) / len(h) for h in halves]
+    assert all(abs(share - 60 / 780) < 0.03 for share in shares), shares
 
 
 def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):
@@ -224,23 +235,26 @@ def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):
     bad[keys[1]]["json"] = json.dumps({**json.loads(bad[keys[1]]["json"]), "captions": []}).encode()
     bad[keys[2]]["json"] = b"{not json"
     write(tmp_path / "bad.tar", bad)
-    write(tmp_path / "trunc.tar", {k: by_key[k] for k in keys[10:20]})
-    data = (tmp_path / "trunc.tar").read_bytes()
-    (tmp_path / "trunc.tar").write_bytes(data[: len(data) // 2 + 100])
+    write(tmp_path / "whole.tar", {k: by_key[k] for k in keys[10:20]})
+    data = (tmp_path / "whole.tar").read_bytes()
+    with tarfile.open(tmp_path / "whole.tar") as tar:
+        members = tar.getmembers()  # 3 per sample: jpg, json, txt
+    # cut inside the image of the 6th sample, and between the 7th and 8th samples (a clean member boundary,
+    # where tarfile's stream reader stops without an error)
+    (tmp_path / "cut-data.tar").write_bytes(data[: members[15].offset_data + 10])
+    (tmp_path / "cut-header.tar").write_bytes(data[: members[21].offset])
     bad_stream = build_train_stream([Manifest("bad", [str(tmp_path / "bad.tar")])], tiny_encoder.tokenizer,
                                     TRANSFORM, batch_size=4)
     bad_keys = _keys(bad_stream)
     assert sorted(bad_keys) == keys[3:10]
     assert bad_stream.skip_counts() == {"bad_json": 1, "corrupt_image": 1, "missing_caption": 1}
-    m = Manifest("trunc", [str(tmp_path / "trunc.tar"), str(tmp_path / "gone.tar")])
-    stream = build_train_stream([m], tiny_encoder.tokenizer, TRANSFORM, batch_size=4, num_workers=2)
-    got = _keys(stream)
-    counts = stream.skip_counts()
-    assert counts["truncated_tar"] == 1 and counts["unreadable_shard"] == 1
-    # the samples before the cut are still read; a sample cut in half is skipped as incomplete
-    assert 0 < len(got) < 10 and set(got) <= set(keys[10:20])
-    assert len(got) + counts.get("missing_caption", 0) + counts.get("missing_image", 0) \
-        + counts.get("corrupt_image", 0) >= 4
+    for name, whole_samples in (("cut-data", 5), ("cut-header", 7)):
+        m = Manifest("trunc", [str(tmp_path / f"{name}.tar"), str(tmp_path / "gone.tar")])
+        stream = build_train_stream([m], tiny_encoder.tokenizer, TRANSFORM, batch_size=4, num_workers=2)
+        got = _keys(stream)
+        # every sample before the cut is read, the one cut in its image is not, the missing shard is counted
+        assert sorted(got) == keys[10:10 + whole_samples], name
+        assert stream.skip_counts() == {"truncated_tar": 1, "unreadable_shard": 1}, name
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -262,10 +276,8 @@ def test_exact_mid_epoch_resume(demo_dir, tiny_encoder, workers):
     resumed = make()
     resumed.load_state_dict(state)
     got += _keys(resumed)
-    assert len(full) == 300 and len(set(full)) == 300
-    assert Counter(got) == Counter(full)
-    if workers == 0:
-        assert got == full
+    assert len(full) == 540 and len(set(full)) == 300  # weight 2: every train sample twice
+    assert got == full  # the same order, with workers too (the resumed DataLoader starts at the worker due)
     with pytest.raises(MedclipError):
         build_train_stream(manifests, tiny_encoder.tokenizer, TRANSFORM, batch_size=8, seed=4,
                            num_workers=workers).load_state_dict(state)
@@ -451,7 +463,7 @@ def test_workers_hand_their_bpe_words_to_the_next_epoch(demo_dir, tiny_encoder):
 
 
 def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
-    manifests = [_manifest(demo_dir, "demo-train", 2.0), _manifest(demo_dir, "demo-val", 1.0)]
+    manifests = [_manifest(demo_dir, "demo-train", 1.0), _manifest(demo_dir, "demo-val", 1.0)]
 
     def make(seed=3):
         return build_train_stream(manifests, tiny_encoder.tokenizer, AUGMENT, batch_size=8, seed=seed,
@@ -482,13 +494,13 @@ def test_augmentation_is_replayed_exactly_after_resume(demo_dir, tiny_encoder):
 
 
 def test_first_caption_share_sets_how_often_the_own_caption_is_drawn():
-    from medclip.data.stream import _rng, draw_caption
+    from medclip.data.stream import draw_caption, seeded_rng
 
     draws = 6000
     for share, expected in [(None, [1 / 3] * 3), (0.6, [0.6, 0.2, 0.2]), (1.0, [1.0, 0.0, 0.0]), (0.0, [0, .5, .5])]:
-        counts = Counter(draw_caption(_rng(0, 0, "key", i), 3, share) for i in range(draws))
+        counts = Counter(draw_caption(seeded_rng(0, 0, "key", i), 3, share) for i in range(draws))
         for index, want in enumerate(expected):
             assert abs(counts[index] / draws - want) < 0.025, (share, counts)
-        assert draw_caption(_rng(1), 1, share) == 0
+        assert draw_caption(seeded_rng(1), 1, share) == 0
     with pytest.raises(MedclipError, match="first_caption_share"):
         StreamConfig(batch_size=4, first_caption_share=-0.1)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from medclip.errors import MedclipError
 from medclip.evaluation import EmbedOptions, EvalModel, read_dataset
-from medclip.evaluation.images import BatchedTransform, collate_images
+from medclip.evaluation.images import BatchedTransform
 from medclip.imaging import MedicalPreprocess, Window
 
 
@@ -38,7 +38,7 @@ def test_batched_transform_without_draft_is_bitwise_the_plain_preprocess(tiny_en
     plain = torch.stack([tiny_encoder.preprocess(p) for p in data.images])
     transform = BatchedTransform(tiny_encoder.preprocess, draft=False)
     assert transform.batched and transform.draft_size == 0
-    assert torch.equal(collate_images([transform(p) for p in data.images], transform), plain)
+    assert torch.equal(transform.collate([transform(p) for p in data.images]), plain)
     feats = EvalModel(tiny_encoder).embed_images(data, EmbedOptions(batch_size=3, draft=False))
     assert torch.allclose(feats, tiny_encoder.encode_image(data.images), atol=1e-5)
 
@@ -48,7 +48,7 @@ def test_draft_decodes_large_jpegs_reduced_and_stays_close(tiny_encoder, tmp_pat
     data = read_dataset("image_folder", root)
     transform = BatchedTransform(tiny_encoder.preprocess, draft=True)
     assert transform.draft_size == 64
-    drafted = collate_images([transform(p) for p in data.images], transform)
+    drafted = transform.collate([transform(p) for p in data.images])
     plain = torch.stack([tiny_encoder.preprocess(p) for p in data.images])
     assert drafted.shape == plain.shape
     assert not torch.equal(drafted, plain)  # draft really changed the decode
@@ -65,7 +65,7 @@ def test_draft_leaves_small_jpegs_and_pngs_exact(tiny_encoder, tmp_path):
     data = read_dataset("image_folder", root)
     transform = BatchedTransform(tiny_encoder.preprocess, draft=True)
     plain = torch.stack([tiny_encoder.preprocess(p) for p in data.images])
-    assert torch.equal(collate_images([transform(p) for p in data.images], transform), plain)
+    assert torch.equal(transform.collate([transform(p) for p in data.images]), plain)
 
 
 def test_shard_bytes_and_worker_processes_give_the_same_features(tiny_encoder, tmp_path):
@@ -88,9 +88,9 @@ def test_windowed_or_unknown_transforms_fall_back_to_the_preprocess(tiny_encoder
     assert not transform.batched
     path = tmp_path / "x.png"
     Image.fromarray(_smooth_rgb(70, 70, 1)).save(path)
-    assert torch.equal(collate_images([transform(path)], transform)[0], windowed(path))
+    assert torch.equal(transform.collate([transform(path)])[0], windowed(path))
     custom = BatchedTransform(lambda img: torch.zeros(3, 4, 4))
-    assert not custom.batched and collate_images([custom(path)], custom).shape == (1, 3, 4, 4)
+    assert not custom.batched and custom.collate([custom(path)]).shape == (1, 3, 4, 4)
 
 
 def test_bad_images_are_one_line_errors(tiny_encoder, tmp_path):

@@ -114,3 +114,25 @@ def test_zero_shot_pipeline_equals_clip_benchmark_evaluate(cb_accuracy, tiny_enc
     assert ours["acc1"] == pytest.approx(ref["acc1"], abs=1e-6)
     assert ours["mean_per_class_recall"] == pytest.approx(ref["mean_per_class_recall"], abs=1e-6)
     assert np.isnan(ours["acc5"]) and np.isnan(ref["acc5"])
+
+
+def test_retrieval_ties_never_count_in_the_models_favour():
+    """A collapsed model (every embedding equal) scores chance, k/N, as in CLIP_benchmark, not 100%:
+    a negative tied with the positive and earlier in item order ranks ahead of it."""
+    images, texts = torch.ones(20, 8) / 8 ** 0.5, torch.ones(20, 8) / 8 ** 0.5
+    owner = torch.arange(20)
+    ours = retrieval_metrics(images, texts, owner, (1, 5, 10))
+    ref = _cb_recalls(images, texts, owner, (1, 5, 10))
+    for key, value in ref.items():
+        k = int(key.rsplit("@", 1)[1])
+        assert ours[key] == pytest.approx(k / 20) == pytest.approx(value), key
+    assert ours["image_retrieval_mean_rank"] == ours["text_retrieval_mean_rank"] == pytest.approx(10.5)
+
+    # One tie: text 1's own image (1) scores the same as image 0, which comes first: rank 2.
+    # Text 0 ties with image 1, which comes after its own: rank 1. Blocks do not change ranks.
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    ours = retrieval_metrics(images, texts, torch.arange(3), (1, 2))
+    assert ours["image_retrieval_recall@1"] == pytest.approx(2 / 3)
+    assert ours["image_retrieval_mean_rank"] == pytest.approx(4 / 3)
+    assert retrieval_metrics(images, texts, torch.arange(3), (1, 2), max_elements=3) == ours

@@ -85,7 +85,8 @@ def test_retrieval_ranks_known_answer_and_block_invariance():
     owner = torch.tensor([0, 1, 2, 3, 2])  # texts 2 and 3 are swapped; text 4 belongs to image 2
     full = retrieval_metrics(images, texts, owner, (1, 2))
     assert full["image_retrieval_recall@1"] == pytest.approx(2 / 5)
-    assert full["image_retrieval_mean_rank"] == pytest.approx((1 + 1 + 2 + 2 + 2) / 5)
+    # texts 2 and 3 score 0 with their own image and with images 0 and 1, which come first: rank 4
+    assert full["image_retrieval_mean_rank"] == pytest.approx((1 + 1 + 4 + 4 + 2) / 5)
     assert full["text_retrieval_recall@1"] == pytest.approx(2 / 4)  # image 2's best positive is text 4: rank 2
     small = retrieval_metrics(images, texts, owner, (1, 2), max_elements=5)
     assert small == full

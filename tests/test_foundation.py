@@ -40,7 +40,7 @@ def test_configs_registered_with_open_clip():
 
 
 @pytest.mark.parametrize("name", ["medclip-tiny", "medclip-tiny-bert"])
-def test_save_then_load_with_medclip_and_open_clip(tmp_path, name):
+def test_save_then_load_with_medclip_and_open_clip(tmp_path, name, monkeypatch):
     torch.manual_seed(0)
     encoder = medclip.load(name, device="cpu")
     images = _images()
@@ -51,38 +51,17 @@ def test_save_then_load_with_medclip_and_open_clip(tmp_path, name):
     torch.testing.assert_close(again.encode_image(images), ref_img, atol=1e-6, rtol=0)
     torch.testing.assert_close(again.encode_text(TEXTS), ref_txt, atol=1e-6, rtol=0)
 
-    # Plain open_clip, no medclip code path: its own transform and tokenizer.
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'export'}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'export'}")
+    # Plain open_clip, no medclip code path: its own transform and tokenizer. A tower bundled in the
+    # export is named "." (relative, like every path in an export): open_clip resolves it in the cwd.
+    monkeypatch.chdir(tmp_path / "export")
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:.")
+    tokenizer = open_clip.get_tokenizer("local-dir:.")
     model.eval()
     with torch.no_grad():
         img = model.encode_image(torch.stack([preprocess(i) for i in images]), normalize=True)
         txt = model.encode_text(tokenizer(TEXTS), normalize=True)
     torch.testing.assert_close(img, ref_img, atol=1e-6, rtol=0)
     torch.testing.assert_close(txt, ref_txt, atol=1e-6, rtol=0)
-
-
-def _unimed_state_dict(model: torch.nn.Module) -> dict:
-    """Keys as UniMed-CLIP's fork writes them: text tower `text_encoder.*`, DDP `module.` prefix."""
-    out = {}
-    for key, value in model.state_dict().items():
-        if key.startswith("text."):
-            key = "text_encoder." + key[len("text."):]
-        out["module." + key] = value.clone()
-    return out
-
-
-def test_unimed_clip_checkpoint_loads(tmp_path):
-    torch.manual_seed(3)
-    source = medclip.load("medclip-tiny-bert", device="cpu")
-    sd = _unimed_state_dict(source.model)
-    assert any(k.startswith("module.text_encoder.transformer.") for k in sd)
-    torch.save({"state_dict": sd, "epoch": 10, "name": "unimed"}, tmp_path / "unimed.pt")
-
-    loaded = medclip.load("medclip-tiny-bert", checkpoint=tmp_path / "unimed.pt", device="cpu")
-    images = _images(2)
-    torch.testing.assert_close(loaded.encode_image(images), source.encode_image(images), atol=1e-6, rtol=0)
-    torch.testing.assert_close(loaded.encode_text(TEXTS), source.encode_text(TEXTS), atol=1e-6, rtol=0)
 
 
 def test_safetensors_and_compiled_prefix_checkpoint(tmp_path):
@@ -183,18 +162,41 @@ def test_encode_accepts_pil_paths_and_tensors(tmp_path, tiny_encoder):
     assert torch.allclose(from_pil.norm(dim=-1), torch.ones(2))
 
 
+def _vit_by_hand(visual, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's ViT written out from its weights with functional ops: (class token, patch tokens),
+    both through ln_post and the projection. Independent of open_clip's forward and of medclip's towers."""
+    import torch.nn.functional as F
+
+    def norm(x, ln):
+        return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+
+    x = F.conv2d(images, visual.conv1.weight, stride=visual.conv1.stride).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(len(x), 1, -1), x], dim=1) + visual.positional_embedding
+    x = norm(x, visual.ln_pre)
+    for block in visual.transformer.resblocks:
+        attn = block.attn
+        heads, width = attn.num_heads, x.shape[-1]
+        q, k, v = F.linear(norm(x, block.ln_1), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(len(x), -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+        weights = torch.softmax(q @ k.transpose(-1, -2) / (width // heads) ** 0.5, dim=-1)
+        mixed = (weights @ v).transpose(1, 2).reshape(len(x), -1, width)
+        x = x + F.linear(mixed, attn.out_proj.weight, attn.out_proj.bias)
+        hidden = F.gelu(F.linear(norm(x, block.ln_2), block.mlp.c_fc.weight, block.mlp.c_fc.bias))
+        x = x + F.linear(hidden, block.mlp.c_proj.weight, block.mlp.c_proj.bias)
+    x = norm(x, visual.ln_post) @ visual.proj
+    return x[:, 0], x[:, 1:]
+
+
 def test_patch_embeddings_are_in_the_joint_space(tiny_encoder):
     images = _images(2)
     patches = tiny_encoder.patch_embeddings(images)
     assert patches.shape == (2, 64, tiny_encoder.embed_dim)
     assert tiny_encoder.grid_size == (8, 8)
-    # Same projection as the pooled embedding: projecting the class token reproduces encode_image.
-    from medclip.models import towers
     with torch.no_grad():
         batch = torch.stack([tiny_encoder.preprocess(i) for i in images])
-        pooled, tokens = towers.image_tokens(tiny_encoder.model, batch)
-        torch.testing.assert_close(pooled, tiny_encoder.model.encode_image(batch))
-        torch.testing.assert_close(towers.project_patches(tiny_encoder.model, tokens), patches)
+        pooled, by_hand = _vit_by_hand(tiny_encoder.model.visual, batch)
+        torch.testing.assert_close(pooled, tiny_encoder.model.encode_image(batch), atol=1e-5, rtol=0)
+    torch.testing.assert_close(patches, by_hand, atol=1e-5, rtol=0)
 
 
 def test_text_token_states_align_with_ids(tiny_encoder, tiny_bert_encoder):

@@ -1,66 +1,14 @@
-"""Engine correctness on synthetic batches: accumulation, DDP and FSDP2 (gloo, 2 processes)."""
+"""Engine correctness on synthetic batches: accumulation, the run loop's bookkeeping, FLOP counting
+without side effects, torch.compile. (Two-process DDP / FSDP2 runs: test_training_distributed.py.)"""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
+from engine_helpers import FixedStream, grads, make_batch, recipe
 
 import medclip
-from medclip.data.concepts import concept_key
 from medclip.training.config import load_recipe
-
-CAPTIONS = ["pleural effusion in the left lung", "nodule in the right upper lobe", "brain mri without mass",
-            "fracture of the left femur", "cardiomegaly on chest x-ray", "liver mass on ct",
-            "right pleural effusion and nodule", "normal knee radiograph"]
-CUIS = ["C0032227", "C0028259", "C0577559", "C0016658", "C0018800", "C0577559", "C0032227", None]
-
-
-def make_batch(size: int = 8, seed: int = 0) -> dict:
-    """A fixed batch in the training-batch contract (one concept per caption, token spans)."""
-    g = torch.Generator().manual_seed(seed)
-    tokenizer = medclip.load("medclip-tiny").tokenizer
-    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(size)]
-    text = tokenizer(captions)
-    spans = torch.tensor([[[1, 3]] for _ in captions])
-    ids = torch.tensor([[concept_key(CUIS[i % len(CUIS)] or "none")] for i in range(size)])
-    mask = torch.tensor([[CUIS[i % len(CUIS)] is not None] for i in range(size)])
-    return {"images": torch.randn(size, 3, 64, 64, generator=g), "text": text, "concept_spans": spans,
-            "concept_ids": ids, "concept_mask": mask, "keys": [f"k{i}" for i in range(size)]}
-
-
-class FixedStream:
-    """Yields the same rank-local batch forever; enough state for checkpoints."""
-
-    def __init__(self, batch: dict):
-        self.batch, self.position = batch, 0
-
-    def __iter__(self):
-        while True:
-            self.position += 1
-            yield self.batch
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
-
-    def skip_counts(self) -> dict:
-        return {}
-
-
-def recipe(tmp_path, *overrides: str):
-    return load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "data.batch_size=8",
-                              "run.progress=false", "run.tensorboard=false", "objective.pc_weight=0.5",
-                              "optim.warmup_steps=1", *overrides])
-
-
-def grads(module) -> dict:
-    return {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
 
 
 def _pretrainer(r, batch):
@@ -84,6 +32,29 @@ def test_accumulation_over_micro_batches_equals_one_full_batch(tmp_path, it_kind
         torch.testing.assert_close(g_accum[name], g_full[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_accumulation_replays_dropout_so_live_features_equal_the_cached_ones(tmp_path, monkeypatch):
+    """A BERT text tower trains with dropout 0.1: each micro-batch's re-forward must draw the masks its
+    cached forward drew, else the gradient mixes two different networks."""
+    from medclip.training.components import TrainModule
+
+    batch = make_batch(8, model="medclip-tiny-bert")
+    trainer = _pretrainer(recipe(tmp_path, "model.name=medclip-tiny-bert", "optim.accum_steps=2"), batch)
+    assert trainer.model.text.config.hidden_dropout_prob > 0 and trainer.model.training
+    differences = []
+    merge = TrainModule.merge_features
+
+    def checked_merge(cached, live_index, live):
+        differences.append(max((live[k] - cached[live_index][k]).abs().max().item()
+                               for k in live if isinstance(live[k], torch.Tensor) and live[k].is_floating_point()))
+        return merge(cached, live_index, live)
+
+    monkeypatch.setattr(TrainModule, "merge_features", staticmethod(checked_merge))
+    rng = torch.get_rng_state()
+    trainer.backward(batch)
+    assert differences == [0.0, 0.0]
+    assert not torch.equal(torch.get_rng_state(), rng)  # the masks were drawn once, from the training RNG
+
+
 def test_training_steps_reduce_the_loss_and_clamp_the_scale(tmp_path):
     batch = make_batch(8)
     trainer = _pretrainer(recipe(tmp_path, "optim.lr=2e-3", "optim.logit_scale_max=2.0"), batch)
@@ -93,65 +64,6 @@ def test_training_steps_reduce_the_loss_and_clamp_the_scale(tmp_path):
     assert last < first
     assert trainer.step == 8
     assert trainer.module.model.logit_scale.item() <= 2.0 + 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str, strategy: str, result_file: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    from medclip.training.trainer import Pretrainer
-
-    full = make_batch(8)
-    local = {k: v[rank * 4:(rank + 1) * 4] for k, v in full.items()}
-    r = load_recipe(None, [f"run.output_dir={out_dir}", "data.demo=true", "data.batch_size=4", "run.progress=false",
-                           "run.tensorboard=false", "objective.pc_weight=0.5", f"run.strategy={strategy}",
-                           "run.steps=2", "run.checkpoint_every=1000", "run.log_every=1"])
-    trainer = Pretrainer(r, data=FixedStream(local))
-    if strategy == "ddp":
-        losses = trainer.backward(local)
-        if rank == 0:
-            torch.save({"grads": grads(trainer.module), "loss": losses["total"],
-                        "state": trainer.module.state_dict()}, result_file)
-    else:
-        trainer.train_step(local)
-        trainer.train_step(local)
-        trainer.save_checkpoint()
-    torch.distributed.destroy_process_group()
-
-
-def test_ddp_first_step_gradients_equal_one_process_on_the_whole_batch(tmp_path):
-    result = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path / "ddp"), "ddp", str(result)), nprocs=2, join=True)
-    ddp = torch.load(result, weights_only=True)
-    single = _pretrainer(recipe(tmp_path / "single", "data.batch_size=8"), make_batch(8))
-    single.module.load_state_dict(ddp["state"])
-    loss = single.backward(make_batch(8))["total"]
-    torch.testing.assert_close(ddp["loss"], loss, atol=1e-5, rtol=1e-5)
-    expected = grads(single.module)
-    got = {k.removeprefix("module."): v for k, v in ddp["grads"].items()}
-    assert got.keys() == expected.keys()
-    for name, g in expected.items():
-        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_fsdp2_run_writes_a_checkpoint_one_process_loads(tmp_path):
-    out = tmp_path / "fsdp"
-    mp.spawn(_worker, args=(2, _free_port(), str(out), "fsdp", ""), nprocs=2, join=True)
-    path = out / "checkpoints" / "step_2.pt"
-    encoder = medclip.load(path)
-    assert encoder.heads is not None
-    ckpt = torch.load(path, weights_only=True)
-    assert ckpt["step"] == 2 and ckpt["world_size"] == 2 and len(ckpt["data"]) == 2
-    assert torch.isfinite(encoder.encode_text(["pleural effusion"])).all()
-    # The full (unsharded) weights were gathered: every tensor has the architecture's shape.
-    fresh = medclip.load("medclip-tiny").model.state_dict()
-    assert {k: v.shape for k, v in ckpt["model"].items()} == {k: v.shape for k, v in fresh.items()}
 
 
 def test_concept_names_flow_from_the_stream_into_pc_align(tmp_path):
@@ -174,3 +86,78 @@ def test_concept_names_flow_from_the_stream_into_pc_align(tmp_path):
     assert empty.any() and (names[empty] == 0).all()  # pad ids only (BPE pads with 0)
     losses = trainer.train_step(batch)
     assert torch.isfinite(losses["pc"]) and losses["pc"] > 0
+
+
+def test_a_finished_run_draws_only_the_batches_it_trains_on(tmp_path):
+    """The final checkpoint's data position and the summary's counts cover run.steps batches, not one more."""
+    from medclip.training.trainer import Pretrainer
+
+    stream = FixedStream(make_batch(8))
+    Pretrainer(recipe(tmp_path, "run.steps=3", "run.log_every=1"), data=stream).run()
+    assert stream.position == 3
+    final = torch.load(tmp_path / "checkpoints" / "step_3.pt", weights_only=True)
+    assert final["data"] == [{"position": 3}]
+    assert "skipped samples: batches_drawn=3\n" in (tmp_path / "summary.txt").read_text()
+
+
+TINY_RESNET = {"embed_dim": 64,
+               "vision_cfg": {"timm_model_name": "resnet18", "timm_model_pretrained": False, "timm_pool": "avg",
+                              "timm_proj": "linear", "image_size": 64},
+               "text_cfg": {"context_length": 64, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1}}
+
+
+def test_flop_counting_changes_no_weights_batchnorm_statistics_or_rng(tmp_path, monkeypatch):
+    """MFU reporting (a device with a known peak) must train exactly as a run without it."""
+    import json
+
+    import open_clip
+
+    from medclip.training import trainer as trainer_module
+
+    (tmp_path / "medclip-test-resnet.json").write_text(json.dumps(TINY_RESNET))
+    open_clip.add_model_config(tmp_path / "medclip-test-resnet.json")  # a ResNet tower: BatchNorm statistics
+    batch = make_batch(8)
+
+    def finished_run(name: str, peak: float | None) -> dict:
+        monkeypatch.setattr(trainer_module, "device_peak_tflops", lambda device: peak)
+        r = recipe(tmp_path / name, "model.name=medclip-test-resnet", "run.steps=2", "run.log_every=1")
+        trainer_module.Pretrainer(r, data=FixedStream(batch)).run()
+        return torch.load(tmp_path / name / "checkpoints" / "step_2.pt", weights_only=True)
+
+    plain, measured = finished_run("plain", None), finished_run("measured", 100.0)
+    assert any(k.endswith("running_mean") for k in plain["model"])
+    for part in ("model", "heads"):
+        for key, value in plain[part].items():
+            torch.testing.assert_close(measured[part][key], value, atol=0, rtol=0, msg=key)
+    assert torch.equal(measured["rng"][0]["torch"], plain["rng"][0]["torch"])
+    records = [json.loads(line) for line in (tmp_path / "measured" / "log.jsonl").read_text().splitlines()]
+    assert records[0]["tflops_per_device"] > 0 and 0 < records[0]["mfu"]
+
+
+def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path, monkeypatch):
+    """`model.compile` wiring: the wrapped module goes through torch.compile, trains like eager mode, and a
+    new step number does not recompile it. The backend here is dynamo's capture with eager kernels (the
+    inductor's C++ build of this tiny model takes minutes on a CPU; GPUs use it as is)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=counting_backend))
+    batch = make_batch(8)
+    eager = _pretrainer(recipe(tmp_path / "eager"), batch)
+    compiled = _pretrainer(recipe(tmp_path / "compiled", "model.compile=true"), batch)
+    compiled.module.load_state_dict(eager.module.state_dict())
+    try:
+        counts = []
+        for _ in range(3):
+            want, got = eager.train_step(batch), compiled.train_step(batch)
+            torch.testing.assert_close(got["total"], want["total"], atol=1e-6, rtol=1e-6)
+            counts.append(len(graphs))
+        assert counts[0] > 0 and counts[1] == counts[2] == counts[0]
+        for key, value in eager.module.state_dict().items():
+            torch.testing.assert_close(compiled.module.state_dict()[key], value, atol=1e-6, rtol=1e-5, msg=key)
+    finally:
+        torch._dynamo.reset()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
+from dataclasses import replace
 
 from conftest import require_shared
 
@@ -39,3 +41,76 @@ def test_build_source_from_real_medpix_rows(tmp_path):
     # A second call reuses the finished shards (resume, or a second recipe run).
     stamp = manifest_path.stat().st_mtime_ns
     assert build_source(spec, tmp_path / "shards") == manifest_path and manifest_path.stat().st_mtime_ns == stamp
+
+
+def _shard_metas(manifest_path):
+    manifest = load_manifest(manifest_path)
+    metas = []
+    for url in manifest.urls:
+        with tarfile.open(url) as tar:
+            metas += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    return metas
+
+
+def _shard_image_sizes(manifest_path):
+    from PIL import Image
+
+    sizes = []
+    for url in load_manifest(manifest_path).urls:
+        with tarfile.open(url) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith((".jpg", ".png")):
+                    with Image.open(tar.extractfile(m)) as img:
+                        sizes.append(max(img.size))
+    return sizes
+
+
+def test_build_source_rebuilds_when_its_spec_or_input_changes(tmp_path, caplog):
+    medpix = require_shared("medpix")
+    rows = [json.loads(line) for line in (medpix / "dev.jsonl").read_text().splitlines()[:6]]
+    table = tmp_path / "rows.jsonl"
+
+    def write_rows(rows):
+        table.write_text("".join(json.dumps({**r, "image": str(medpix / r["image"])}) + "\n" for r in rows))
+
+    write_rows(rows)
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("C0000001\tprostate\n")
+    spec = BuildSpec(name="mini", input=str(table), vocab=[str(vocab)], max_side=64)
+    out = tmp_path / "shards"
+    manifest_path = build_source(spec, out)
+    assert max(_shard_image_sizes(manifest_path)) == 64
+    stamp = manifest_path.stat().st_mtime_ns
+
+    caplog.set_level(logging.INFO, logger="medclip.training.prepare")
+    # Only the sampling weight changed: the shards stay, the manifest says the new weight.
+    assert build_source(replace(spec, weight=0.25), out) == manifest_path
+    assert load_manifest(manifest_path).weight == 0.25 and not any("rebuilding" in r.message for r in caplog.records)
+
+    # Another max side: rebuilt, and the log says why.
+    build_source(replace(spec, max_side=32), out)
+    assert max(_shard_image_sizes(manifest_path)) == 32 and manifest_path.stat().st_mtime_ns != stamp
+    assert any("rebuilding" in r.message and "max_side 64 -> 32" in r.message for r in caplog.records)
+
+    # Other label captions: rebuilt with them.
+    labelled = replace(spec, max_side=32, label_captions=["{modality} image."])
+    assert all(f"{r['modality']} image." in m["captions"] for m, r in zip(_shard_metas(build_source(labelled, out)), rows))
+
+    # The same path with other rows (an edited table): rebuilt from the new rows, old shards gone.
+    caplog.clear()
+    write_rows(rows[:3])
+    metas = _shard_metas(build_source(labelled, out))
+    assert len(metas) == 3 and load_manifest(manifest_path).samples == 3
+    assert any("input file(s) changed" in r.message and str(table.resolve()) in r.message for r in caplog.records)
+    assert all(str(p) in load_manifest(manifest_path).urls for p in (out / "mini").resolve().glob("*.tar"))
+
+    # An edited vocabulary file: rebuilt with the new concept.
+    before = sum(len(m["concepts"]) for m in metas)
+    vocab.write_text("C0000001\tprostate\nC0000002\tbladder\n")
+    metas = _shard_metas(build_source(labelled, out))
+    assert sum(len(m["concepts"]) for m in metas) > before
+    assert any(c["cui"] == "C0000002" for m in metas for c in m["concepts"])
+
+    # Unchanged: reused as before.
+    stamp = manifest_path.stat().st_mtime_ns
+    assert build_source(labelled, out) == manifest_path and manifest_path.stat().st_mtime_ns == stamp

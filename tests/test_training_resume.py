@@ -63,3 +63,41 @@ def test_interrupted_run_resumed_from_latest_matches_uninterrupted(tmp_path, mon
     import open_clip
 
     open_clip.create_model_and_transforms(f"local-dir:{out / 'export'}")
+
+
+def samples_drawn(stream_state: dict) -> int:
+    """Samples the loader workers had read when the state was taken (no sample of the demo set is bad)."""
+    workers = stream_state.get("workers")
+    return sum(w["position"] for w in workers) if workers else sum(stream_state["positions"])
+
+
+def _tensors_equal(got: dict, expected: dict) -> None:
+    for part in ("model", "heads"):
+        assert got[part].keys() == expected[part].keys()
+        for key in expected[part]:
+            torch.testing.assert_close(got[part][key], expected[part][key], atol=0, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("workers", [1, 2])  # the demo recipe's 1, and the default 2 (round robin over workers)
+def test_continuing_a_finished_run_equals_a_straight_run(tmp_path, workers):
+    """`--set run.steps=N+k --resume latest` after a finished N-step run = a straight N+k-step run.
+
+    The schedule is constant after warmup: with cosine, the first N steps' learning rates depend on
+    run.steps, so no continuation can equal a longer run (it extends the cosine from where it stood).
+    """
+    settings = (f"data.num_workers={workers}", "data.demo_train_samples=160", "optim.schedule=constant",
+                "run.checkpoint_every=100")
+    straight = Pretrainer(demo_recipe(tmp_path / "straight", "run.steps=9", *settings))
+    straight.run()
+    expected = torch.load(tmp_path / "straight" / "checkpoints" / "step_9.pt", weights_only=True)
+
+    Pretrainer(demo_recipe(tmp_path / "continued", "run.steps=5", *settings)).run()
+    first = torch.load(tmp_path / "continued" / "checkpoints" / "step_5.pt", weights_only=True)
+    # The final checkpoint's stream position is right after the 5th batch: 5 x 16 samples drawn, no more.
+    assert samples_drawn(first["data"][0]) == 5 * 16
+    continued = Pretrainer(demo_recipe(tmp_path / "continued", "run.steps=9", *settings), resume="latest")
+    assert continued.step == 5
+    continued.run()
+    got = torch.load(tmp_path / "continued" / "checkpoints" / "step_9.pt", weights_only=True)
+    _tensors_equal(got, expected)
+    assert got["data"] == expected["data"]

@@ -40,6 +40,25 @@ def test_shipped_recipes_load_and_validate():
     (["data.batch_size=10", "optim.accum_steps=3"], "not divisible"),
     (["run.tensorboard=maybe"], "expected true/false"),
     (["data.first_caption_share=1.5"], r"first_caption_share must be in \[0, 1\]"),
+    (["optim.beta1=2.0"], r"optim.beta1 must be in \[0, 1\), got 2.0"),
+    (["optim.beta2=1"], r"optim.beta2 must be in \[0, 1\)"),
+    (["optim.eps=-1"], "optim.eps must be positive"),
+    (["optim.eps=0"], "optim.eps must be positive"),
+    (["optim.lr=.nan"], "optim.lr must be a finite number, got nan"),
+    (["optim.lr=.inf"], "optim.lr must be a finite number, got inf"),
+    (["optim.weight_decay=.nan"], "optim.weight_decay must be a finite number"),
+    (["optim.grad_clip=.nan"], "optim.grad_clip must be a finite number"),
+    (["optim.grad_clip=-1"], "optim.grad_clip must not be negative"),
+    (["optim.logit_scale_max=.nan"], "optim.logit_scale_max must be a finite number"),
+    (["optim.min_lr=1"], "optim.min_lr .* is above optim.lr"),
+    (["objective.pc_weight=.nan"], "objective.pc_weight must be a finite number"),
+    (["objective.pc_lse_temperature=.inf"], "objective.pc_lse_temperature must be a finite number"),
+    (["data.sources=[{manifest: m.yaml, weight: .nan}]"], r"data.sources\[0\].weight must be a finite number"),
+    (["run.steps=.inf"], "run.steps: expected int, got inf"),
+    (["run.max_nonfinite_steps=0"], "run.max_nonfinite_steps must be positive"),
+    (["data.batch_size=[1"], r"--set data.batch_size: '\[1' is not a valid value \(expected ',' or '\]'"),
+    (["model.name=!!python/object/apply:os.system [touch x]"], "--set model.name: YAML tags .* are not accepted"),
+    (["data.sources=[!!python/name:os.system x]"], "--set data.sources: .* is not a valid value"),
 ])
 def test_bad_recipe_values_are_one_clear_error(overrides, message):
     with pytest.raises(MedclipError, match=message):
@@ -56,6 +75,23 @@ def test_bad_recipe_is_one_line_from_the_cli(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "medclip", "pretrain", "--config", str(tmp_path / "x.yaml")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "recipe not found" in missing.stderr
+
+
+@pytest.mark.parametrize("override", ["data.batch_size=[1", "run.steps=.inf", "optim.beta1=2.0", "optim.eps=-1",
+                                      "objective.pc_weight=.nan"])
+def test_bad_set_values_are_one_line_from_the_cli(override, capsys):
+    from medclip.cli import main
+
+    assert main(["pretrain", "--config", str(REPO / "pretrain" / "demo.yaml"), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medclip: error: ") and override.split("=")[0] in err[0]
+
+
+def test_text_values_from_the_command_line_are_taken_as_written():
+    recipe = load_recipe(REPO / "pretrain" / "demo.yaml", ["eval.root={output_dir}/demo_data", "run.output_dir=2024",
+                                                           "model.checkpoint=null"])
+    assert recipe.eval.root == "{output_dir}/demo_data" and recipe.run.output_dir == "2024"
+    assert recipe.model.checkpoint is None
 
 
 def test_no_weight_decay_on_norms_biases_and_scales():
@@ -161,3 +197,18 @@ def test_hf_text_tower_gradient_checkpointing_takes_effect():
     loss.backward()
     assert all(p.grad is not None for p in model.text.transformer.encoder.parameters() if p.requires_grad)
     assert math.isfinite(loss.item())
+
+
+def test_the_declared_torch_floor_has_the_engines_apis():
+    """FSDP2's public `torch.distributed.fsdp.fully_shard` and `torch.nn.utils.get_total_norm` /
+    `clip_grads_with_norm_` (the divergence guard's grad norm) arrived in torch 2.6."""
+    import configparser
+    import re
+
+    from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+    requires = configparser.ConfigParser()
+    requires.read(REPO / "setup.cfg")
+    floor = re.search(r"^torch>=([\d.]+)$", requires["options"]["install_requires"], re.M).group(1)
+    assert tuple(int(x) for x in floor.split(".")[:2]) >= (2, 6)
+    assert callable(torch.nn.utils.get_total_norm) and callable(torch.nn.utils.clip_grads_with_norm_)

@@ -57,6 +57,4 @@ def embed_names(model, heads, token_ids, pad_id: int):
     from medclip.models import towers
 
     _, states = towers.text_tokens(model, token_ids)
-    words = name_token_mask(token_ids, pad_id).to(states.dtype)
-    pooled = (words[..., None] * states).sum(1) / words.sum(1, keepdim=True).clamp_min(1.0)
-    return heads.embed_pooled_text(pooled)
+    return heads.embed_names(states, name_token_mask(token_ids, pad_id).to(states.dtype))

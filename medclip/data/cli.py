@@ -47,10 +47,12 @@ def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="dataset manifests and the demo set")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
-    c = data_sub.add_parser("check", help="verify a manifest's shards: existence, counts, checksums")
+    c = data_sub.add_parser("check", help="read a manifest's shards to their end: existence, integrity, counts, "
+                                          "checksums; list the shell commands it would run")
     c.add_argument("manifests", nargs="+")
     c.add_argument("--root", default=None, help="data root substituted for {root} in URLs")
     c.add_argument("--no-checksums", action="store_true")
+    c.add_argument("--allow-pipe", action="store_true", help="run the manifests' pipe: commands to read their shards")
     c.set_defaults(func=run_check)
     d = data_sub.add_parser("demo", help="generate the synthetic demo set")
     d.add_argument("--out", required=True)
@@ -112,12 +114,14 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from medclip.data.manifest import check_manifest, load_manifest
+    from medclip.data.manifest import check_manifest, command_patterns, load_manifest
 
     failed = False
     for path in args.manifests:
         manifest = load_manifest(path, args.root)
-        problems = check_manifest(manifest, verify_checksums=not args.no_checksums)
+        for pattern, count in command_patterns(manifest):
+            print(f"RUNS {manifest.name}: {count} shell command(s): {pattern[5:]}")
+        problems = check_manifest(manifest, verify_checksums=not args.no_checksums, allow_pipe=args.allow_pipe)
         if problems:
             failed = True
             for p in problems:

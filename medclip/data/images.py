@@ -46,8 +46,8 @@ def split_transform(transform: Callable) -> SplitTransform | None:
         norm = steps.pop()
         mean = _per_channel(norm.mean, "mean")
         std = _per_channel(norm.std, "std")
-        if mean is None or std is None:
-            return None
+        if mean is None or std is None or 0.0 in std:
+            return None  # keep the transform whole: torchvision's Normalize gives the error for a zero std
     if not steps or not isinstance(steps[-1], transforms.ToTensor):
         return None
     steps.pop()

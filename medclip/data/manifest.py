@@ -6,16 +6,25 @@ the data root), ``shards`` and ``samples`` (expected counts), ``counts_exact`` (
 counts are estimates), ``weight`` (sampling weight when mixing), ``caption_fields`` (JSON fields
 holding captions, ``txt`` for the ``.txt`` member), ``caption_separator`` (several captions
 concatenated in one string, UniMed's layout), ``concept_field``, ``summary`` (the builder's
-summary, for checksums), ``licence``, ``citation``.
+summary, for checksums), ``licence``, ``citation``, ``input_format`` (the ``medclip shards build
+--format`` the shards were converted from, e.g. ``medconcept``; provenance, read by the rehearsal).
 
 The root comes from the ``root`` argument, else ``$MEDCLIP_DATA_ROOT``, else the manifest's own
-``root`` entry, else the manifest's folder.
+``root`` entry, else the manifest's folder. It is inserted literally: brace patterns in it are not
+expanded, and in a ``pipe:`` command it is shell-quoted (write ``{root}``, not ``'{root}'``).
+
+Trust: a ``pipe:`` URL is a shell command. The training stream and ``medclip data check`` refuse to
+run one unless the user opts in (``--allow-pipe``, or ``data.allow_pipe: true`` in the recipe).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import shlex
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -23,12 +32,16 @@ from urllib.parse import urlparse
 import braceexpand
 import yaml
 
+from medclip import resources
+from medclip.data.shard_reader import is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
 from medclip.errors import MedclipError
 
+log = logging.getLogger(__name__)
+
 KNOWN_FIELDS = {"name", "modality", "urls", "shards", "samples", "counts_exact", "weight", "caption_fields",
                 "caption_separator", "concept_field", "summary", "licence", "citation", "root", "description",
-                "split", "labels"}
+                "split", "labels", "input_format"}
 
 
 @dataclass
@@ -48,12 +61,18 @@ class Manifest:
     citation: str = ""
     description: str = ""
     path: Path | None = None
+    url_patterns: list[str] = field(default_factory=list)  # the manifest's patterns with the root inserted
 
     def __post_init__(self):
         if not self.urls:
             raise MedclipError(f"manifest {self.name!r}: no shard URLs")
-        if not (self.weight >= 0):
-            raise MedclipError(f"manifest {self.name!r}: weight must be >= 0, got {self.weight}")
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise MedclipError(f"manifest {self.name!r}: weight must be a finite number >= 0, got {self.weight}")
+
+    @property
+    def commands(self) -> list[str]:
+        """The shard URLs that run a shell command (``pipe:``)."""
+        return [u for u in self.urls if is_command(u)]
 
 
 def is_local(url: str) -> bool:
@@ -61,17 +80,44 @@ def is_local(url: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and os.name == "nt")
 
 
+def insert_root(pattern: str, root: str) -> str:
+    """``pattern`` with ``{root}`` replaced by ``root`` taken literally: shell-quoted in a command,
+    its braces and backslashes escaped from brace expansion."""
+    text = shlex.quote(root) if is_command(pattern) else root
+    text = text.replace("\\", "\\\\").replace("{", "\\{").replace("}", "\\}")
+    return pattern.replace("{root}", text)
+
+
 def expand_urls(patterns: str | list[str], root: str) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
     out: list[str] = []
     for p in patterns:
-        out.extend(braceexpand.braceexpand(str(p).replace("{root}", root)))
+        out.extend(braceexpand.braceexpand(insert_root(str(p), root)))
     return out
 
 
+def command_patterns(m: Manifest) -> list[tuple[str, int]]:
+    """The manifest's ``pipe:`` patterns (root inserted, braces kept) and how many commands each expands to."""
+    return [(p, sum(1 for _ in braceexpand.braceexpand(p))) for p in m.url_patterns or m.urls if is_command(p)]
+
+
+def refuse_commands(sources: list[Manifest], allowed: bool) -> None:
+    """Stop with one line if a source would run shell commands and the user has not allowed it;
+    when allowed, show the commands once."""
+    for m in sources:
+        if not m.commands:
+            continue
+        if not allowed:
+            raise MedclipError(f"data source {m.name!r} reads its shards by running shell commands (pipe: URLs, "
+                               f"e.g. {m.commands[0][5:]!r}); if you trust its manifest, pass --allow-pipe "
+                               f"(or set data.allow_pipe: true); `medclip data check` lists the commands")
+        log.warning("data source %r runs %d shell command(s) from its manifest (allowed by --allow-pipe / "
+                    "data.allow_pipe), e.g.: %s", m.name, len(m.commands), m.commands[0][5:])
+
+
 def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
-    path = Path(path)
+    path = resources.resolve("manifests", path)  # a shipped manifest's name works too
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError as exc:
@@ -86,12 +132,18 @@ def load_manifest(path: str | Path, root: str | Path | None = None) -> Manifest:
     for required in ("name", "urls"):
         if not data.get(required):
             raise MedclipError(f"manifest {path}: missing required field {required!r}")
-    root = str(root or os.environ.get("MEDCLIP_DATA_ROOT") or data.get("root") or path.parent)
+    root = root or os.environ.get("MEDCLIP_DATA_ROOT") or data.get("root")
+    if not root and resources.is_shipped("manifests", path) and "{root}" in str(data["urls"]):
+        raise MedclipError(f"manifest {data['name']} needs the data root: pass --root DIR (a recipe source's "
+                           f"`root`) or set MEDCLIP_DATA_ROOT")
+    root = str(root or path.parent)
     fields = data.get("caption_fields") or ["captions", "txt"]
     try:
         return Manifest(
             name=str(data["name"]),
             urls=expand_urls(data["urls"], root),
+            url_patterns=[insert_root(str(p), root) for p in
+                          ([data["urls"]] if isinstance(data["urls"], str) else data["urls"])],
             samples=None if data.get("samples") is None else int(data["samples"]),
             shards=None if data.get("shards") is None else int(data["shards"]),
             counts_exact=bool(data.get("counts_exact", True)),
@@ -127,60 +179,104 @@ def as_manifest(item: Manifest | str | Path, root: str | Path | None = None) -> 
 
 
 def count_tar_samples(path: str | Path) -> int:
-    """Distinct sample keys in a tar (the part of the member name before the first dot)."""
+    """Distinct sample keys in a local tar (the part of the member name before the first dot).
+
+    Reads the member headers only (seeking over the data); the members of a cut tar up to the cut.
+    """
     keys: set[str] = set()
-    with tarfile.open(path, "r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                base = info.name.rsplit("/", 1)[-1]
-                keys.add(info.name[: len(info.name) - len(base)] + base.split(".", 1)[0])
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for info in tar:
+                if info.isreg():
+                    base = info.name.rsplit("/", 1)[-1]
+                    keys.add(info.name[: len(info.name) - len(base)] + base.split(".", 1)[0])
+    except (tarfile.TarError, EOFError):
+        pass  # counted up to the damage; the stream skips and counts it when it reads the shard
     return len(keys)
 
 
-def check_manifest(manifest: Manifest, verify_checksums: bool = True) -> list[str]:
-    """Human-readable problems (empty when everything agrees). Remote shards are not opened."""
-    problems: list[str] = []
+MAX_LISTED = 20  # problems of one kind listed per manifest
+
+
+def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe: bool = False) -> list[str]:
+    """Problems found by reading every shard to its end (empty when everything agrees).
+
+    Each shard is read as the training stream reads it (local, fsspec, http, and ``pipe:`` commands
+    when ``allow_pipe``): a tar cut short fails even when no count says how long it should be.
+    """
     m = manifest
+    problems: list[str] = []
     if m.shards is not None and len(m.urls) != m.shards:
         problems.append(f"{m.name}: URL pattern expands to {len(m.urls)} shards, manifest says {m.shards}")
-    local = [u for u in m.urls if is_local(u)]
-    missing = [u for u in local if not Path(urlparse(u).path if u.startswith("file:") else u).is_file()]
-    for u in missing[:20]:
-        problems.append(f"{m.name}: missing shard {u}")
-    if len(missing) > 20:
-        problems.append(f"{m.name}: ... and {len(missing) - 20} more missing shards")
-    summary = None
-    if m.summary:
-        try:
-            summary = read_summary(m.summary)
-        except MedclipError as exc:
-            problems.append(f"{m.name}: {exc}")
-    by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
-    counted = 0
-    for u in local:
-        if u in missing:
-            continue
-        name = Path(u).name
-        try:
-            n = count_tar_samples(u)
-        except (tarfile.TarError, OSError, EOFError) as exc:
-            problems.append(f"{m.name}: unreadable shard {u}: {exc}")
-            continue
-        counted += n
-        entry = by_name.get(name)
-        if summary and entry is None:
-            problems.append(f"{m.name}: shard {name} is not listed in summary {m.summary}")
-        elif entry is not None:
-            if entry["samples"] != n:
-                problems.append(f"{m.name}: shard {name} has {n} samples, summary says {entry['samples']}")
-            if verify_checksums and sha256_file(u) != entry["sha256"]:
-                problems.append(f"{m.name}: shard {name} sha256 differs from the summary (corrupt or rebuilt)")
+    if m.commands and not allow_pipe:
+        problems.append(f"{m.name}: {len(m.commands)} shard(s) come from shell commands, not run: read them "
+                        f"with --allow-pipe if you trust the manifest")
+    summary = _read_summary(m, problems)
+    counted, failed = _walk_shards(m, allow_pipe, summary, verify_checksums, problems)
+    for kind, urls in failed.items():
+        problems += [f"{m.name}: {kind} {u}" for u in urls[:MAX_LISTED]]
+        if len(urls) > MAX_LISTED:
+            problems.append(f"{m.name}: ... and {len(urls) - MAX_LISTED} more: {kind}")
     if summary:
         listed = {Path(u).name for u in m.urls}
         extra = [s["name"] for s in summary["shards"] if s["name"] not in listed]
         if extra:
             problems.append(f"{m.name}: summary lists shards not in the URL pattern: {extra[:5]}")
-    all_local_read = local and len(local) == len(m.urls) and not missing
-    if m.samples is not None and all_local_read and m.counts_exact and counted != m.samples:
+    all_read = not failed and not (m.commands and not allow_pipe)
+    if m.samples is not None and all_read and m.counts_exact and counted != m.samples:
         problems.append(f"{m.name}: shards hold {counted} samples, manifest says {m.samples}")
+    return problems
+
+
+def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_checksums: bool,
+                 problems: list[str]) -> tuple[int, dict[str, list[str]]]:
+    """Read every shard it may; (samples in the whole shards, failure kind -> shard URLs)."""
+    by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
+    failed: dict[str, list[str]] = {}
+    counted = 0
+    for url in m.urls:
+        if is_command(url) and not allow_pipe:
+            continue
+        if is_local(url) and not Path(urlparse(url).path if url.startswith("file:") else url).is_file():
+            failed.setdefault("missing shard", []).append(url)
+            continue
+        samples, failures = read_whole_shard(url, allow_pipe)
+        for kind in failures:
+            failed.setdefault(kind.replace("_", " "), []).append(url)
+        if not failures:
+            counted += samples
+            problems += _compare_with_summary(m, url, samples, summary, by_name.get(Path(url).name),
+                                              verify_checksums)
+    return counted, failed
+
+
+def read_whole_shard(url: str, allow_pipe: bool) -> tuple[int, list[str]]:
+    """(samples, failure kinds) of one shard read to its end."""
+    skips: Counter = Counter()
+    samples = sum(1 for _ in read_shard(url, lambda i: True, skips, allow_commands=allow_pipe))
+    return samples, sorted(skips)
+
+
+def _read_summary(m: Manifest, problems: list[str]) -> dict | None:
+    if not m.summary:
+        return None
+    try:
+        return read_summary(m.summary)
+    except MedclipError as exc:
+        problems.append(f"{m.name}: {exc}")
+        return None
+
+
+def _compare_with_summary(m: Manifest, url: str, samples: int, summary: dict | None, entry: dict | None,
+                          verify_checksums: bool) -> list[str]:
+    name = Path(url).name
+    if summary is None:
+        return []
+    if entry is None:
+        return [f"{m.name}: shard {name} is not listed in summary {m.summary}"]
+    problems = []
+    if entry["samples"] != samples:
+        problems.append(f"{m.name}: shard {name} has {samples} samples, summary says {entry['samples']}")
+    if verify_checksums and is_local(url) and sha256_file(url) != entry["sha256"]:
+        problems.append(f"{m.name}: shard {name} sha256 differs from the summary (corrupt or rebuilt)")
     return problems

@@ -7,8 +7,9 @@ cleaned character back to the original one, hand the cleaned text to the tokeniz
 cleaning is then the identity), and intersect token character ranges with concept spans:
 
 - HF (WordPiece) tokenizers: the fast tokenizer's ``return_offsets_mapping``;
-- open_clip's SimpleTokenizer (BPE) has no offsets: we replay its regex word split and per-word
-  BPE and measure each token's byte length to recover its characters.
+- open_clip's SimpleTokenizer (BPE) has no offsets: its word split and per-word BPE, read through the
+  one adapter over its internals (:mod:`medclip.data.openclip_bpe`), give each token's byte length and
+  so its characters.
 
 Positions include the start token at position 0, as in the ids open_clip's tokenizer returns.
 """
@@ -17,11 +18,14 @@ from __future__ import annotations
 
 import html
 import re
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import ftfy
 import torch
+from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
+from medclip.data.openclip_bpe import OpenClipBPE
 from medclip.errors import MedclipError
 
 
@@ -89,11 +93,13 @@ def clean_with_offsets(text: str, boundaries: list[int], lower: bool) -> tuple[s
 
 
 def _map_char_span(origin: list[int], span: CharSpan) -> tuple[int, int]:
-    """Original char span -> cleaned char span [s, e) (cleaned chars whose origin is inside it)."""
-    inside = [i for i, o in enumerate(origin[:-1]) if span.start <= o < span.end]
-    if not inside:
-        return 0, 0
-    return inside[0], inside[-1] + 1
+    """Original char span -> cleaned char span [s, e) (cleaned chars whose origin is inside it).
+
+    ``origin`` never decreases (cleaning keeps the order of characters), so both ends are a bisection.
+    """
+    start = bisect_left(origin, span.start, 0, len(origin) - 1)
+    end = bisect_left(origin, span.end, start, len(origin) - 1)
+    return (start, end) if start < end else (0, 0)
 
 
 WORD_CACHE_SIZE = 200_000  # distinct words whose BPE tokens are kept (captions repeat most words)
@@ -108,7 +114,8 @@ class SpanTokenizer:
         # BPE words seen before: (token ids, (token id, char start, char end) per token)
         self._word_cache: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]] = {}
         self._new_words: dict[str, tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]] = {}
-        self.kind = "bpe" if hasattr(tokenizer, "bpe") else "hf" if hasattr(tokenizer, "tokenizer") else None
+        self.bpe = OpenClipBPE(tokenizer) if isinstance(tokenizer, SimpleTokenizer) else None
+        self.kind = "bpe" if self.bpe is not None else "hf" if isinstance(tokenizer, HFTokenizer) else None
         if self.kind is None:
             raise MedclipError(f"unsupported tokenizer for span mapping: {type(tokenizer).__name__}")
         if self.kind == "hf":
@@ -160,16 +167,14 @@ class SpanTokenizer:
                    for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
         return ids, offsets
 
-    # -- BPE: replay SimpleTokenizer.encode with character bookkeeping
+    # -- BPE: SimpleTokenizer.encode's words and pieces, with character bookkeeping
     def _bpe(self, cleaned: str, offsets: bool = True) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Token ids [context_length] and, with ``offsets``, each token's character range (else [])."""
-        tok = self.tokenizer
-        ids = [tok.sot_token_id]
+        ids = [self.bpe.sot_token_id]
         spans = [(0, 0)]
-        for match in tok.pat.finditer(cleaned):
+        for start, word in self.bpe.words(cleaned):
             if len(ids) > self.context_length:  # the rest would be truncated anyway
                 break
-            word = match.group()
             cached = self._word_cache.get(word)
             if cached is None:
                 pieces = self._bpe_word(word)
@@ -178,12 +183,11 @@ class SpanTokenizer:
                     self._word_cache[word] = self._new_words[word] = cached
             ids.extend(cached[0])
             if offsets:
-                start = match.start()
                 spans.extend((start + a, start + b) for _, a, b in cached[1])
-        ids.append(tok.eot_token_id)
+        ids.append(self.bpe.eot_token_id)
         if len(ids) > self.context_length:  # truncate like open_clip: keep a final end token
             ids = ids[: self.context_length]
-            ids[-1] = tok.eot_token_id
+            ids[-1] = self.bpe.eot_token_id
         out = torch.tensor(ids + [0] * (self.context_length - len(ids)), dtype=torch.long)
         if not offsets:
             return out, []
@@ -192,8 +196,6 @@ class SpanTokenizer:
 
     def _bpe_word(self, word: str) -> tuple[tuple[int, int, int], ...]:
         """(token id, char start, char end) of each BPE token of one word, offsets within the word."""
-        tok = self.tokenizer
-        encoded = "".join(tok.byte_encoder[b] for b in word.encode("utf-8"))
         # byte offset -> char offset inside the word (a token may end inside a multi-byte char)
         if word.isascii():
             byte_to_char = range(len(word) + 1)
@@ -204,10 +206,9 @@ class SpanTokenizer:
             byte_to_char.append(len(word))
         pos = 0
         out = []
-        for piece in tok.bpe(encoded).split(" "):
-            n_bytes = len(piece.removesuffix("</w>"))
+        for token, n_bytes in self.bpe.word_pieces(word):
             a = byte_to_char[pos]
             pos += n_bytes
             b = byte_to_char[pos] if pos < len(byte_to_char) - 1 else len(word)
-            out.append((tok.encoder[piece], a, max(b, a + 1)))
+            out.append((token, a, max(b, a + 1)))
         return tuple(out)

@@ -5,14 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
 from medclip.errors import MedclipError
-from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
-from medclip.evaluation.model import EmbedOptions, resolve_model
-from medclip.evaluation.report import write_plots, write_result, write_summary
-from medclip.evaluation.runner import RunOptions, evaluate_dataset
-from medclip.evaluation.suites import DatasetSpec, Source, load_suite, parse_classes
+
+# The evaluation modules (torch) are imported inside the functions: `medclip eval --help` stays fast.
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +16,9 @@ TASK_OF_COMMAND = {"zero-shot": "zero-shot", "retrieval": "retrieval", "linear-p
 
 def _common(p) -> None:
     p.add_argument("--model", action="append", required=True,
-                   help="medclip name or directory, open_clip name, local-dir:DIR or checkpoint (repeatable)")
+                   help="repeatable, one table across models: NAME=PATH for a named pretrained model and its "
+                        "downloaded checkpoint (e.g. biomedclip=DIR, unimed-clip-b16=FILE.pt; see medclip info), "
+                        "a medclip or open_clip name, an export directory, local-dir:DIR or a checkpoint")
     p.add_argument("--out", default="eval_results", help="output directory (JSON per dataset, summary, plots)")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None)
@@ -35,6 +32,9 @@ def _common(p) -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[1.0],
                    help="linear probe: fractions of the training set (e.g. 0.01 0.1 1)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    p.add_argument("--probe-method", default="sklearn",
+                   help="linear probe: sklearn (scikit-learn logistic regression with a C search) or clip_benchmark "
+                        "(CLIP_benchmark's AdamW linear layer with its weight-decay search)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -64,7 +64,9 @@ def register(subparsers) -> None:
         p.set_defaults(func=run)
 
 
-def _inline_spec(args, task: str) -> DatasetSpec:
+def _inline_spec(args, task: str):
+    from medclip.evaluation.suites import DatasetSpec, Source, parse_classes
+
     if not args.reader or not args.data:
         raise MedclipError("give --suite and --dataset, or --reader and --data")
     classes = None
@@ -77,7 +79,9 @@ def _inline_spec(args, task: str) -> DatasetSpec:
                        {"path": args.data}), label=label, classes=classes, headline=args.headline, train=train)
 
 
-def _plan(args) -> tuple[str, Path | None, list[DatasetSpec]]:
+def _plan(args) -> tuple[str, Path | None, list]:
+    from medclip.evaluation.suites import load_suite
+
     if args.eval_command == "suite":
         suite = load_suite(args.suite)
         root = Path(args.root).resolve() if args.root else suite.root
@@ -96,21 +100,29 @@ def _plan(args) -> tuple[str, Path | None, list[DatasetSpec]]:
 
 
 def run(args) -> int:
+    from tqdm import tqdm
+
+    from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
+    from medclip.evaluation.model import EmbedOptions, resolve_model
+    from medclip.evaluation.report import write_plots, write_result, write_summary
+    from medclip.evaluation.runner import RunOptions, evaluate_dataset
+
     suite_name, root, specs = _plan(args)
     options = RunOptions(
         embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress, draft=not args.no_draft),
-        probe=ProbeConfig(shots=tuple(args.shots), fractions=tuple(args.fractions), seeds=tuple(args.seeds)),
+        probe=ProbeConfig(method=args.probe_method, shots=tuple(args.shots), fractions=tuple(args.fractions),
+                          seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
         cache=FeatureCache(args.cache_dir),
     )
     out = Path(args.out)
     for name in args.model:
         model = resolve_model(name, device=args.device, precision=args.precision)
-        for spec in tqdm(specs, desc=f"{name}", disable=args.no_progress):
+        for spec in tqdm(specs, desc=f"{model.name}", disable=args.no_progress):
             record = evaluate_dataset(model, spec, root, options, suite_name)
             path = write_result(record, out)
             value = record["headline"]
             shown = "n/a" if value is None else f"{value:.4f}"
-            print(f"{name}  {spec.name}  {spec.headline}={shown}  (n={record['n_samples']}, "
+            print(f"{model.name}  {spec.name}  {spec.headline}={shown}  (n={record['n_samples']}, "
                   f"skipped={record['n_skipped']})  -> {path}")
     md, csv_path = write_summary(out)
     print(f"summary: {md} {csv_path}")

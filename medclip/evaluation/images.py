@@ -4,9 +4,10 @@ An open_clip eval transform is ``Resize -> CenterCrop -> convert RGB -> ToTensor
 Run per image, the last two are a handful of tiny torch ops each; with several intra-op threads on
 a busy CPU those ops cost more in thread hand-offs than in arithmetic (measured: ~15 ms per
 128 px image vs ~1 ms single-threaded). :class:`BatchedTransform` therefore splits the transform
-at the to-tensor step: the PIL prefix runs per image and yields a uint8 HWC array (no torch op),
-and the to-tensor + normalize suffix runs once per batch in :func:`collate_images`, with exactly
-torchvision's arithmetic (``x.float().div(255).sub(mean).div(std)``), so the values are bitwise
+at the to-tensor step as the training stream does (:func:`medclip.data.images.split_transform`):
+the PIL prefix runs per image and yields uint8 channel planes (no torch op), and the batch is
+stacked (:func:`medclip.data.batching.collate_images`) and normalised once
+(:func:`medclip.data.images.normalize_images`, torchvision's arithmetic), so the values are bitwise
 those of the per-image transform.
 
 JPEG draft mode (``Image.draft``) lets libjpeg decode at 1/2, 1/4 or 1/8 scale, skipping most of
@@ -22,57 +23,27 @@ the per-image transform unchanged.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
+from medclip.data.batching import collate_images
+from medclip.data.images import normalize_images, split_transform, to_uint8_planes
 from medclip.errors import MedclipError
 from medclip.imaging import DICOM_SUFFIXES, MedicalPreprocess, load_image
 
-try:  # torchvision is an open_clip dependency; keep the fallback if a build lacks it
-    from torchvision.transforms import Compose, Normalize, ToTensor
-except ImportError:  # pragma: no cover
-    Compose = Normalize = ToTensor = None
 
-
-@dataclass(frozen=True)
-class _Split:
-    pil_steps: tuple  # per image, PIL -> PIL
-    mean: torch.Tensor | None  # [C, 1, 1] float32, or None when the transform does not normalize
-    std: torch.Tensor | None
-    draft_size: int  # longest side of the model input; JPEGs are decoded at >= this size
-
-
-def _split_transform(transform) -> _Split | None:
-    """The PIL prefix and normalization constants of ``Compose([..., ToTensor, Normalize?])``, else None."""
-    if Compose is None or not isinstance(transform, Compose):
-        return None
-    steps = list(transform.transforms)
-    cut = next((i for i, s in enumerate(steps) if isinstance(s, ToTensor)), None)
-    if cut is None:
-        return None
-    pil_steps, tail = steps[:cut], steps[cut + 1:]
-    if any(isinstance(s, (ToTensor, Normalize)) for s in pil_steps):
-        return None
-    mean = std = None
-    if tail:
-        if len(tail) != 1 or not isinstance(tail[0], Normalize) or tail[0].inplace:
-            return None
-        mean = torch.as_tensor(tail[0].mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.as_tensor(tail[0].std, dtype=torch.float32).view(-1, 1, 1)
-        if (std == 0).any():
-            return None
+def input_side(pil_transform) -> int:
+    """Longest side of the model input the PIL steps produce (0: unknown); JPEGs are decoded at >= this."""
     sizes = []
-    for step in pil_steps:
+    for step in getattr(pil_transform, "transforms", []):
         size = getattr(step, "size", None)
         if isinstance(size, int):
             sizes.append(size)
         elif isinstance(size, (list, tuple)) and size and all(isinstance(s, int) for s in size):
             sizes.append(max(size))
-    return _Split(tuple(pil_steps), mean, std, max(sizes) if sizes else 0)
+    return max(sizes) if sizes else 0
 
 
 def _open_drafted(source, draft_size: int) -> Image.Image | None:
@@ -117,18 +88,18 @@ def decode(source, window=None, draft_size: int = 0) -> Image.Image:
 
 
 class BatchedTransform:
-    """Per-image half of a preprocess: ``__call__`` returns a uint8 HWC array (fast path) or a tensor.
+    """Per-image half of a preprocess: ``__call__`` returns uint8 planes [C, H, W] (fast path) or a tensor.
 
-    Arrays from the fast path become model input in :func:`collate_images`; anything else is the
-    preprocess's own output. ``exact`` (draft off) makes every value identical to ``preprocess``.
+    :meth:`collate` turns a list of either into the model's float batch. ``exact`` (draft off) makes
+    every value identical to ``preprocess``.
     """
 
     def __init__(self, preprocess, draft: bool = True):
         self.preprocess = preprocess
         self.window = preprocess.window if isinstance(preprocess, MedicalPreprocess) else None
         transform = preprocess.transform if isinstance(preprocess, MedicalPreprocess) else preprocess
-        self.split = _split_transform(transform) if self.window is None else None
-        self.draft_size = self.split.draft_size if (self.split is not None and draft) else 0
+        self.split = split_transform(transform) if self.window is None else None
+        self.draft_size = input_side(self.split.pil_transform) if (self.split is not None and draft) else 0
 
     @property
     def batched(self) -> bool:
@@ -139,41 +110,25 @@ class BatchedTransform:
             if isinstance(source, (bytes, bytearray)):
                 source = decode(source)
             return self.preprocess(source)
-        img = decode(source, None, self.draft_size)
-        for step in self.split.pil_steps:
-            img = step(img)
+        img = self.split.pil_transform(decode(source, None, self.draft_size))
         if not isinstance(img, Image.Image) or img.mode not in ("RGB", "L"):
             raise MedclipError(f"preprocess step produced {type(img).__name__} "
                                f"{getattr(img, 'mode', '')}, expected an 8-bit PIL image")
-        arr = np.asarray(img, dtype=np.uint8)
-        return arr[:, :, None] if arr.ndim == 2 else arr
+        return to_uint8_planes(img)
 
-    def finish(self, batch_hwc: torch.Tensor) -> torch.Tensor:
-        """[B, H, W, C] uint8 -> [B, C, H, W] float32, torchvision's to_tensor + normalize arithmetic."""
-        x = batch_hwc.permute(0, 3, 1, 2).contiguous().to(torch.float32).div(255)
-        if self.split.mean is not None:
-            x = x.sub_(self.split.mean).div_(self.split.std)
-        return x
+    def collate(self, items: list) -> torch.Tensor:
+        """The float batch [B, 3, H, W]: fast-path planes stacked and normalised at once, else stacked."""
+        batch = collate_images(items)
+        if batch.dtype == torch.uint8:
+            return normalize_images(batch, self.split.mean, self.split.std)
+        return batch
 
 
 class ImageCollate:
-    """DataLoader ``collate_fn``: stacks fast-path arrays and finishes them in one batched op."""
+    """DataLoader ``collate_fn``: :meth:`BatchedTransform.collate` (a picklable callable)."""
 
     def __init__(self, transform: BatchedTransform):
         self.transform = transform
 
     def __call__(self, items: list) -> torch.Tensor:
-        return collate_images(items, self.transform)
-
-
-def collate_images(items: list, transform: BatchedTransform) -> torch.Tensor:
-    if all(isinstance(x, np.ndarray) for x in items):
-        shapes = {x.shape for x in items}
-        if len(shapes) != 1:
-            raise MedclipError(f"preprocess produced images of different sizes {sorted(shapes)}; "
-                               f"the model needs one input size")
-        return transform.finish(torch.from_numpy(np.stack(items)))
-    if any(isinstance(x, np.ndarray) for x in items):
-        items = [transform.finish(torch.from_numpy(x[None]))[0] if isinstance(x, np.ndarray) else x
-                 for x in items]
-    return torch.stack(items)
+        return self.transform.collate(items)

@@ -1,11 +1,20 @@
-"""Linear probes on frozen image features, on the CPU with scikit-learn.
+"""Linear probes on frozen image features.
 
 Features are cached on disk under a key that hashes the model weights and preprocessing, the
 data identity (file paths + sizes + mtimes, or content hashes of shard bytes) and the split
 name, so any change to one of them computes fresh features instead of reusing stale ones.
-The regularisation strength C is chosen on a validation split (given, or a stratified part of
-the training set), then the probe is refit on train + validation. Few-shot settings (k per
-class, or a fraction of the training set) run over several seeds and report mean and std.
+
+Two methods (``ProbeConfig.method``, a registry):
+
+- ``sklearn`` (default): scikit-learn's L-BFGS logistic regression; C chosen by balanced accuracy on
+  the validation split;
+- ``clip_benchmark``: CLIP_benchmark's own procedure (AdamW-trained linear layer, weight decay
+  searched by validation top-1), see :mod:`medclip.evaluation.probe_clip_benchmark`.
+
+The validation split is given, or a stratified part of the training set. The probe is then refit on
+train + validation for the full training set; k-shot and fraction subsets are fit on the subset only,
+so a given validation split never adds samples to them. Few-shot settings (k per class, or a fraction
+of the training set) run over several seeds and report mean and std.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 
 from medclip.errors import MedclipError
+from medclip.evaluation import probe_clip_benchmark
 from medclip.evaluation.datasets import EvalData
 from medclip.evaluation.metrics import topk_accuracy
 from medclip.evaluation.model import EmbedOptions, EvalModel
@@ -77,14 +87,22 @@ class FeatureCache:
 
 @dataclass
 class ProbeConfig:
-    cs: tuple[float, ...] = DEFAULT_CS
+    method: str = "sklearn"  # a key of PROBE_METHODS
+    cs: tuple[float, ...] = DEFAULT_CS  # sklearn: the C values tried
     val_fraction: float = 0.2  # used only without a validation split
-    max_iter: int = 1000
+    max_iter: int = 1000  # sklearn
     seeds: tuple[int, ...] = (0, 1, 2)
     shots: tuple[int, ...] = ()  # k per class
     fractions: tuple[float, ...] = (1.0,)  # of the training set
+    # clip_benchmark: CLIP_benchmark's defaults (--fewshot_lr, --fewshot_epochs, --batch_size)
+    sgd_lr: float = 0.1
+    sgd_epochs: int = 10
+    sgd_batch_size: int = 64
+    sgd_device: str = "cpu"
 
     def __post_init__(self):
+        if self.method not in PROBE_METHODS:
+            raise MedclipError(f"unknown linear-probe method {self.method!r}; known: {sorted(PROBE_METHODS)}")
         if not self.cs or any(c <= 0 for c in self.cs):
             raise MedclipError(f"linear-probe C values must be positive, got {self.cs}")
         if not 0 < self.val_fraction < 1:
@@ -139,31 +157,45 @@ def subsample(y: np.ndarray, rng: np.random.Generator, shots: int | None = None,
     return np.sort(np.concatenate(picked))
 
 
+def sklearn_probe_scores(x_train, y_train, x_val, y_val, x_test, num_classes: int, cfg: ProbeConfig, seed: int,
+                         refit_with_val: bool) -> tuple[np.ndarray, dict]:
+    """Test probabilities of scikit-learn's logistic regression with C chosen on validation."""
+    if x_val is None:
+        # 1-shot: nothing can be held out per class, so C cannot be validated; use the middle C.
+        best_c = sorted(cfg.cs)[len(cfg.cs) // 2]
+        clf = _fit(x_train, y_train, best_c, cfg.max_iter, seed)
+        return _scores(clf, x_test, num_classes), {
+            "best_c": best_c, "c_selection": "default (a class has one training sample)"}
+    best_c, per_c = select_c(x_train, y_train, x_val, y_val, cfg, seed)
+    if refit_with_val:
+        x_train, y_train = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+    clf = _fit(x_train, y_train, best_c, cfg.max_iter, seed)
+    return _scores(clf, x_test, num_classes), {
+        "best_c": best_c, "c_selection": "validation",
+        "val_mean_per_class_recall_by_c": {str(c): v for c, v in per_c.items()}}
+
+
+PROBE_METHODS = {"sklearn": sklearn_probe_scores, "clip_benchmark": probe_clip_benchmark.probe_scores}
+SEED_FREE_METHODS = {"sklearn"}  # same data -> same probe (L-BFGS); the SGD probe depends on the seed
+
+
 def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: ProbeConfig, seed: int,
-                    x_val=None, y_val=None) -> dict:
-    """Choose C on validation, refit on train + validation, score the test split."""
+                    x_val=None, y_val=None, refit_with_val: bool = True) -> dict:
+    """Choose the regularisation on validation, refit (on train + validation if ``refit_with_val``), score
+    the test split. Without a validation split, one is held out of the training data (and always refit on)."""
     if len(np.unique(y_train)) < 2:
         raise MedclipError("linear probe needs at least two classes in the training data")
     if x_val is None:
+        refit_with_val = True  # the validation part is the training data's own
         counts = np.bincount(y_train)
         n_classes = int((counts > 0).sum())
-        if counts[counts > 0].min() < 2:
-            # 1-shot: nothing can be held out per class, so C cannot be validated; use the middle C.
-            best_c = sorted(cfg.cs)[len(cfg.cs) // 2]
-            clf = _fit(x_train, y_train, best_c, cfg.max_iter, seed)
-            metrics = probe_metrics(_scores(clf, x_test, num_classes), y_test, num_classes)
-            metrics.update(best_c=best_c, c_selection="default (a class has one training sample)")
-            return metrics
-        n_val = min(len(y_train) - n_classes, max(n_classes, round(cfg.val_fraction * len(y_train))))
-        x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=n_val,
-                                                          random_state=seed, stratify=y_train)
-    best_c, per_c = select_c(x_train, y_train, x_val, y_val, cfg, seed)
-    clf = _fit(np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val]), best_c, cfg.max_iter, seed)
-    metrics = probe_metrics(_scores(clf, x_test, num_classes), y_test, num_classes)
-    metrics["best_c"] = best_c
-    metrics["c_selection"] = "validation"
-    metrics["val_mean_per_class_recall_by_c"] = {str(c): v for c, v in per_c.items()}
-    return metrics
+        if counts[counts > 0].min() >= 2:
+            n_val = min(len(y_train) - n_classes, max(n_classes, round(cfg.val_fraction * len(y_train))))
+            x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=n_val,
+                                                              random_state=seed, stratify=y_train)
+    scores, details = PROBE_METHODS[cfg.method](x_train, y_train, x_val, y_val, x_test, num_classes, cfg, seed,
+                                                refit_with_val)
+    return {**probe_metrics(scores, y_test, num_classes), "method": cfg.method, **details}
 
 
 @dataclass
@@ -191,10 +223,11 @@ def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
         runs = []
         for seed in cfg.seeds:
             rng = np.random.default_rng(seed)
-            idx = np.arange(len(y_train)) if fraction == 1.0 else subsample(y_train, rng, shots, fraction)
+            whole = fraction == 1.0
+            idx = np.arange(len(y_train)) if whole else subsample(y_train, rng, shots, fraction)
             runs.append(train_and_score(x_train[idx], y_train[idx], x_test, y_test, num_classes, cfg, seed,
-                                        x_val, y_val))
-            if fraction == 1.0 and x_val is not None:
+                                        x_val, y_val, refit_with_val=whole))
+            if whole and x_val is not None and cfg.method in SEED_FREE_METHODS:
                 break  # nothing random left: same data, deterministic solver
         mean, std = _mean_std(runs)
         settings[name] = {"mean": mean, "std": std, "runs": runs}

@@ -90,6 +90,10 @@ def multilabel_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
 def _first_positive_ranks(queries: torch.Tensor, items: torch.Tensor, positive, max_elements: int) -> torch.Tensor:
     """1-based rank of the best-scored positive item of each query, a block of queries at a time.
 
+    A negative scored equal to that positive ranks ahead of it when it comes first in item order (a
+    stable sort): ties never favour the model, a collapsed model (all scores equal) gets chance,
+    k/N, as in CLIP_benchmark, whose ``torch.topk`` breaks ties in an unspecified order.
+
     ``positive(start, end)`` returns the bool [end-start, n_items] positive mask of that block; a
     block holds at most ``max_elements`` scores, so memory stays flat for 100k-item sets.
     """
@@ -102,7 +106,10 @@ def _first_positive_ranks(queries: torch.Tensor, items: torch.Tensor, positive, 
         if not bool(pos.any(dim=1).all()):
             raise MedclipError("a retrieval query has no positive item")
         best = scores.masked_fill(~pos, float("-inf")).max(dim=1, keepdim=True).values
-        ranks.append((scores > best).sum(dim=1) + 1)
+        tied = scores == best
+        first = (pos & tied).int().argmax(dim=1, keepdim=True)  # the first positive scoring `best`
+        earlier = torch.arange(scores.shape[1], device=scores.device)[None, :] < first
+        ranks.append(((scores > best) | (tied & earlier)).sum(dim=1) + 1)
     return torch.cat(ranks)
 
 

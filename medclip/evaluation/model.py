@@ -156,11 +156,17 @@ def _device_of(module) -> torch.device:
 
 
 def resolve_model(model, device=None, precision: str | None = None, **load_kwargs) -> EvalModel:
-    """A medclip name/path, an open_clip name or ``local-dir:DIR``, or an object with encoders."""
+    """A model spec as the command line takes it, or an object with ``encode_image`` / ``encode_text``.
+
+    Specs: ``NAME=PATH`` (a named pretrained model, e.g. ``unimed-clip-b16=unimed-clip-vit-b16.pt``,
+    read offline from its downloaded file or snapshot; results are named NAME), a NAME alone
+    (fetched), a medclip or open_clip architecture, an export directory / ``local-dir:DIR``, or a
+    training checkpoint.
+    """
     if isinstance(model, EvalModel):
         return model
     if isinstance(model, str):
-        import medclip
+        from medclip.models.loading import load_spec, spec_name
 
-        return EvalModel(medclip.load(model, device=device, precision=precision, **load_kwargs), name=model)
+        return EvalModel(load_spec(model, device=device, precision=precision, **load_kwargs), name=spec_name(model))
     return EvalModel(model)

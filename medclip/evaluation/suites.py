@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import resources
 from medclip.errors import MedclipError
 from medclip.evaluation.zeroshot import ClassSpec
 
@@ -44,7 +45,7 @@ HEADLINES = {
 }
 DEFAULT_HEADLINE = {"zero-shot": "acc1", "multilabel": "mean_average_precision",
                     "retrieval": "image_retrieval_recall@5", "linear-probe": "lp_acc1"}
-SUITES_DIR = Path(__file__).resolve().parent.parent.parent / "zero_shot"
+SUITES_DIR = resources.shipped_dir("suites")
 
 
 @dataclass
@@ -147,17 +148,7 @@ def parse_dataset(raw: dict, suite_templates: list[str]) -> DatasetSpec:
 
 
 def find_suite(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise MedclipError(f"suite file not found: {path}")
-        return path
-    candidate = SUITES_DIR / f"{name_or_path}.yaml"
-    if not candidate.is_file():
-        known = sorted(p.stem for p in SUITES_DIR.glob("*.yaml")) if SUITES_DIR.is_dir() else []
-        raise MedclipError(f"unknown suite {name_or_path!r}; known: {', '.join(known) or 'none'} "
-                           f"(or give a path to a suite .yaml)")
-    return candidate
+    return resources.resolve("suites", name_or_path)
 
 
 def load_suite(name_or_path: str | Path) -> Suite:

@@ -34,6 +34,7 @@ class Encoder:
         name: str = "",
         precision: str = "fp32",
         heads: ConceptHeads | None = None,
+        text_tower_name: str | None = None,
     ):
         self.model = model.eval()
         self.preprocess = preprocess
@@ -43,6 +44,8 @@ class Encoder:
         self.name = name
         self.precision = precision
         self.heads = heads.eval() if heads is not None else None
+        # Hub id of the HF text tower when it is the published one (exports name it), else None.
+        self.text_tower_name = text_tower_name
 
     def __repr__(self) -> str:
         return f"Encoder(name={self.name!r}, device={self.device}, precision={self.precision!r})"

@@ -21,6 +21,9 @@ class ConceptHeadsConfig:
     hidden_dim: int | None = None  # defaults to embed_dim
     init_logit_scale: float = math.log(1 / 0.07)
     init_logit_bias: float = -10.0
+    # ConceptCLIP's form: the concept head maps every token state, then a span's vectors are averaged
+    # (its `text_proj` before span pooling). False: average the span's states, then the head.
+    concept_head_on_tokens: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,15 +50,23 @@ class ConceptHeads(nn.Module):
         return self.patch_head(patch_states)
 
     def embed_spans(self, token_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
-        """Mean of token states over each concept span, then the concept head.
+        """Mean of token states over each concept span, then the concept head (or the reverse order
+        with ``concept_head_on_tokens``, as ConceptCLIP does).
 
         token_states [B, L, Wt]; span_mask [B, C, L] (1 on the span's tokens) -> [B, C, D].
         Empty spans (padding) give zero vectors and must be masked out by the caller.
         """
         mask = span_mask.to(token_states.dtype)
         counts = mask.sum(-1, keepdim=True).clamp_min(1.0)
+        if self.config.concept_head_on_tokens:
+            return torch.einsum("bcl,bld->bcd", mask, self.concept_head(token_states)) / counts
         pooled = torch.einsum("bcl,blw->bcw", mask, token_states) / counts
         return self.concept_head(pooled)
+
+    def embed_names(self, token_states: torch.Tensor, token_mask: torch.Tensor) -> torch.Tensor:
+        """A concept given by name: its tokens' states [N, L, Wt] and mask [N, L] (1 on the name's
+        own tokens) -> [N, D], pooled the way caption spans are (see ``concept_head_on_tokens``)."""
+        return self.embed_spans(token_states, token_mask[:, None, :])[:, 0]
 
     def embed_pooled_text(self, text_states: torch.Tensor) -> torch.Tensor:
         """A concept given by name: pooled token states [N, Wt] -> [N, D]."""

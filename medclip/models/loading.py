@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
+import warnings
 from copy import deepcopy
 from pathlib import Path
 
@@ -29,112 +29,25 @@ from open_clip.model import (
 )
 from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
-from safetensors.torch import load_file, save_file
 
 from medclip.errors import MedclipError
 from medclip.imaging import MedicalPreprocess, Window
-from medclip.models import registry
+from medclip.models import export, families, pretrained, registry
 from medclip.models.encoder import Encoder
+from medclip.models.export import HEADS_CONFIG, HEADS_WEIGHTS, HUB_CONFIG, HUB_WEIGHTS
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
+from medclip.models.weights import (  # noqa: F401  (re-exported: trainer, checkpoint)
+    extract_state_dict,
+    load_weights,
+    normalize_keys,
+    read_weights_file,
+    strip_wrappers,
+)
 
 log = logging.getLogger(__name__)
 
-HUB_CONFIG = "open_clip_config.json"
-HUB_WEIGHTS = "open_clip_model.safetensors"
-HEADS_WEIGHTS = "medclip_heads.safetensors"
-HEADS_CONFIG = "medclip_heads.json"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16", "amp", "amp_bf16")
-# Prefixes added by wrappers (DDP, torch.compile) that never belong to the open_clip module.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-# UniMed-CLIP's fork names the HF text tower `text_encoder`; upstream open_clip calls it `text`.
-KEY_RENAMES = (("text_encoder.", "text."),)
-
-
-# ----------------------------------------------------------------------------- reading weights
-
-def read_weights_file(path: str | Path) -> dict:
-    """The raw object in a weights file; pickles are read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise MedclipError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as exc:
-            raise MedclipError(f"cannot read safetensors file {path}: {exc}") from exc
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedclipError(
-            f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
-            f"(weights_only=True): {first}"
-        ) from exc
-    except Exception as exc:
-        raise MedclipError(f"cannot read checkpoint {path}: {exc}") from exc
-
-
-def extract_state_dict(obj) -> dict:
-    """The model state dict inside a checkpoint object (raw, wrapped or medclip training)."""
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict):
-                return extract_state_dict(obj[key])
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise MedclipError("checkpoint holds no state dict (expected tensors, 'state_dict' or 'model')")
-    return obj
-
-
-def normalize_keys(state_dict: dict) -> dict:
-    """Strip wrapper prefixes and map UniMed-CLIP names to open_clip's."""
-    out = {}
-    for key, value in state_dict.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        for old, new in KEY_RENAMES:
-            if key.startswith(old):
-                key = new + key[len(old):]
-        out[key] = value
-    return out
-
-
-def load_weights(model: torch.nn.Module, state_dict: dict, allow_mismatch: bool = False, source: str = "") -> None:
-    """Load into ``model``; any missing/unexpected key is an error unless ``allow_mismatch``."""
-    state_dict = normalize_keys(state_dict)
-    own = model.state_dict()
-    # transformers >= 4.31 no longer keeps BERT's position_ids buffer; older checkpoints do.
-    for key in [k for k in state_dict if k.endswith("embeddings.position_ids") and k not in own]:
-        del state_dict[key]
-    for name in ("logit_scale", "logit_bias"):
-        if name in state_dict and name in own and state_dict[name].shape != own[name].shape:
-            state_dict[name] = state_dict[name].reshape(own[name].shape)
-    shape_errors = [f"{k} {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-                    for k, v in state_dict.items() if k in own and v.shape != own[k].shape]
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    where = f" from {source}" if source else ""
-    if shape_errors:
-        raise MedclipError(f"checkpoint{where} does not fit the architecture: {len(shape_errors)} shape "
-                           f"mismatches, e.g. {shape_errors[0]}")
-    if (missing or unexpected) and not allow_mismatch:
-        raise MedclipError(
-            f"checkpoint{where} does not match the architecture: {len(missing)} missing keys "
-            f"{_preview(missing)}, {len(unexpected)} unexpected keys {_preview(unexpected)} "
-            f"(pass allow_mismatch=True to load anyway)"
-        )
-    if missing or unexpected:
-        log.warning("loading%s with %d missing keys %s and %d unexpected keys %s", where, len(missing),
-                    _preview(missing), len(unexpected), _preview(unexpected))
-    model.load_state_dict(state_dict, strict=False)
-
-
-def _preview(keys: list[str], n: int = 3) -> str:
-    return "[" + ", ".join(keys[:n]) + (", ..." if len(keys) > n else "") + "]"
 
 
 # ----------------------------------------------------------------------------- building
@@ -143,8 +56,9 @@ def resolve_config(name: str, hf_text_dir: str | Path | None = None) -> dict:
     cfg = registry.get_model_config(name)
     if cfg is None:
         known = ", ".join(registry.list_models())
-        raise MedclipError(f"unknown model {name!r}: not a registered architecture (medclip: {known}; "
-                           f"open_clip: see open_clip.list_models()), nor an existing file or directory")
+        raise MedclipError(f"unknown model {name!r}: not a named pretrained model ({', '.join(pretrained.ENTRIES)}), "
+                           f"a registered architecture (medclip: {known}; open_clip: see open_clip.list_models()), "
+                           f"nor an existing file or directory")
     return with_text_dir(cfg, hf_text_dir)
 
 
@@ -220,11 +134,20 @@ def build_preprocess_cfg(model: torch.nn.Module, overlay: dict | None = None) ->
     return cfg
 
 
-def _encoder(model, model_cfg, preprocess_cfg, name, precision, window, heads=None) -> Encoder:
+def _encoder(model, model_cfg, preprocess_cfg, name, precision, window, heads=None,
+             text_tower_name: str | None = None) -> Encoder:
     set_model_preprocess_cfg(model, preprocess_cfg)
     transform = image_transform_v2(PreprocessCfg(**preprocess_cfg), is_train=False)
     return Encoder(model, MedicalPreprocess(transform, window), build_tokenizer(model_cfg), model_cfg,
-                   preprocess_cfg, name=name, precision=precision, heads=heads)
+                   preprocess_cfg, name=name, precision=precision, heads=heads, text_tower_name=text_tower_name)
+
+
+def hub_tower_name(model_cfg: dict) -> str | None:
+    """The HF text tower's hub id when the config names one (not a local directory), else None."""
+    name = model_cfg.get("text_cfg", {}).get("hf_model_name")
+    if not name or name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") != 1:
+        return None
+    return name
 
 
 def _default_device(device):
@@ -245,6 +168,10 @@ def build_heads(config: dict, state_dict: dict | None, device) -> ConceptHeads:
 
 # ----------------------------------------------------------------------------- public API
 
+class RandomWeightsWarning(UserWarning):
+    """An architecture was built without any checkpoint: its weights are random."""
+
+
 def load(
     name_or_path: str | Path,
     device=None,
@@ -254,15 +181,44 @@ def load(
     hf_text_dir: str | Path | None = None,
     window: Window | None = None,
 ) -> Encoder:
-    """Load an encoder. See the module docstring for what ``name_or_path`` may be.
+    """Load an image-text encoder: a named pretrained model, an architecture, an export or a checkpoint.
 
-    ``checkpoint`` adds weights to a registered architecture name; ``hf_text_dir`` points an HF
-    text tower at a local directory (offline); ``window`` sets a default intensity window for
-    16-bit and DICOM inputs.
+    Args:
+        name_or_path: one of
+            * a named pretrained model (``medclip.list_pretrained()``: ``biomedclip``,
+              ``unimed-clip-b16``, ``unimed-clip-l14-336``, ``unimed-clip-l14-336-large-text``,
+              ``pmc-clip``, ``conceptclip``, ``medsiglip-448``): fetched from the Hugging Face hub,
+              or read from ``checkpoint`` offline;
+            * a registered architecture (``medclip.list_models()``, or any open_clip config name):
+              random weights (with a :class:`RandomWeightsWarning`) unless ``checkpoint`` is given;
+            * a directory in open_clip's hub format (``open_clip_config.json`` + weights), also as
+              ``local-dir:DIR``; ``hf-hub:org/name`` for one on the hub;
+            * a medclip training checkpoint (``.pt`` carrying ``model_cfg``).
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...; default: CUDA when available.
+        precision: ``fp32`` (default), ``fp16``/``bf16`` (weights cast), ``pure_fp16``/``pure_bf16``,
+            ``amp``/``amp_bf16`` (fp32 weights, autocast while encoding).
+        checkpoint: weights for a named model (the downloaded file or snapshot directory, in the
+            format it is published in) or for an architecture (an open_clip / UniMed-CLIP state dict,
+            ``{"state_dict": ...}``, DDP ``module.`` and ``torch.compile`` prefixes accepted).
+        allow_mismatch: load a checkpoint with missing or unexpected keys (logged) instead of failing.
+        hf_text_dir: a local directory with the HF text tower's ``config.json`` and tokenizer files,
+            for offline use (e.g. a downloaded BiomedBERT).
+        window: default intensity window (``medclip.imaging.Window``) for 16-bit and DICOM images.
+
+    Returns:
+        An :class:`~medclip.Encoder` (``encode_image``, ``encode_text``, ``patch_embeddings``,
+        ``preprocess``, ``tokenizer``, ``model`` = the plain open_clip module).
+
+    Raises:
+        MedclipError: one line naming what was wrong (unknown name, missing file, a checkpoint of
+        another family, mismatched keys or shapes).
     """
     device = _default_device(device)
     precision = precision or "fp32"
     ref = str(name_or_path)
+    entry = pretrained.get(ref)
+    if entry is not None:
+        return _load_pretrained(entry, checkpoint, device, precision, allow_mismatch, hf_text_dir, window)
     if ref.startswith("hf-hub:"):
         return _load_hub_dir(_download_hub(ref[len("hf-hub:"):]), ref, device, precision, allow_mismatch,
                              hf_text_dir, window)
@@ -276,14 +232,50 @@ def load(
             raise MedclipError("give either a checkpoint file as the first argument or checkpoint=, not both")
         return _load_training_checkpoint(path, device, precision, allow_mismatch, hf_text_dir, window)
     model_cfg = resolve_config(ref, hf_text_dir)
+    tower_name = hub_tower_name(resolve_config(ref))
     model = build_model(model_cfg, device, precision)
     heads = None
-    if checkpoint is not None:
+    if checkpoint is None:
+        warnings.warn(f"{ref}: no checkpoint given, the model has random weights (pass checkpoint=PATH, or "
+                      f"load a named pretrained model: medclip.list_pretrained())", RandomWeightsWarning,
+                      stacklevel=2)
+    else:
         obj = read_weights_file(checkpoint)
         load_weights(model, extract_state_dict(obj), allow_mismatch, source=str(checkpoint))
         if isinstance(obj, dict) and isinstance(obj.get("heads"), dict) and "heads_config" in obj:
             heads = build_heads(obj["heads_config"], obj["heads"], device)
-    return _encoder(model, model_cfg, build_preprocess_cfg(model), ref, precision, window, heads)
+    return _encoder(model, model_cfg, build_preprocess_cfg(model), ref, precision, window, heads, tower_name)
+
+
+def load_spec(spec: str | Path, **kwargs) -> Encoder:
+    """``NAME=PATH`` (a named pretrained model with its downloaded checkpoint, as the command line
+    takes it) or anything :func:`load` takes; ``kwargs`` go to :func:`load`."""
+    name, sep, path = str(spec).partition("=")
+    if sep and pretrained.get(name) is not None:
+        return load(name, checkpoint=path, **kwargs)
+    return load(spec, **kwargs)
+
+
+def spec_name(spec: str | Path) -> str:
+    """The display name of a model spec: NAME for ``NAME=PATH``, else the spec itself."""
+    name, sep, _ = str(spec).partition("=")
+    return name if sep and pretrained.get(name) is not None else str(spec)
+
+
+def _load_pretrained(entry, checkpoint, device, precision, allow_mismatch, hf_text_dir, window) -> Encoder:
+    family = families.get(entry.family)
+    source = Path(checkpoint) if checkpoint is not None else pretrained.download(entry)
+    if not source.exists():
+        raise MedclipError(f"{entry.name}: checkpoint not found: {source}")
+    converted = family.read(source, entry, hf_text_dir)
+    model = build_model(converted.model_cfg, device, precision)
+    context = f"{entry.name} ({family.TITLE})"
+    load_weights(model, converted.state_dict, allow_mismatch, source=str(source), context=context)
+    heads = None
+    if converted.heads_config is not None:
+        heads = build_heads(converted.heads_config, converted.heads_state, device)
+    return _encoder(model, converted.model_cfg, build_preprocess_cfg(model, converted.preprocess_cfg), entry.name,
+                    precision, window, heads, converted.text_tower_name)
 
 
 def encoder_from_state(model_cfg: dict, state_dict: dict, heads_config: dict | None = None,
@@ -293,7 +285,8 @@ def encoder_from_state(model_cfg: dict, state_dict: dict, heads_config: dict | N
     model = build_model(model_cfg, device, "fp32")
     load_weights(model, state_dict, source=name or "state dict")
     heads = build_heads(heads_config, heads_state, device) if heads_config is not None else None
-    return _encoder(model, model_cfg, build_preprocess_cfg(model, preprocess_cfg), name, "fp32", None, heads)
+    return _encoder(model, model_cfg, build_preprocess_cfg(model, preprocess_cfg), name, "fp32", None, heads,
+                    hub_tower_name(model_cfg))
 
 
 def _download_hub(model_id: str) -> Path:
@@ -305,16 +298,24 @@ def _download_hub(model_id: str) -> Path:
         raise MedclipError(f"cannot fetch hf-hub:{model_id}: {str(exc).splitlines()[0]}") from exc
 
 
+def _not_open_clip_dir(directory: Path) -> MedclipError:
+    hint = ""
+    if (directory / "config.json").is_file() and (directory / "preprocessor_config.json").is_file():
+        hint = " (a transformers snapshot: for MedSigLIP use medclip.load('medsiglip-448', checkpoint=DIR))"
+    return MedclipError(f"{directory} is not a model directory: {HUB_CONFIG} is missing{hint}")
+
+
 def _load_hub_dir(directory: Path, name, device, precision, allow_mismatch, hf_text_dir, window) -> Encoder:
     config_path = directory / HUB_CONFIG
     if not config_path.is_file():
-        raise MedclipError(f"{directory} is not a model directory: {HUB_CONFIG} is missing")
+        raise _not_open_clip_dir(directory)
     try:
         hub_cfg = json.loads(config_path.read_text())
         model_cfg = hub_cfg["model_cfg"]
     except (json.JSONDecodeError, KeyError) as exc:
         raise MedclipError(f"{config_path} is not a valid open_clip config: {exc}") from exc
-    model_cfg = with_text_dir(model_cfg, hf_text_dir)
+    tower_name = hub_tower_name(model_cfg)
+    model_cfg = with_text_dir(export.resolve_bundled(model_cfg, directory), hf_text_dir)
     weights = [directory / n for n in (HUB_WEIGHTS, "open_clip_pytorch_model.bin") if (directory / n).is_file()]
     if not weights:
         raise MedclipError(f"{directory} holds no weights ({HUB_WEIGHTS} or open_clip_pytorch_model.bin)")
@@ -325,17 +326,15 @@ def _load_hub_dir(directory: Path, name, device, precision, allow_mismatch, hf_t
         heads = build_heads(json.loads((directory / HEADS_CONFIG).read_text()),
                             read_weights_file(directory / HEADS_WEIGHTS), device)
     preprocess_cfg = build_preprocess_cfg(model, hub_cfg.get("preprocess_cfg"))
-    return _encoder(model, model_cfg, preprocess_cfg, str(name), precision, window, heads)
+    return _encoder(model, model_cfg, preprocess_cfg, str(name), precision, window, heads, tower_name)
 
 
 def _load_training_checkpoint(path: Path, device, precision, allow_mismatch, hf_text_dir, window) -> Encoder:
     obj = read_weights_file(path)
     model_cfg = obj.get("model_cfg") if isinstance(obj, dict) else None
     if not isinstance(model_cfg, dict):
-        raise MedclipError(
-            f"{path} carries no model config (a plain open_clip or UniMed-CLIP state dict): "
-            f"name its architecture, e.g. medclip.load('medclip-vit-b16-biomedbert', checkpoint='{path}')"
-        )
+        raise _no_model_config(path, obj)
+    tower_name = hub_tower_name(model_cfg)
     model_cfg = with_text_dir(model_cfg, hf_text_dir)
     model = build_model(model_cfg, device, precision)
     load_weights(model, extract_state_dict(obj), allow_mismatch, source=str(path))
@@ -343,26 +342,23 @@ def _load_training_checkpoint(path: Path, device, precision, allow_mismatch, hf_
     if isinstance(obj.get("heads"), dict) and isinstance(obj.get("heads_config"), dict):
         heads = build_heads(obj["heads_config"], obj["heads"], device)
     return _encoder(model, model_cfg, build_preprocess_cfg(model, obj.get("preprocess_cfg")), str(path),
-                    precision, window, heads)
+                    precision, window, heads, tower_name)
 
 
-def _contiguous(state_dict: dict) -> dict:
-    # safetensors refuses shared or strided storage; clone to plain contiguous tensors.
-    return {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
+def _no_model_config(path: Path, obj) -> MedclipError:
+    """A state dict without a config: say which family it looks like and how to load it."""
+    try:
+        found = families.identify(strip_wrappers(extract_state_dict(obj)))
+    except MedclipError:
+        found = None
+    entries = [e.name for e in pretrained.ENTRIES.values() if found and families.get(e.family).TITLE == found]
+    if entries:
+        return MedclipError(f"{path} looks like a {found} checkpoint and carries no model config: "
+                            f"load it as medclip.load({entries[0]!r}, checkpoint='{path}')")
+    return MedclipError(
+        f"{path} carries no model config (a plain open_clip or UniMed-CLIP state dict): "
+        f"name its architecture, e.g. medclip.load('medclip-vit-b16-biomedbert', checkpoint='{path}')"
+    )
 
 
-def save(encoder: Encoder, directory: str | Path) -> Path:
-    """Write open_clip's hub format (safetensors) so ``open_clip`` loads it as ``local-dir:DIR``."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(encoder.model.state_dict()), str(out / HUB_WEIGHTS))
-    config = {"model_cfg": encoder.model_cfg, "preprocess_cfg": encoder.preprocess_cfg}
-    (out / HUB_CONFIG).write_text(json.dumps(config, indent=2))
-    hf_tokenizer = getattr(encoder.tokenizer, "tokenizer", None)
-    if hf_tokenizer is not None and hasattr(hf_tokenizer, "save_pretrained"):
-        # open_clip reads an HF tokenizer of a local-dir model from the directory itself.
-        hf_tokenizer.save_pretrained(str(out))
-    if encoder.heads is not None:
-        save_file(_contiguous(encoder.heads.state_dict()), str(out / HEADS_WEIGHTS))
-        (out / HEADS_CONFIG).write_text(json.dumps(encoder.heads.config.to_dict(), indent=2))
-    return out
+save = export.save

@@ -8,13 +8,9 @@ open_clip's public ``add_model_config``.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
 
-import open_clip
+from medclip.models.cache import cache_root, cached_dir  # noqa: F401  (cache_root re-exported)
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = PACKAGE_DIR / "model_configs"
@@ -29,34 +25,19 @@ def _resolved_text(path: Path) -> str:
     return path.read_text().replace(ASSETS_PLACEHOLDER, str(ASSETS_DIR))
 
 
-def _cache_root() -> Path:
-    base = os.environ.get("MEDCLIP_CACHE") or os.environ.get("XDG_CACHE_HOME")
-    root = Path(base) / "medclip" if base else Path.home() / ".cache" / "medclip"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-probe"
-        probe.touch()
-        probe.unlink()
-        return root
-    except OSError:  # read-only home (containers, clusters): fall back to the temp dir
-        return Path(tempfile.gettempdir()) / f"medclip-{os.getuid()}"
-
-
 def register_model_configs() -> Path:
     """Write resolved configs to a content-addressed cache dir and register it with open_clip."""
     global _registered_dir
     if _registered_dir is not None:
         return _registered_dir
+    # Imported here, not at the top: open_clip's first import runs medclip._register's hook, which
+    # calls this function (and imports this module) from inside that import.
+    import open_clip
+
+    if _registered_dir is not None:  # the hook just did it
+        return _registered_dir
     files = sorted(CONFIG_DIR.glob("*.json"))
-    texts = {f.name: _resolved_text(f) for f in files}
-    digest = hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest()[:16]
-    target = _cache_root() / "model_configs" / digest
-    if not all((target / name).is_file() for name in texts):
-        target.mkdir(parents=True, exist_ok=True)
-        for name, text in texts.items():
-            tmp = target / f".{name}.{os.getpid()}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, target / name)  # atomic: concurrent imports never see half a file
+    target = cached_dir("model_configs", {f.name: _resolved_text(f).encode() for f in files})
     open_clip.add_model_config(target)
     _registered_dir = target
     return target
@@ -64,9 +45,13 @@ def register_model_configs() -> Path:
 
 def list_models() -> list[str]:
     """Names of the architectures medclip ships (all also usable through open_clip)."""
+    import open_clip
+
     return [name for name in open_clip.list_models() if name.startswith(MODEL_PREFIX)]
 
 
 def get_model_config(name: str) -> dict | None:
     """A deep copy of a registered config (medclip's or open_clip's), or None."""
+    import open_clip
+
     return open_clip.get_model_config(name)

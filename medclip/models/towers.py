@@ -15,6 +15,8 @@ import torch
 from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
+from medclip.errors import MedclipError
+
 
 def image_width(model) -> int:
     visual = model.visual
@@ -22,7 +24,7 @@ def image_width(model) -> int:
         return visual.proj.shape[0] if visual.proj is not None else visual.transformer.width
     if isinstance(visual, TimmModel):
         return visual.trunk.num_features
-    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+    raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, timm towers)")
 
 
 def text_width(model) -> int:
@@ -49,19 +51,57 @@ def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """(pooled image features [B, D] unnormalized, patch states [B, P, W] before projection)."""
     visual = model.visual
     if isinstance(visual, VisionTransformer):
-        x = visual._embeds(images)
-        x = visual.transformer(x)
-        pooled, tokens = visual._pool(x)
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        return pooled, tokens
+        return _vit_tokens(visual, images)
     if isinstance(visual, TimmModel):
         feats = visual.trunk.forward_features(images)
         pooled = visual.head(visual.trunk.forward_head(feats))
         if feats.ndim == 4:  # convolutional trunk: feature-map cells are the patches
             return pooled, feats.flatten(2).transpose(1, 2)
         return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
-    raise TypeError(f"unsupported image tower {type(visual).__name__}")
+    raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, timm towers)")
+
+
+def _vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # open_clip's public forward_intermediates: the last block's tokens through ln_post, class token
+    # split off, and the pooled projected features, in one pass (grad checkpointing honoured). Its
+    # tokens equal the forward's own only for the plain layout (ln_post on every token, no attention
+    # pooler); other layouts have no per-patch states in the joint space, so refuse them.
+    if visual.attn_pool is not None or visual.final_ln_after_pool:
+        raise MedclipError("per-patch states need a ViT with token or average pooling and ln_post before "
+                        "pooling (no attentional pooler, final_ln_after_pool false)")
+    out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
+    return out["image_features"], out["image_intermediates"][-1]
+
+
+def set_grad_checkpointing(model, enable: bool = True) -> None:
+    """Activation checkpointing on both towers through each library's current public API.
+
+    open_clip's ``set_grad_checkpointing`` reaches transformers' ``gradient_checkpointing_enable``,
+    deprecated in transformers 5 (removed in v6); HF text towers use ``activation_checkpointing_*``
+    where it exists, the older name otherwise. open_clip's own towers keep open_clip's call.
+    """
+    text = getattr(model, "text", None)
+    if text is None or not hasattr(text, "config"):  # no HF tower: open_clip's call covers both towers
+        model.set_grad_checkpointing(enable)
+        return
+    model.visual.set_grad_checkpointing(enable)
+    hf = text.transformer
+    if hasattr(hf, "activation_checkpointing_enable"):  # transformers >= 5
+        hf.activation_checkpointing_enable() if enable else hf.activation_checkpointing_disable()
+    else:
+        hf.gradient_checkpointing_enable() if enable else hf.gradient_checkpointing_disable()
+
+
+def is_grad_checkpointing(model) -> bool:
+    """Whether the text tower checkpoints activations (HF towers through their current API)."""
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "config"):
+        hf = text.transformer
+        if hasattr(type(hf), "is_activation_checkpointing"):  # transformers >= 5
+            return bool(hf.is_activation_checkpointing)
+        return bool(hf.is_gradient_checkpointing)
+    tower = text if text is not None else model
+    return bool(tower.transformer.grad_checkpointing)
 
 
 def project_patches(model, tokens: torch.Tensor) -> torch.Tensor:

@@ -1,14 +1,18 @@
 """Atomic, rotating training checkpoints that `medclip.load` and `--resume latest` read back.
 
 A checkpoint is one `.pt` file readable with ``weights_only=True``: tensors, numbers, strings and
-containers only (numpy RNG state is stored as a tensor for that reason).
+containers only (numpy RNG state is stored as a tensor for that reason). Each records whether its
+weights are finite (``"finite"``), and ``--resume latest`` never picks a non-finite one. Which checkpoint
+is good to go back to is decided by the trainer (the step after it must be finite, see ``rotate``).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +21,11 @@ import torch
 from medclip.errors import MedclipError
 from medclip.models.loading import read_weights_file
 
+log = logging.getLogger(__name__)
+
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+TEMP_RE = re.compile(r"^\.step_\d+\.pt\.tmp-(\d+)$")  # save_atomic's partial file: .step_N.pt.tmp-PID
+DISK_MARGIN = 1.05  # pickle records and zip headers on top of the tensor bytes
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -32,23 +40,71 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def is_finite_checkpoint(path: Path) -> bool:
+    """The checkpoint's own record (read lazily: mmap, no tensor data); files from before the record: True."""
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return bool(obj.get("finite", True)) if isinstance(obj, dict) else True
+
+
+def latest_finite(output_dir: str | Path) -> Path | None:
+    for path in reversed(list_checkpoints(output_dir)):
+        if is_finite_checkpoint(path):
+            return path
+    return None
+
+
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'latest' -> newest complete checkpoint in output_dir (None if there is none yet); else a path."""
+    """'latest' -> newest checkpoint with finite weights in output_dir (None if there is none); else a path."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        path = latest_finite(output_dir)
+        if found and path != found[-1]:
+            log.warning("skipping checkpoints with non-finite weights after %s", path)
+        if found and path is None:
+            raise MedclipError(f"--resume latest: every checkpoint in {checkpoint_dir(output_dir)} has non-finite "
+                               f"weights; start again without --resume")
+        return path
     path = Path(resume)
     if not path.is_file():
         raise MedclipError(f"--resume: checkpoint not found: {path}")
     return path
 
 
+def all_finite(*state_dicts: dict | None) -> bool:
+    """True when every floating-point tensor of the state dicts is finite (one host sync)."""
+    flags = [torch.isfinite(t).all() for sd in state_dicts if sd for t in sd.values()
+             if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of all tensors in a nested checkpoint object: what its file needs, give or take the headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n: float) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
 def save_atomic(obj: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target.
 
-    A crash at any point leaves either the old file set or the new one, never a truncated file.
+    A crash at any point leaves either the old file set or the new one, never a truncated file. A full
+    disk (or any failed write) is one MedclipError that says how much space a checkpoint needs; the
+    previous checkpoints are untouched and the partial file is removed.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
+    need = int(tensor_bytes(obj) * DISK_MARGIN)
+    free = shutil.disk_usage(path.parent).free
+    if free < need:
+        raise MedclipError(f"not enough disk space for checkpoint {path}: it needs about {_size(need)}, "
+                           f"{path.parent} has {_size(free)} free (free some space, or lower run.keep_checkpoints)")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
@@ -56,14 +112,61 @@ def save_atomic(obj: dict, path: Path) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports a failed write as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the write failed"
+        raise MedclipError(f"could not write checkpoint {path} ({reason}): a checkpoint needs about {_size(need)}, "
+                           f"{path.parent} has {_size(free)} free; earlier checkpoints are intact") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
 
 
-def rotate(output_dir: str | Path, keep: int) -> None:
-    for old in list_checkpoints(output_dir)[:-keep]:
-        old.unlink(missing_ok=True)
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Partial files of writers that no longer run (a killed run's `.step_N.pt.tmp-PID`)."""
+    folder = checkpoint_dir(output_dir)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else ():
+        m = TEMP_RE.match(path.name)
+        if m and not _process_alive(int(m.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d partial checkpoint file(s) of an interrupted run in %s", len(removed), folder)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # not writing yet: a leftover of an earlier process with our id
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def rotate(output_dir: str | Path, keep: int, protect: Path | None = None) -> None:
+    """Keep the newest ``keep`` checkpoints, and ``protect`` (the newest one proven good) even when older."""
+    found = list_checkpoints(output_dir)
+    for old in found[:-keep]:
+        if protect is None or old.resolve() != Path(protect).resolve():
+            old.unlink(missing_ok=True)
+
+
+def set_aside(output_dir: str | Path, from_step: int) -> list[Path]:
+    """Rename checkpoints of ``from_step`` and later to `step_N.diverged.pt`: their weights lead to non-finite
+    steps, so `--resume latest` must not pick them (kept, not deleted, for inspection)."""
+    moved = []
+    for path in list_checkpoints(output_dir):
+        if int(CHECKPOINT_RE.match(path.name).group(1)) >= from_step:
+            target = path.with_name(path.name.replace(".pt", ".diverged.pt"))
+            path.rename(target)
+            moved.append(target)
+    return moved
 
 
 def rng_state() -> dict:
@@ -93,3 +196,41 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
         raise MedclipError(f"{path} is not a medclip training checkpoint (no model/step)")
     return obj
+
+
+class CheckpointKeeper:
+    """Which of the run's checkpoints to keep, and which one is good to go back to (rank 0's files).
+
+    A checkpoint is proven good when the step after it is finite: its weights train on. Older
+    checkpoints are rotated away only then, so a checkpoint whose weights lead to divergence (finite
+    but ruined by a huge update, or non-finite) never costs the last good one.
+    """
+
+    def __init__(self, output_dir: Path, keep: int, is_main: bool):
+        self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
+        self.pending: tuple[int, Path] | None = None  # written (or resumed from), not yet proven
+        self.good: Path | None = None
+
+    def written(self, step: int, path: Path) -> None:
+        self.pending = (step, path)
+
+    def after_step(self, step: int, finite: bool) -> None:
+        if self.pending is None or step != self.pending[0] + 1:
+            return
+        if finite:
+            self.good = self.pending[1]
+            if self.is_main:
+                rotate(self.output_dir, self.keep, protect=self.good)
+        self.pending = None
+
+    def finish(self) -> None:
+        """After the final checkpoint: the newest ``keep`` stay, and the last proven-good one."""
+        if self.is_main:
+            rotate(self.output_dir, self.keep, protect=self.good)
+
+    def diverged(self, first_bad_step: int) -> Path | None:
+        """Set aside the checkpoints the bad steps started from; the newest finite one left (rank 0)."""
+        if not self.is_main:
+            return None
+        set_aside(self.output_dir, from_step=first_bad_step - 1)
+        return latest_finite(self.output_dir)

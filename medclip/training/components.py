@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -33,30 +34,73 @@ class TrainModule(nn.Module):
     def forward(self, batch: dict, step: int) -> dict:
         features = self.objective.forward_features(self.model, self.heads, batch, step)
         # A plain dict of tensors: DDP and FSDP look for tensors in the outputs they return.
-        return {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
+        out = {f.name: getattr(features, f.name) for f in dataclasses.fields(features)}
+        # The loss's scale/bias parameters leave forward as outputs too, as open_clip's CLIP.forward returns
+        # logit_scale: DDP with find_unused_parameters counts as used only what forward's outputs reach.
+        for owner, module in (("model", self.model), ("heads", self.heads)):
+            for name in SCALE_PARAMS:
+                if getattr(module, name, None) is not None:
+                    out[f"{owner}.{name}"] = getattr(module, name).view_as(getattr(module, name))
+        return out
 
     def losses(self, features: dict, step: int, live_scales: bool = True) -> dict:
         model, heads = self.model, self.heads
-        if not live_scales:  # this micro-batch must not add to the scale/bias gradients again
-            model = SimpleNamespace(logit_scale=model.logit_scale.detach(),
-                                    logit_bias=_detached(getattr(model, "logit_bias", None)))
-            if heads is not None:
-                heads = SimpleNamespace(logit_scale=heads.logit_scale.detach(),
-                                        logit_bias=heads.logit_bias.detach(), config=heads.config)
-        return self.objective.losses(Features(**features), step, model, heads)
+        scales = {k: features[f"{owner}.{k}"] for owner in ("model", "heads") for k in SCALE_PARAMS
+                  if f"{owner}.{k}" in features}
+        if scales or not live_scales:  # not live: this micro-batch must not add to the scale/bias gradients again
+            model, heads = self._scale_views(features, live_scales)
+        return self.objective.losses(Features(**_feature_fields(features)), step, model, heads)
+
+    def _scale_views(self, features: dict, live: bool):
+        """Stand-ins for model and heads holding the scale/bias tensors the loss should use."""
+        def pick(owner: str, module, name: str):
+            value = features.get(f"{owner}.{name}", getattr(module, name, None))
+            return value if value is None or live else value.detach()
+
+        model = SimpleNamespace(logit_scale=pick("model", self.model, "logit_scale"),
+                                logit_bias=pick("model", self.model, "logit_bias"))
+        heads = None
+        if self.heads is not None:
+            heads = SimpleNamespace(logit_scale=pick("heads", self.heads, "logit_scale"),
+                                    logit_bias=pick("heads", self.heads, "logit_bias"), config=self.heads.config)
+        return model, heads
 
     @staticmethod
     def merge_features(cached: list[dict], live_index: int, live: dict) -> dict:
-        parts = [Features(**(live if i == live_index else c)) for i, c in enumerate(cached)]
+        """The whole batch's features, part ``live_index`` live; the scales are the live forward's."""
+        parts = [Features(**_feature_fields(live if i == live_index else c)) for i, c in enumerate(cached)]
         merged = concat_features(parts)
-        return {f.name: getattr(merged, f.name) for f in dataclasses.fields(merged)}
+        scales = {k: v for k, v in live.items() if k not in _feature_fields(live)}
+        return {**{f.name: getattr(merged, f.name) for f in dataclasses.fields(merged)}, **scales}
 
     def clamp_scales(self, max_log_scale: float) -> None:
         clamp_logit_scales_(self.model, self.heads, max_log_scale=max_log_scale)
 
 
-def _detached(t):
-    return t.detach() if t is not None else None
+SCALE_PARAMS = ("logit_scale", "logit_bias")
+
+
+def _feature_fields(features: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(Features)}
+    return {k: v for k, v in features.items() if k in names}
+
+
+class RandomState:
+    """The RNG state a forward draws its dropout masks from (CPU, and the CUDA device in use)."""
+
+    def __init__(self, device: torch.device):
+        self.devices = [device] if device.type == "cuda" else []
+        self.cpu = torch.get_rng_state()
+        self.cuda = [torch.cuda.get_rng_state(d) for d in self.devices]
+
+    @contextlib.contextmanager
+    def replayed(self):
+        """Draw again what was drawn from this state; the RNG continues afterwards as if nothing was drawn."""
+        with torch.random.fork_rng(devices=self.devices):
+            torch.set_rng_state(self.cpu)
+            for device, state in zip(self.devices, self.cuda):
+                torch.cuda.set_rng_state(state, device)
+            yield
 
 
 def split_batch(batch: dict, parts: int) -> list[dict]:
@@ -126,6 +170,7 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path)
                               seed=recipe.run.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=recipe.data.num_workers, shuffle_buffer=recipe.data.shuffle_buffer,
                               first_caption_share=recipe.data.first_caption_share,
+                              epoch_samples=recipe.data.epoch_samples, allow_pipe=recipe.data.allow_pipe,
                               concept_name_length=CONCEPT_NAME_TOKENS if recipe.objective.use_concept_names else 0,
                               drop_last=True)  # ranks must hold equal batches for the gathered losses
 

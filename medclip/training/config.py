@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import resources
 from medclip.data.stream import check_first_caption_share
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
@@ -53,6 +55,10 @@ class DataConfig:
     augment: bool = True
     # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
     first_caption_share: float | None = None
+    # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).
+    epoch_samples: int | None = None
+    # Let manifests run the shell commands of their pipe: URLs (only for manifests you trust; --allow-pipe).
+    allow_pipe: bool = False
 
 
 @dataclass
@@ -93,6 +99,9 @@ class RunConfig:
     wandb_project: str = "medclip"
     progress: bool = True
     deterministic: bool = False
+    # Divergence guard: a step whose loss or gradients are not finite is skipped (no update); after this
+    # many such steps in a row the run stops, naming the last checkpoint with finite weights.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -119,8 +128,12 @@ CHOICES = {
     "run.device": ("auto", "cpu", "cuda"),
     "run.strategy": ("ddp", "fsdp"),
 }
-POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every", "optim.lr", "run.keep_checkpoints", "run.checkpoint_every")
-NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr")
+POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every", "optim.lr", "optim.eps",
+            "run.keep_checkpoints", "run.checkpoint_every", "run.max_nonfinite_steps", "eval.batch_size")
+NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr",
+                "data.shuffle_buffer", "data.demo_train_samples", "data.demo_val_samples", "objective.pc_weight",
+                "objective.pc_start_step", "optim.grad_clip")  # grad_clip 0 or null: no clipping
+UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # Adam's betas: [0, 1)
 
 
 def _is_optional(tp) -> bool:
@@ -159,7 +172,7 @@ def _coerce(value, tp, where: str):
             if tp is int and number != int(number):
                 raise ValueError
             return tp(int(number)) if tp is int else number
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # int(inf) overflows, int(nan) is a ValueError
             raise MedclipError(f"recipe key {where}: expected {tp.__name__}, got {value!r}") from None
     if tp is str:
         if not isinstance(value, (str, int, float)):
@@ -192,36 +205,95 @@ def _set_path(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def _flat_values(recipe: Recipe) -> dict:
+    return {f"{section.name}.{f.name}": getattr(getattr(recipe, section.name), f.name)
+            for section in dataclasses.fields(recipe) for f in dataclasses.fields(getattr(recipe, section.name))}
+
+
+def _non_finite(value, where: str):
+    """The first float anywhere in ``value`` (nested dataclasses and lists) that is NaN or infinite."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where, value
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            if found := _non_finite(getattr(value, f.name), f"{where}.{f.name}" if where else f.name):
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if found := _non_finite(item, f"{where}[{i}]"):
+                return found
+    return None
+
+
 def validate(recipe: Recipe) -> Recipe:
-    flat = {}
-    for section in dataclasses.fields(recipe):
-        for f in dataclasses.fields(getattr(recipe, section.name)):
-            flat[f"{section.name}.{f.name}"] = getattr(getattr(recipe, section.name), f.name)
+    """Names and ranges of every value, before anything is built (a NaN passes every `x < 0` test)."""
+    if found := _non_finite(recipe, ""):
+        raise MedclipError(f"recipe key {found[0]} must be a finite number, got {found[1]!r}")
+    flat = _flat_values(recipe)
     for key, allowed in CHOICES.items():
         if flat[key] not in allowed:
             raise MedclipError(f"recipe key {key}: {flat[key]!r} is not one of {', '.join(allowed)}")
     for key in POSITIVE:
-        if not flat[key] > 0:
+        if flat[key] is not None and not flat[key] > 0:
             raise MedclipError(f"recipe key {key} must be positive, got {flat[key]!r}")
     for key in NON_NEGATIVE:
-        if flat[key] < 0:
+        if flat[key] is not None and flat[key] < 0:
             raise MedclipError(f"recipe key {key} must not be negative, got {flat[key]!r}")
+    for key in UNIT_INTERVAL:
+        if not 0 <= flat[key] < 1:
+            raise MedclipError(f"recipe key {key} must be in [0, 1), got {flat[key]!r}")
+    if recipe.optim.min_lr > recipe.optim.lr:
+        raise MedclipError(f"recipe key optim.min_lr ({recipe.optim.min_lr}) is above optim.lr ({recipe.optim.lr})")
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
+    if recipe.data.epoch_samples is not None and recipe.data.epoch_samples < 1:
+        raise MedclipError(f"recipe key data.epoch_samples must be positive (or null), got {recipe.data.epoch_samples}")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")
     return recipe
 
 
+def _field_type(dotted: str):
+    """The declared type of a recipe key such as 'eval.root' (None when the path is not a plain field)."""
+    cls = Recipe
+    for part in dotted.split("."):
+        if not (dataclasses.is_dataclass(cls) and part in {f.name for f in dataclasses.fields(cls)}):
+            return None
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def parse_override(item: str) -> tuple[str, object]:
+    """`key=value` from the command line: the value is YAML, except that a string key takes text as it is
+    (so `eval.root={output_dir}/data` is a path, not a broken YAML mapping)."""
+    if "=" not in item:
+        raise MedclipError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not raw.strip():
+        return key, None
+    if raw.lstrip().startswith("!"):
+        raise MedclipError(f"--set {key}: YAML tags such as {raw.split()[0]!r} are not accepted; give a plain value")
+    text_key = _field_type(key) in (str, str | None)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        if text_key:
+            return key, raw
+        reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise MedclipError(f"--set {key}: {raw!r} is not a valid value ({reason})") from None
+    if text_key and value is not None and not isinstance(value, str):
+        return key, raw
+    return key, value
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (or start from defaults) and apply `key.sub=value` overrides."""
     values: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MedclipError(f"recipe not found: {path}")
+        path = resources.resolve("recipes", path)  # a shipped recipe's name works too
         try:
             values = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
@@ -229,8 +301,5 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not isinstance(values, dict):
             raise MedclipError(f"recipe {path} must be a mapping of sections")
     for item in overrides or []:
-        if "=" not in item:
-            raise MedclipError(f"--set expects key=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        _set_path(values, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        _set_path(values, *parse_override(item))
     return validate(_build(Recipe, values))

@@ -122,6 +122,16 @@ def gather_objects(obj) -> list:
     return out
 
 
+def broadcast_from_main(obj):
+    """Rank 0's ``obj`` on every rank (and a barrier): how rank 0 tells the others that its write or its
+    evaluation failed, so that all stop with the same message instead of waiting at a barrier forever."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -1,4 +1,4 @@
-"""AdamW with CLIP's decay rule, warmup + cosine schedule, tower freezing."""
+"""AdamW with CLIP's decay rule, warmup + cosine schedule, tower freezing, gradient norm, divergence guard."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from medclip.errors import MedclipError
 from medclip.training.config import ModelConfig, OptimConfig
 
 
@@ -46,9 +47,73 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
+def apply_recipe_settings(optimizer, scheduler, cfg: OptimConfig) -> dict:
+    """After a checkpoint's optimiser and scheduler state is loaded: the recipe's lr, betas, eps and weight
+    decay apply from here on (as open_clip's resume, whose schedule follows its --lr). Without this, a
+    resumed run silently kept the old values, e.g. a smaller optim.lr given to continue a diverged run.
+    Returns the settings that changed, {name: (old, new)}."""
+    new = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+    decay_group = optimizer.param_groups[0]
+    old = {"lr": scheduler.base_lrs[0], "betas": tuple(decay_group["betas"]), "eps": decay_group["eps"],
+           "weight_decay": decay_group["weight_decay"]}
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, weight_decay in zip(optimizer.param_groups, (cfg.weight_decay, 0.0)):
+        group.update(betas=new["betas"], eps=cfg.eps, weight_decay=weight_decay, initial_lr=cfg.lr, lr=cfg.lr * factor)
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    return {k: (old[k], new[k]) for k in new if old[k] != new[k]}
+
+
 def apply_freezing(model, cfg: ModelConfig) -> None:
     """open_clip's own locking: all but the last N groups/layers of a tower stop training."""
     if cfg.freeze_image:
         model.lock_image_tower(unlocked_groups=cfg.unlocked_image_layers)
     if cfg.freeze_text:
         model.lock_text_tower(unlocked_layers=cfg.unlocked_text_layers)
+
+
+def grad_norm(parameters, max_norm: float | None = None) -> torch.Tensor:
+    """Global 2-norm of the gradients (fused per-tensor norms, no host sync), clipped to max_norm if given.
+
+    Under FSDP2 the per-shard norms are DTensors; ``full_tensor`` reduces them to the global norm, the
+    same on every rank (as torchtitan does), so the clip and the divergence check agree across ranks.
+    """
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
+
+
+class Diverged(MedclipError):
+    """Too many steps in a row had a non-finite loss or non-finite gradients."""
+
+
+class DivergenceGuard:
+    """Counts the steps skipped for a non-finite loss or gradients, and how many of them in a row."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.skipped = 0  # over the whole run (restored on resume)
+        self.in_a_row = 0
+        self.first_bad_step: int | None = None
+
+    def record(self, step: int, finite: bool) -> None:
+        if finite:
+            self.in_a_row, self.first_bad_step = 0, None
+            return
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.first_bad_step is None:
+            self.first_bad_step = step
+
+    @property
+    def diverged(self) -> bool:
+        return self.in_a_row >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))

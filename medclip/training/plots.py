@@ -48,7 +48,7 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict) -> str
     lines = [f"steps: {train[-1]['step'] if train else 0}, wall time: {wall_seconds / 60:.1f} min"]
     if train:
         first, last = train[0], train[-1]
-        lines.append(f"loss: {first['loss']:.4f} -> {last['loss']:.4f}")
+        lines.append(f"loss: {_number(first['loss'])} -> {_number(last['loss'])}")
         if "samples_per_s" in last:
             lines.append(f"throughput: {last['samples_per_s']:.1f} samples/s")
     if evals:
@@ -57,3 +57,8 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict) -> str
                 lines.append(f"{key[len('eval/'):]}: {value:.4f}")
     lines.append("skipped samples: " + (", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"))
     return "\n".join(lines) + "\n"
+
+
+def _number(value) -> str:
+    """A logged number; non-finite ones are logged as the strings 'nan' / 'inf' (JSON has no NaN)."""
+    return f"{value:.4f}" if isinstance(value, (int, float)) else str(value)

@@ -2,11 +2,17 @@
 
 For collections small enough to convert at the start of a run (such as ../shared/data), a recipe can
 list them under ``data.build`` instead of pre-built manifests. Each entry is built once, by rank 0,
-into ``output_dir/shards/NAME``; a later run (or a resume) reuses the shards when their summary exists.
+into ``output_dir/shards/NAME``. The build summary records the entry's key: the settings that shape the
+shards (input, caption fields, label captions, vocabularies, max side) and the size and modification
+time of the input table and vocabulary files. A later run (or a resume) reuses the shards only under the
+same key; otherwise it says what changed and builds them again. Images the table points to are not part
+of the key (edit the table, or delete the folder, to rebuild after replacing images in place).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -66,22 +72,101 @@ def _annotator(vocab_paths: list[str]):
     return ConceptAnnotator(load_vocabularies(vocab_paths))
 
 
+def _file_stamps(paths: list[str]) -> dict[str, list[int]]:
+    """[size, mtime_ns] of each file (every file under a folder), by absolute path."""
+    stamps = {}
+    for path in map(Path, paths):
+        files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+        for f in files:
+            if f.exists():
+                stat = f.stat()
+                stamps[str(f.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def build_key(spec: BuildSpec) -> dict:
+    """What the shards of ``spec`` depend on, with a digest of it (``weight`` and ``processes`` do not)."""
+    settings = {"input": str(Path(spec.input).resolve()), "caption_fields": list(spec.caption_fields),
+                "label_captions": list(spec.label_captions), "vocab": [str(Path(v).resolve()) for v in spec.vocab],
+                "max_side": spec.max_side}
+    files = _file_stamps([spec.input, *spec.vocab])
+    digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True).encode()).hexdigest()
+    return {"digest": digest, "settings": settings, "files": files}
+
+
+def _stale_reason(stored: dict | None, key: dict) -> str | None:
+    """Why shards built under ``stored`` do not fit ``key`` (None when they do)."""
+    if not stored:
+        return "its summary has no build key (built by an older medclip or by hand)"
+    if stored.get("digest") == key["digest"]:
+        return None
+    before, now = stored.get("settings", {}), key["settings"]
+    changed = [name for name in now if before.get(name) != now[name]]
+    if changed:
+        return "setting(s) changed: " + ", ".join(f"{n} {before.get(n)!r} -> {now[n]!r}" for n in changed)
+    files_before = stored.get("files", {})
+    touched = sorted(set(files_before) ^ set(key["files"])
+                     | {f for f in key["files"] if files_before.get(f) != key["files"][f]})
+    return "input file(s) changed since the build: " + ", ".join(touched)
+
+
+def _remove_build(folder: Path, name: str) -> None:
+    """The manifest first (its presence means "complete"), then the summary and shards of ``name``."""
+    (folder / f"{name}.yaml").unlink(missing_ok=True)
+    for path in [*folder.glob(f"{name}-summary*.json"), *folder.glob(f"{name}-*.tar")]:
+        path.unlink()
+
+
+def _reusable(spec: BuildSpec, folder: Path, key: dict) -> bool:
+    from medclip.data.shards import read_summary
+
+    manifest, summary = folder / f"{spec.name}.yaml", folder / f"{spec.name}-summary.json"
+    if not manifest.is_file():
+        return False
+    stored = read_summary(summary).get("build_key") if summary.is_file() else None
+    reason = _stale_reason(stored, key)
+    if reason is None:
+        return True
+    log.info("rebuilding the shards of %s in %s: %s", spec.name, folder, reason)
+    return False
+
+
+def _reweighted(manifest_path: Path, weight: float) -> Path:
+    """The reused manifest, rewritten when only the source's sampling weight changed."""
+    import yaml
+
+    from medclip.data.manifest import write_manifest
+
+    fields = yaml.safe_load(manifest_path.read_text())
+    if fields.get("weight") != weight:
+        log.info("%s: sampling weight %s -> %s", manifest_path, fields.get("weight"), weight)
+        write_manifest(manifest_path, **{**fields, "weight": weight})
+    return manifest_path
+
+
 def build_source(spec: BuildSpec, out_root: Path) -> Path:
-    """Build (or reuse) the shards of one spec; returns its manifest path."""
+    """Build the shards of one spec, or reuse them if built under the same key; returns its manifest path."""
     from medclip.data.builder import BuildConfig, build_shards
     from medclip.data.manifest import write_manifest
+    from medclip.data.shards import read_summary, write_summary
 
     if not Path(spec.input).is_file():
         raise MedclipError(f"data.build {spec.name}: input not found: {spec.input}")
     folder = out_root / spec.name
     manifest = folder / f"{spec.name}.yaml"
-    if manifest.is_file():
-        return manifest
+    key = build_key(spec)
+    if _reusable(spec, folder, key):
+        return _reweighted(manifest, spec.weight)
+    if folder.is_dir():
+        _remove_build(folder, spec.name)
     log.info("building shards for %s from %s", spec.name, spec.input)
     report = build_shards(_records(spec, _annotator(spec.vocab)),
                           BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes))
     if report.samples == 0:
         raise MedclipError(f"data.build {spec.name}: no usable sample in {spec.input} (skipped: {report.skipped})")
+    summary = read_summary(report.summary_path)
+    extra = {k: v for k, v in summary.items() if k not in ("format", "samples", "shards")}
+    write_summary(report.summary_path, report.shards, **{**extra, "build_key": key})
     # The manifest appears only once the shards are complete: its presence means "reuse".
     return write_manifest(
         manifest, name=spec.name, urls=[str(folder.resolve() / s.name) for s in report.shards],

@@ -1,4 +1,9 @@
-"""The pretraining loop: one object that owns model, heads, optimiser, data stream and feedback."""
+"""The pretraining loop: one object that owns model, heads, optimiser, data stream and feedback.
+
+``Pretrainer.run`` is the whole run: train to ``run.steps`` (logging, checkpoints and evaluation on
+their schedules), then the final checkpoint, the export, the final evaluation and the report (curves
+and summary). Each of those is one method below.
+"""
 
 from __future__ import annotations
 
@@ -28,8 +33,10 @@ from medclip.models.loading import (
     with_text_dir,
 )
 from medclip.training import checkpoint as ckpt
+from medclip.training import preflight
 from medclip.training.attention import set_attention_backend
 from medclip.training.components import (
+    RandomState,
     TrainModule,
     batches_forever,
     build_data,
@@ -40,17 +47,24 @@ from medclip.training.components import (
 from medclip.training.config import Recipe
 from medclip.training.distributed import (
     all_reduce_mean,
-    barrier,
+    broadcast_from_main,
     detect_env,
-    gather_objects,
     init_distributed,
     pick_device,
     wrap_model,
 )
-from medclip.training.flops import device_peak_tflops, train_flops_per_sample
+from medclip.training.flops import TrainFlops, device_peak_tflops
 from medclip.training.monitor import Monitor, read_log
-from medclip.training.optim import apply_freezing, build_optimizer, build_scheduler
+from medclip.training.optim import (
+    Diverged,
+    DivergenceGuard,
+    apply_freezing,
+    build_optimizer,
+    build_scheduler,
+    grad_norm,
+)
 from medclip.training.plots import plot_curves, summary_text
+from medclip.training.state import TrainerCheckpoints
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +78,31 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class Pretrainer:
+class EvaluationFailed(MedclipError):
+    """An evaluation raised; the run's checkpoint and export are already written."""
+
+
+class Pretrainer(TrainerCheckpoints):
     def __init__(self, recipe: Recipe, resume: str | None = None, data=None):
         self.recipe = recipe
         self.env = detect_env()
         self.device = pick_device(recipe.run.device, self.env)
         init_distributed(self.env, self.device)
+        preflight.check(recipe, is_main=self.env.is_main)  # names, data, packages, disk: before anything is built
         if recipe.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(recipe.run.seed)  # same init on every rank; DDP also broadcasts it
         self.output_dir = recipe.output_dir
-        if self.env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+        self._prepare_output_dir()
+        # Start-of-run checks of everything the run will need go here, before anything is built.
 
         self.model_cfg, self.model = self._build_model()
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
         name_pad = pad_token_id(build_tokenizer(self.model_cfg)) if recipe.objective.use_concept_names else None
         self.module = TrainModule(self.model, self.heads, recipe.objective, name_pad).to(self.device)
+        # MFU needs the device's peak; the FLOPs are counted on a copy taken before DDP/FSDP wrap the module.
+        self.peak_tflops = device_peak_tflops(self.device)
+        self.flops = TrainFlops(self.module, self._autocast) if self.peak_tflops else None
         self.wrapped = wrap_model(self.module, recipe.run.strategy, self.env, self.device,
                                   find_unused=recipe.objective.pc_start_step > 0 and self.heads is not None)
         sharded = recipe.run.strategy == "fsdp" and self.env.distributed
@@ -92,9 +113,13 @@ class Pretrainer:
             self.wrapped = torch.compile(self.wrapped)
 
         self.step = 0
+        self.guard = DivergenceGuard(recipe.run.max_nonfinite_steps)
+        self.checkpoints = ckpt.CheckpointKeeper(self.output_dir, recipe.run.keep_checkpoints, self.env.is_main)
         # `data` may be injected (tests): any iterable of batches with state_dict/load_state_dict/skip_counts.
         self.data = data if data is not None else build_data(recipe, self.model, self.model_cfg, self.env,
                                                              self.output_dir)
+        if data is None:
+            preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
         resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
         if resume_path is not None:
             self._restore(resume_path)
@@ -104,6 +129,12 @@ class Pretrainer:
             self.module.objective.init_parameters(self.model)  # objective.sigmoid_init, fresh runs only
 
     # ------------------------------------------------------------------ setup
+    def _prepare_output_dir(self) -> None:
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+            ckpt.remove_stale_temporaries(self.output_dir)
+
     def _build_model(self):
         mc = self.recipe.model
         cfg = with_text_dir(resolve_config(mc.name), mc.hf_text_dir)
@@ -117,7 +148,7 @@ class Pretrainer:
                          source=mc.checkpoint)
         set_attention_backend(model, mc.attention)
         if mc.grad_checkpointing:
-            model.set_grad_checkpointing(True)  # HF towers: their own gradient_checkpointing_enable
+            towers.set_grad_checkpointing(model)  # HF towers through transformers' current API
         apply_freezing(model, mc)
         return cfg, model.train()
 
@@ -136,190 +167,181 @@ class Pretrainer:
     def train_step(self, batch: dict) -> dict:
         """Forward, backward and update for one global-batch step; returns detached loss terms."""
         losses = self.backward(batch)
-        self.update()
+        self.update(losses["total"])
         return losses
+
+    def _device_batch(self, batch: dict) -> dict:
+        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+                 for k, v in batch.items()}
+        return normalize_batch(batch, self.data)  # uint8 images from the loader -> float, on the device
+
+    def _phase_step(self) -> int:
+        """The step as the forward sees it: only whether PC-Align is on yet depends on it, so two values
+        suffice (a new Python int every step would make torch.compile recompile the module)."""
+        start = self.recipe.objective.pc_start_step
+        return start if self.step >= start else 0
 
     def backward(self, batch: dict) -> dict:
         """Gradients of one step's batch (accumulated over micro-batches when accum_steps > 1)."""
-        batch = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-                 for k, v in batch.items()}
-        batch = normalize_batch(batch, self.data)  # uint8 images from the loader -> float, on the device
+        batch = self._device_batch(batch)
         self.optimizer.zero_grad(set_to_none=True)
         parts = split_batch(batch, self.recipe.optim.accum_steps)
         if len(parts) == 1:
+            step = self._phase_step()
             with self._autocast():
-                features = self.wrapped(parts[0], self.step)
-                losses = self.module.losses(features, self.step)
+                features = self.wrapped(parts[0], step)
+                losses = self.module.losses(features, step)
             self.scaler.scale(losses["total"]).backward()
         else:
             losses = self._accumulated_backward(parts)
         # Each rank's loss covers its own rows; their mean is the global batch's loss.
         return {k: all_reduce_mean(v.detach().float()) for k, v in losses.items()}
 
-    def update(self) -> None:
-        if self.recipe.optim.grad_clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.recipe.optim.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
-        self.module.clamp_scales(self.recipe.optim.logit_scale_max)
-        self.step += 1
-
     def _accumulated_backward(self, parts: list[dict]) -> dict:
         """Contrastive batch kept whole: cache all features without grad, then re-forward each part.
 
         Part j's backward uses the live features of part j and the cached ones of the others; summed
-        over j this is the full batch's gradient. Scale/bias parameters enter every part's loss, so
-        they are live only in the first part (else their gradient would count k times).
+        over j this is the full batch's gradient. The re-forward replays the RNG state of part j's
+        cached forward, so dropout draws the same masks and the live features equal the cached ones
+        (as GradCache does). Scale/bias parameters enter every part's loss, so they are live only in
+        the last part (else their gradient would count k times): under DDP that is the part whose
+        backward synchronises, which must reach every parameter. Every part's loss is the loss of the
+        whole batch, so the first part's terms are the step's loss.
         """
+        step = self._phase_step()
+        states, cached = [], []
         with torch.no_grad(), self._autocast():
-            cached = [self.wrapped(p, self.step) for p in parts]
-        losses = None
+            for part in parts:
+                states.append(RandomState(self.device))
+                cached.append(self.wrapped(part, step))
+        step_losses = None
         for j, part in enumerate(parts):
-            sync = j == len(parts) - 1 or not hasattr(self.wrapped, "no_sync")
+            last = j == len(parts) - 1
+            sync = last or not hasattr(self.wrapped, "no_sync")
             with (contextlib.nullcontext() if sync else self.wrapped.no_sync()), self._autocast():
-                live = self.wrapped(part, self.step)
+                with states[j].replayed():
+                    live = self.wrapped(part, step)
                 features = self.module.merge_features(cached, j, live)
-                step_losses = self.module.losses(features, self.step, live_scales=j == 0)
-                self.scaler.scale(step_losses["total"]).backward()
-            losses = losses or step_losses
-        return losses
+                losses = self.module.losses(features, step, live_scales=last)
+                self.scaler.scale(losses["total"]).backward()
+            if j == 0:
+                step_losses = losses
+        return step_losses
 
-    # ------------------------------------------------------------------ checkpoints
-    def _state_dicts(self) -> tuple[dict, dict | None, dict]:
-        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    def update(self, loss: torch.Tensor) -> bool:
+        """Apply the step's gradients, unless the loss or the gradients are not finite (then skip and count).
 
-            full, optim = get_state_dict(self.module, self.optimizer,
-                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            full, optim = self.module.state_dict(), self.optimizer.state_dict()
-        # Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars.
-        full = {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
-                for k, v in full.items()}
-        model = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
-        heads = {k[len("heads."):]: v for k, v in full.items() if k.startswith("heads.")} or None
-        return model, heads, optim
-
-    def save_checkpoint(self) -> Path | None:
-        model, heads, optim = self._state_dicts()
-        data_states = gather_objects(self.data.state_dict())
-        rngs = gather_objects(ckpt.rng_state())
-        path = ckpt.checkpoint_dir(self.output_dir) / f"step_{self.step}.pt"
-        if self.env.is_main:
-            obj = {
-                "step": self.step,
-                "model": model,
-                "model_cfg": self.model_cfg,
-                "optimizer": optim,
-                "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "data": data_states,
-                "rng": rngs,
-                "world_size": self.env.world_size,
-                "recipe": self.recipe.to_dict(),
-            }
-            if heads is not None:
-                obj["heads"], obj["heads_config"] = heads, self.heads.config.to_dict()
-            ckpt.save_atomic(obj, path)
-            ckpt.rotate(self.output_dir, self.recipe.run.keep_checkpoints)
-        barrier()
-        return path if self.env.is_main else None
-
-    def _restore(self, path: Path) -> None:
-        obj = ckpt.read_checkpoint(path)
-        if obj.get("world_size", 1) != self.env.world_size:
-            raise MedclipError(f"{path} was written by {obj.get('world_size')} processes; resuming with "
-                               f"{self.env.world_size} would change the data order (use the same world size)")
-        full = {f"model.{k}": v for k, v in obj["model"].items()}
-        if self.heads is not None:
-            if "heads" not in obj:
-                raise MedclipError(f"{path} has no PC-Align heads, but this recipe trains PC-Align")
-            full.update({f"heads.{k}": v for k, v in obj["heads"].items()})
-        shapes = {k: p.shape for k, p in self.module.named_parameters()}
-        full = {k: v.reshape(shapes[k]) if k in shapes and v.shape != shapes[k] and v.numel() == 1 else v
-                for k, v in full.items()}
-        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-            set_state_dict(self.module, self.optimizer, model_state_dict=full, optim_state_dict=obj["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
-        else:
-            self.module.load_state_dict(full)
-            self.optimizer.load_state_dict(obj["optimizer"])
-        self.scheduler.load_state_dict(obj["scheduler"])
-        self.scaler.load_state_dict(obj["scaler"])
-        self.data.load_state_dict(obj["data"][self.env.rank])
-        ckpt.set_rng_state(obj["rng"][self.env.rank])
-        self.step = int(obj["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+        One host sync per step: the finiteness of the loss and of the global gradient norm. With fp16
+        (`amp`), overflowing gradients under a finite loss are the grad scaler's business as usual (it
+        skips the update and lowers the scale); they do not count towards divergence.
+        """
+        self.scaler.unscale_(self.optimizer)  # no-op without fp16; with it, true gradients for the norm
+        norm = grad_norm(self.module.parameters(), self.recipe.optim.grad_clip)
+        loss_finite, grads_finite = torch.stack([torch.isfinite(loss).all(), torch.isfinite(norm).all()]).tolist()
+        applied = loss_finite and grads_finite
+        if applied:
+            self.scaler.step(self.optimizer)
+            self.scheduler.step()
+            self.module.clamp_scales(self.recipe.optim.logit_scale_max)
+        self.scaler.update()  # fp16: a step with non-finite gradients lowers the scale
+        self.step += 1
+        self.guard.record(self.step, applied or (self.scaler.is_enabled() and loss_finite))
+        return applied
 
     # ------------------------------------------------------------------ the run
     def run(self) -> dict:
-        recipe, run = self.recipe, self.recipe.run
-        monitor = Monitor(self.output_dir, run.steps, self.step, self.env.is_main, progress=run.progress,
-                          tensorboard=run.tensorboard, wandb=run.wandb, wandb_project=run.wandb_project,
-                          config=recipe.to_dict())
-        peak = device_peak_tflops(self.device)
-        flops_per_sample = None
+        """Train to run.steps, write the final checkpoint and the export, evaluate, report.
+
+        The export is written before the final evaluation; when that evaluation fails (or training
+        diverges), curves and summary are still written and the run ends with one line saying why.
+        """
         started = time.time()
-        window_start, window_samples = time.time(), 0
-        global_batch = recipe.data.batch_size * self.env.world_size
+        monitor = self._open_monitor()
+        results, failure, export_dir = {}, None, None
         try:
-            for batch in batches_forever(self.data):
-                if self.step >= run.steps:
-                    break
-                if flops_per_sample is None and peak is not None:
-                    flops_per_sample = self._count_flops(batch)
-                losses = self.train_step(batch)
-                window_samples += global_batch
-                monitor.advance()
-                if self.step % run.log_every == 0 or self.step == run.steps:
-                    elapsed = max(time.time() - window_start, 1e-9)
-                    metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
-                               "lr": self.optimizer.param_groups[0]["lr"],
-                               "logit_scale": self.module.model.logit_scale.detach().exp().item(),
-                               "samples_per_s": window_samples / elapsed,
-                               **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
-                    if flops_per_sample is not None:
-                        tflops = flops_per_sample * metrics["samples_per_s"] / self.env.world_size / 1e12
-                        metrics.update(tflops_per_device=tflops, mfu=tflops / peak)
-                    monitor.log(self.step, metrics)
-                    window_start, window_samples = time.time(), 0
-                if self.step % run.checkpoint_every == 0 and self.step < run.steps:
-                    self.save_checkpoint()
-                if recipe.eval.every_steps and self.step % recipe.eval.every_steps == 0 and self.step < run.steps:
-                    self._evaluate(monitor)
-            if self.step < run.steps:
-                raise MedclipError(f"the data stream ended at step {self.step} of {run.steps}")
+            self._train(monitor)
             self.save_checkpoint()
+            self.checkpoints.finish()
             encoder = self.snapshot_encoder()
-            results = self._evaluate(monitor, encoder)
             export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
+            results = self._evaluate(monitor, encoder, gathered=True)
+        except Diverged as exc:
+            failure = exc
+        except EvaluationFailed as exc:
+            failure = EvaluationFailed(f"final evaluation failed: {exc}; the final checkpoint, the export, curves "
+                                       f"and summary are in {self.output_dir}")
         finally:
             monitor.close()
-        if self.env.is_main:
-            records = read_log(monitor.jsonl_path)
-            plot_curves(records, self.output_dir / "curves.png")
-            summary = summary_text(records, time.time() - started, self.data.skip_counts())
-            (self.output_dir / "summary.txt").write_text(summary)
-            print(summary, end="")
-            print(f"exported open_clip hub-format model: {export_dir}")
+        self._write_report(monitor, time.time() - started, export_dir, failure)
+        if failure is not None:
+            raise failure
         return results
 
-    def _count_flops(self, batch: dict) -> float:
-        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        batch = normalize_batch(batch, self.data)
-        parts = split_batch(batch, self.recipe.optim.accum_steps)
+    def _open_monitor(self) -> Monitor:
+        run = self.recipe.run
+        return Monitor(self.output_dir, run.steps, self.step, self.env.is_main, progress=run.progress,
+                       tensorboard=run.tensorboard, wandb=run.wandb, wandb_project=run.wandb_project,
+                       config=self.recipe.to_dict())
 
-        def forward():
-            with self._autocast():
-                return self.module.losses(self.module(parts[0], self.step), self.step)
+    def _train(self, monitor: Monitor) -> None:
+        """Steps until run.steps. A batch is fetched only when a step will use it, so the stream's
+        position after the last step (what the final checkpoint stores) is right after its batch."""
+        batches = batches_forever(self.data)
+        throughput = Throughput(self.recipe.data.batch_size * self.env.world_size)
+        try:
+            while self.step < self.recipe.run.steps:
+                batch = next(batches)
+                if self.flops is not None and self.flops.per_sample is None:
+                    first = split_batch(self._device_batch(batch), self.recipe.optim.accum_steps)[0]
+                    self.flops.count(first, self._phase_step())
+                losses = self.train_step(batch)
+                throughput.add_step()
+                monitor.advance()
+                self._after_step(monitor, losses, throughput)
+        finally:
+            batches.close()  # stop the loader's workers now, not when the generator is collected
 
-        flops = train_flops_per_sample(forward, len(parts[0]["images"]))
-        self.optimizer.zero_grad(set_to_none=True)
-        return flops
+    def _after_step(self, monitor: Monitor, losses: dict, throughput: Throughput) -> None:
+        run, step, guard = self.recipe.run, self.step, self.guard
+        if step % run.log_every == 0 or step == run.steps or guard.diverged:
+            monitor.log(step, self._step_metrics(losses, throughput))
+        self.checkpoints.after_step(step, finite=guard.in_a_row == 0)
+        if guard.diverged:
+            raise Diverged(self._divergence_message())
+        if step < run.steps and step % run.checkpoint_every == 0:
+            if guard.in_a_row:  # the weights have not moved since the last finite step
+                log.warning("step %d: no checkpoint during non-finite steps (%d in a row)", step, guard.in_a_row)
+            else:
+                self.save_checkpoint()
+        every = self.recipe.eval.every_steps
+        if step < run.steps and every and step % every == 0:
+            try:
+                self._evaluate(monitor)
+            except EvaluationFailed as exc:  # a failed evaluation must not cost the training run
+                log.warning("evaluation at step %d failed: %s; training continues", step, exc)
+                monitor.log(step, {"eval_error": str(exc)})
+
+    def _step_metrics(self, losses: dict, throughput: Throughput) -> dict:
+        samples_per_s = throughput.rate_and_reset()
+        metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
+                   "lr": self.optimizer.param_groups[0]["lr"],
+                   "logit_scale": _full(self.module.model.logit_scale).exp().item(),
+                   "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
+                   **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
+        if self.flops is not None:
+            tflops = self.flops.per_sample * samples_per_s / self.env.world_size / 1e12
+            metrics.update(tflops_per_device=tflops, mfu=tflops / self.peak_tflops)
+        return metrics
+
+    def _divergence_message(self) -> str:
+        guard = self.guard
+        good = self.checkpoints.diverged(guard.first_bad_step)
+        good = broadcast_from_main(str(good) if good else None)
+        where = (f"last good checkpoint: {good}; continue from it with a smaller optim.lr "
+                 f"(--resume {good})" if good else "no checkpoint was written yet; start again with a smaller optim.lr")
+        return (f"training diverged at step {self.step}: the loss or the gradients were not finite for "
+                f"{guard.in_a_row} steps in a row (steps {guard.first_bad_step}-{self.step}, skipped without "
+                f"updating the weights; run.max_nonfinite_steps={guard.patience}); {where}")
 
     def snapshot_encoder(self):
         """An Encoder with the current weights on rank 0 (every rank takes part in gathering them)."""
@@ -328,19 +350,81 @@ class Pretrainer:
             return None
         from medclip.models.loading import encoder_from_state
 
-        return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
-                                  device=self.device, name=f"{self.output_dir.name}@{self.step}")
+        with _rng_untouched():  # building the evaluation model draws random initial weights
+            return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
+                                      device=self.device, name=f"{self.output_dir.name}@{self.step}")
 
-    def _evaluate(self, monitor: Monitor, encoder=None) -> dict:
+    def _evaluate(self, monitor: Monitor, encoder=None, gathered: bool = False) -> dict:
+        """The recipe's suites on rank 0; a failure there is raised on every rank as EvaluationFailed.
+
+        ``gathered``: every rank already took part in ``snapshot_encoder`` (whose result is None off rank 0);
+        gathering again on the other ranks alone would leave them in a collective rank 0 never joins (FSDP2).
+        """
         if not self.recipe.eval.suites:
             return {}
-        if encoder is None:
+        if not gathered:
             encoder = self.snapshot_encoder()
-        results = evaluate(encoder, self.recipe, self.output_dir, self.step) if self.env.is_main else {}
-        barrier()
+        results, error = {}, None
+        if self.env.is_main:
+            try:
+                with _rng_untouched():
+                    results = evaluate(encoder, self.recipe, self.output_dir, self.step)
+            except Exception as exc:  # noqa: BLE001 - reported in one line; the run's outputs stay
+                error = str(exc) if isinstance(exc, MedclipError) else f"{type(exc).__name__}: {exc}"
+        error = broadcast_from_main(error)
+        if error:
+            raise EvaluationFailed(error)
         if results:
             monitor.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         return results
+
+    def _write_report(self, monitor: Monitor, wall_seconds: float, export_dir: Path | None,
+                      failure: Exception | None) -> None:
+        if not self.env.is_main:
+            return
+        records = read_log(monitor.jsonl_path)
+        plot_curves(records, self.output_dir / "curves.png")
+        summary = summary_text(records, wall_seconds, self.data.skip_counts())
+        if self.guard.skipped:
+            summary += f"non-finite steps skipped: {self.guard.skipped}\n"
+        if failure is not None:
+            summary += f"{failure}\n"
+        (self.output_dir / "summary.txt").write_text(summary)
+        print(summary, end="")
+        if export_dir is not None:
+            print(f"exported open_clip hub-format model: {export_dir}")
+
+
+class Throughput:
+    """Samples per second since the last reading."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.started, self.samples = time.time(), 0
+
+    def add_step(self) -> None:
+        self.samples += self.samples_per_step
+
+    def rate_and_reset(self) -> float:
+        rate = self.samples / max(time.time() - self.started, 1e-9)
+        self.started, self.samples = time.time(), 0
+        return rate
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value; under FSDP2 its shards are gathered (a collective: every rank calls it)."""
+    value = param.detach()
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+@contextlib.contextmanager
+def _rng_untouched():
+    """Work that draws random numbers (evaluation, building a model) leaves training's RNG states as they were."""
+    state = ckpt.rng_state()
+    try:
+        yield
+    finally:
+        ckpt.set_rng_state(state)
 
 
 def pretrain(recipe: Recipe, resume: str | None = None) -> dict:

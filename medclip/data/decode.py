@@ -1,0 +1,135 @@
+"""One raw sample -> a training example: metadata, caption draw, image augmentation, concept spans.
+
+Each step that meets bad data counts it in ``skips`` by kind and drops the sample (returns None).
+The caption draw and the augmentation are seeded by (seed, epoch, key, position): identical after a
+resume, whatever process decodes the sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medclip.data.augment import SampleImages
+from medclip.data.manifest import Manifest
+from medclip.data.slots import seeded_rng
+from medclip.data.spans import NameTokenizer, caption_concepts, tokenize_with_concepts
+from medclip.data.stream_config import StreamConfig
+from medclip.data.text import SpanTokenizer
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def draw_caption(rng: random.Random, count: int, first_share: float | None) -> int:
+    """Index of the caption to use this visit (see StreamConfig.first_caption_share)."""
+    if first_share is None or count == 1:
+        return rng.randrange(count)
+    return 0 if rng.random() < first_share else 1 + rng.randrange(count - 1)
+
+
+def sample_captions(m: Manifest, sample: dict, meta: dict) -> tuple[list[str], bool]:
+    """Captions from the manifest's fields (first that has any) and whether concepts index them."""
+    for name in m.caption_fields:
+        if name == "txt":
+            raw = sample.get("txt")
+            text = raw.decode("utf-8", errors="replace") if isinstance(raw, bytes) else ""
+            parts = text.split(m.caption_separator) if m.caption_separator else [text]
+            caps = [c.strip() for c in parts if c.strip()]
+            from_json = False
+        else:
+            value = meta.get(name)
+            caps = [value] if isinstance(value, str) else list(value) if isinstance(value, list) else []
+            caps = [c for c in caps if isinstance(c, str) and c.strip()]
+            from_json = name == "captions"
+        if caps:
+            return caps, from_json
+    return [], False
+
+
+@dataclass
+class DecodedSample:
+    key: str
+    image: torch.Tensor | np.ndarray  # float [3, H, W], or uint8 planes [3 or 1, H, W] with a split transform
+    ids: torch.Tensor
+    spans: list[tuple[int, int]]
+    cuis: list[int]
+    positive: list[bool]
+    names: torch.Tensor | None = None  # [n concepts, L] name tokens, with concept_name_length
+    name_pad: int = 0
+
+
+class SampleDecoder:
+    def __init__(self, sources: list[Manifest], tokenizer: SpanTokenizer, transform, cfg: StreamConfig):
+        self.sources = sources
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.images = SampleImages(transform, cfg.uint8_images, cfg.gray_shortcut)
+        self.names = NameTokenizer(tokenizer, cfg.concept_name_length) if cfg.concept_name_length else None
+
+    @property
+    def split(self):
+        return self.images.split
+
+    def __call__(self, sample: dict, position: int, epoch: int, skips: Counter) -> DecodedSample | None:
+        m = self.sources[sample["__source__"]]
+        meta = self._metadata(sample, skips)
+        if meta is None:
+            return None
+        captions, indexed = sample_captions(m, sample, meta)
+        if not captions:
+            skips["missing_caption"] += 1
+            return None
+        pixels = self._pixels(sample, position, epoch, skips)
+        if pixels is None:
+            return None
+        # One caption per visit, drawn from an RNG of the sample's stream position: same draw after resume.
+        choice = draw_caption(seeded_rng(self.cfg.seed, epoch, sample["__key__"], position), len(captions),
+                              self.cfg.first_caption_share)
+        concepts = caption_concepts(meta, m.concept_field, choice, self.cfg.max_concepts) if indexed else []
+        text = tokenize_with_concepts(self.tokenizer, captions[choice], concepts, skips)
+        decoded = DecodedSample(sample["__key__"], pixels, text.ids, text.spans, text.cuis, text.positive)
+        if self.names is not None:
+            decoded.names, decoded.name_pad = self.names(text.names)
+        return decoded
+
+    @staticmethod
+    def _metadata(sample: dict, skips: Counter) -> dict | None:
+        """The sample's JSON object ({} without one); None (counted) when it is not a JSON object."""
+        if "json" not in sample:
+            return {}
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            skips["bad_json"] += 1
+            return None
+        return meta
+
+    def _pixels(self, sample: dict, position: int, epoch: int, skips: Counter):
+        """The augmented image; None (counted) when it is missing, corrupt or the transform fails."""
+        ext = next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            skips["missing_image"] += 1
+            return None
+        try:
+            image, plane = self.images.decode(sample[ext])
+        except Exception:  # PIL raises many types for broken files
+            skips["corrupt_image"] += 1
+            return None
+        # Augmentation seeded per sample, like the caption draw: replayed exactly after a resume.
+        seed = seeded_rng(self.cfg.seed, epoch, sample["__key__"], position, "augment").getrandbits(63)
+        try:
+            return self.images.augment(image, plane, seed)
+        except Exception as exc:
+            log.warning("transform failed on %s: %s", sample["__key__"], exc)
+            skips["transform_error"] += 1
+            return None

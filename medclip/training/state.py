@@ -1,0 +1,104 @@
+"""What a training checkpoint holds, and how the trainer writes and restores it (all ranks take part).
+
+A checkpoint holds model, PC-Align heads, optimiser, scheduler, grad scaler, step, the divergence
+guard's count, each rank's data-stream position and RNG states, whether the weights are finite, and
+the recipe. Files, rotation and the choice of the checkpoint to go back to: ``checkpoint.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from medclip.errors import MedclipError
+from medclip.training import checkpoint as ckpt
+from medclip.training.distributed import broadcast_from_main, gather_objects
+from medclip.training.optim import apply_recipe_settings
+
+log = logging.getLogger(__name__)
+
+
+class TrainerCheckpoints:
+    """Checkpoint methods of :class:`medclip.training.trainer.Pretrainer` (uses its module, optimiser,
+    scheduler, scaler, guard, data, env, recipe, output_dir and step)."""
+
+    def _state_dicts(self) -> tuple[dict, dict | None, dict]:
+        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            full, optim = get_state_dict(self.module, self.optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            full, optim = self.module.state_dict(), self.optimizer.state_dict()
+        # Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars.
+        full = {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
+                for k, v in full.items()}
+        model = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+        heads = {k[len("heads."):]: v for k, v in full.items() if k.startswith("heads.")} or None
+        return model, heads, optim
+
+    def save_checkpoint(self) -> Path | None:
+        """Every rank takes part; rank 0 writes. A failed write stops every rank with the same one line."""
+        model, heads, optim = self._state_dicts()
+        data_states = gather_objects(self.data.state_dict())
+        rngs = gather_objects(ckpt.rng_state())
+        path = ckpt.checkpoint_dir(self.output_dir) / f"step_{self.step}.pt"
+        error = None
+        if self.env.is_main:
+            obj = {
+                "step": self.step,
+                "model": model,
+                "model_cfg": self.model_cfg,
+                "optimizer": optim,
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "data": data_states,
+                "rng": rngs,
+                "world_size": self.env.world_size,
+                "recipe": self.recipe.to_dict(),
+                "finite": ckpt.all_finite(model, heads),
+                "guard": self.guard.state_dict(),
+            }
+            if heads is not None:
+                obj["heads"], obj["heads_config"] = heads, self.heads.config.to_dict()
+            try:
+                ckpt.save_atomic(obj, path)
+            except MedclipError as exc:
+                error = str(exc)
+        error = broadcast_from_main(error)
+        if error:
+            raise MedclipError(error)
+        self.checkpoints.written(self.step, path)
+        return path if self.env.is_main else None
+
+    def _restore(self, path: Path) -> None:
+        obj = ckpt.read_checkpoint(path)
+        if obj.get("world_size", 1) != self.env.world_size:
+            raise MedclipError(f"{path} was written by {obj.get('world_size')} processes; resuming with "
+                               f"{self.env.world_size} would change the data order (use the same world size)")
+        full = {f"model.{k}": v for k, v in obj["model"].items()}
+        if self.heads is not None:
+            if "heads" not in obj:
+                raise MedclipError(f"{path} has no PC-Align heads, but this recipe trains PC-Align")
+            full.update({f"heads.{k}": v for k, v in obj["heads"].items()})
+        shapes = {k: p.shape for k, p in self.module.named_parameters()}
+        full = {k: v.reshape(shapes[k]) if k in shapes and v.shape != shapes[k] and v.numel() == 1 else v
+                for k, v in full.items()}
+        if self.recipe.run.strategy == "fsdp" and self.env.distributed:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(self.module, self.optimizer, model_state_dict=full, optim_state_dict=obj["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
+        else:
+            self.module.load_state_dict(full)
+            self.optimizer.load_state_dict(obj["optimizer"])
+        self.scheduler.load_state_dict(obj["scheduler"])
+        for name, (old, new) in apply_recipe_settings(self.optimizer, self.scheduler, self.recipe.optim).items():
+            log.info("resume: optimiser %s is now %s (the checkpoint's run used %s)", name, new, old)
+        self.scaler.load_state_dict(obj["scaler"])
+        self.guard.load_state_dict(obj.get("guard", {}))
+        self.data.load_state_dict(obj["data"][self.env.rank])
+        ckpt.set_rng_state(obj["rng"][self.env.rank])
+        self.step = int(obj["step"])
+        self.checkpoints.written(self.step, path)
+        log.info("resumed from %s at step %d", path, self.step)

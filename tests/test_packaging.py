@@ -1,0 +1,181 @@
+"""Shipped recipes, suites and manifests by name; the wheel carries them and works outside the checkout."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import one_error_line  # tests/ is on sys.path under pytest
+
+from medclip import resources
+from medclip.data.manifest import load_manifest
+from medclip.errors import MedclipError
+from medclip.evaluation.suites import load_suite
+from medclip.training.config import load_recipe
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_files_resolve_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resources.resolve("recipes", "demo") == REPO / "pretrain" / "demo.yaml"
+    for spelled in ("demo", "demo.yaml", "pretrain/demo.yaml"):
+        assert load_recipe(spelled).model.name == "medclip-tiny"
+    assert load_suite("unimed21").name == "unimed21" and load_suite("zero_shot/demo.yaml").name == "demo"
+    for spelled in ("unimed-chexpert", "datasets_manifests/unimed-chexpert.yaml"):
+        manifest = load_manifest(spelled, root=tmp_path)
+        assert manifest.name == "unimed-chexpert" and manifest.urls[0] == f"{tmp_path}/chexpert/chexpert-000000.tar"
+    assert set(resources.shipped("manifests")) >= {"demo", "medconcept-23m", "unimed-chexpert"}
+    assert resources.shipped("recipes")["shared_real"] == REPO / "pretrain" / "shared_real.yaml"
+
+
+def test_an_existing_path_wins_over_a_shipped_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "demo.yaml").write_text("model: {name: medclip-tiny-bert}\ndata: {demo: true}\n")
+    assert load_recipe("pretrain/demo.yaml").model.name == "medclip-tiny-bert"  # the local file
+    assert load_recipe("demo").model.name == "medclip-tiny"  # a bare name: the shipped recipe
+
+
+def test_unknown_names_are_one_line_listing_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MedclipError) as err:
+        load_recipe("dmeo")
+    assert str(err.value) == ("unknown recipe 'dmeo' (not a file, nor a shipped recipe; shipped: demo, "
+                              "medconcept_siglip, shared_real, unimed_vitb16; `medclip list recipes` shows them)")
+    with pytest.raises(MedclipError, match=r"^recipe not found: runs/x.yaml \(not a file"):
+        load_recipe("runs/x.yaml")
+    with pytest.raises(MedclipError, match="^unknown manifest 'unimed-chexpret'"):
+        load_manifest("unimed-chexpret")
+
+
+def test_a_shipped_manifest_needs_a_data_root(monkeypatch):
+    monkeypatch.delenv("MEDCLIP_DATA_ROOT", raising=False)
+    with pytest.raises(MedclipError, match="manifest unimed-chexpert needs the data root: pass --root DIR"):
+        load_manifest("unimed-chexpert")
+    monkeypatch.setenv("MEDCLIP_DATA_ROOT", "/data/unimed")
+    assert load_manifest("unimed-chexpert").urls[0] == "/data/unimed/chexpert/chexpert-000000.tar"
+
+
+def test_set_takes_text_yaml_cannot_parse_as_a_string():
+    """The demo recipe's own eval.root value, given on the command line as the README does."""
+    recipe = load_recipe("demo", ["eval.root={output_dir}/demo_data", "run.steps=7"])
+    assert recipe.eval.root == "{output_dir}/demo_data" and recipe.run.steps == 7
+
+
+# ------------------------------------------------------------------ the built wheel
+
+# What a build reads, copied so that the checkout gets no build/ folder (whose stale files would leak).
+BUILD_INPUTS = ["medclip", "pretrain", "zero_shot", "datasets_manifests", "docs", "setup.py", "setup.cfg",
+                "pyproject.toml", "MANIFEST.in", "LICENSE", "README.md"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    source = tmp_path_factory.mktemp("source")
+    for name in BUILD_INPUTS:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(src, source / name)
+    out = tmp_path_factory.mktemp("dist")
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(out), str(source)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (built,) = out.glob("medclip_torch-*.whl")
+    return built
+
+
+def test_wheel_contents(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = {p.relative_to(REPO).as_posix() for p in (REPO / "medclip").rglob("*.py")}
+    assert sources <= names, sorted(sources - names)  # every module, including new subpackages
+    shipped = {f"medclip/recipes/{p.name}" for p in (REPO / "pretrain").iterdir()}
+    shipped |= {f"medclip/suites/{p.name}" for p in (REPO / "zero_shot").glob("*.yaml")}
+    shipped |= {f"medclip/manifests/{p.name}" for p in (REPO / "datasets_manifests").glob("*.yaml")}
+    shipped |= {f"medclip/model_configs/{p.name}" for p in (REPO / "medclip" / "model_configs").glob("*.json")}
+    shipped |= {"medclip/py.typed", "medclip/assets/tiny-bert/vocab.txt"}
+    assert shipped <= names, sorted(shipped - names)
+    info = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    metadata = zipfile.ZipFile(wheel).read(info).decode()
+    assert "Name: medclip-torch" in metadata and "Project-URL: Source, " in metadata
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+    # the package index page: pip-user instructions, no make targets, no relative images
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    assert cfg["metadata"]["long_description"] == "file: docs/pypi.md"
+    description = metadata.split("\n\n", 1)[1]
+    assert "pip install medclip-torch" in description and "make " not in description and "](docs/" not in description
+
+
+def test_wheel_works_outside_the_checkout(wheel, tmp_path):
+    """The wheel alone (no checkout on the path), from an empty directory: names resolve, a run trains."""
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, timeout=600)
+    work = tmp_path / "empty"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    env.pop("MEDCLIP_DATA_ROOT", None)
+
+    def medclip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "medclip", *args], capture_output=True, text=True, cwd=work,
+                              env=env, timeout=900)
+
+    listing = medclip("list", "recipes", "suites", "manifests", "--paths")
+    assert listing.returncode == 0, listing.stderr
+    assert f"{site}/medclip/recipes/demo.yaml" in listing.stdout
+    assert f"{site}/medclip/suites/unimed21.yaml" in listing.stdout
+    check = medclip("data", "check", "unimed-chexpert", "--root", str(work))
+    assert check.returncode == 1 and f"FAIL unimed-chexpert: missing shard {work}/chexpert/chexpert-000000.tar" \
+        in check.stdout
+    suite = medclip("eval", "suite", "unimed21", "--model", "medclip-tiny", "--datasets", "chexpert")  # no model load
+    assert suite.returncode == 2
+    assert one_error_line(suite.stderr).startswith("medclip: error: suite unimed21 has no dataset chexpert; it has "
+                                                   "chexpert-5x200, rsna_pneumonia")
+    run = medclip("pretrain", "--config", "demo", "--set", "run.steps=2", "--set", "run.output_dir=runs/demo",
+                  "--set", "data.demo_train_samples=128", "--set", "data.demo_val_samples=48",
+                  "--set", "data.batch_size=16", "--set", "eval.every_steps=0")
+    assert run.returncode == 0, run.stderr
+    assert "demo/demo_modality/acc1: " in run.stdout and "exported open_clip hub-format model: runs/demo/export" \
+        in run.stdout
+    assert (work / "runs" / "demo" / "export" / "open_clip_config.json").is_file()
+    assert "Traceback" not in run.stderr
+
+
+def _documented_commands(text: str) -> list[list[str]]:
+    """`medclip ...` lines of the fenced shell blocks (comments and `[--optional ...]` dropped)."""
+    commands, in_block = [], False
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.startswith("```"):
+            in_block = not in_block and line.strip() == "```bash"
+        elif in_block and line.startswith("medclip "):
+            commands.append(shlex.split(re.sub(r" \[--[^\]]*\]", "", line.split(" #")[0]))[1:])
+    return commands
+
+
+@pytest.mark.parametrize("page", ["docs/pypi.md", "README.md"])
+def test_documented_commands_parse_and_their_names_resolve(page):
+    from medclip.cli import build_parser
+
+    commands = _documented_commands((REPO / page).read_text())
+    assert len(commands) >= 5
+    parser = build_parser()
+    for argv in commands:
+        args = parser.parse_args(argv)  # an unknown option or command exits here
+        if args.command == "pretrain" and not args.config.endswith(".yaml"):
+            resources.resolve("recipes", args.config)
+        elif args.command == "eval" and args.eval_command == "suite":
+            resources.resolve("suites", args.suite)
+        elif args.command == "data" and args.data_command == "check":
+            for name in args.manifests:
+                resources.resolve("manifests", name)

@@ -1,0 +1,118 @@
+"""The rehearsal's parts: debug models by structure, stand-in data in each manifest's format."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO_ROOT  # tests/ is on sys.path under pytest
+
+from medclip.data.manifest import check_manifest, load_manifest
+from medclip.models.loading import build_model, resolve_config
+from medclip.training.rehearsal_data import prepare_source, shard_format, stand_in_pool
+from medclip.training.rehearsal_model import derive_debug_model
+
+MANIFESTS = REPO_ROOT / "datasets_manifests"
+
+
+def _timm_config(name: str, pool: str, proj: str) -> dict:
+    return {"embed_dim": 512, "vision_cfg": {"timm_model_name": name, "timm_pool": pool, "timm_proj": proj,
+                                             "image_size": 224},
+            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 512, "heads": 8, "layers": 12}}
+
+
+@pytest.mark.parametrize("name, pool, proj, debug", [
+    # Same family, different names: both SigLIP towers (MAP attention pool, no class token) -> test_vit3.
+    ("vit_so400m_patch14_siglip_384", "map", "none", "test_vit3"),
+    ("vit_base_patch16_siglip_224", "map", "none", "test_vit3"),
+    # A name sharing "vit_base" with the one above, but a class-token ViT: a different debug trunk.
+    ("vit_base_patch16_224", "token", "linear", "test_vit"),
+    ("resnet50", "avg", "linear", "test_resnet"),
+])
+def test_debug_timm_tower_follows_the_structure_not_the_name(name, pool, proj, debug):
+    model = derive_debug_model(_timm_config(name, pool, proj))
+    vision = model.config["vision_cfg"]
+    assert vision["timm_model_name"] == debug
+    assert (vision["timm_pool"], vision["timm_proj"]) == (pool, proj)  # pooling and projection kinds kept
+    built = build_model(model.config)
+    images = torch.zeros(2, 3, vision["image_size"], vision["image_size"])
+    assert built.encode_image(images).shape == (2, model.config["embed_dim"])
+
+
+def test_debug_models_of_the_shipped_architectures_keep_their_kinds():
+    unimed = derive_debug_model(resolve_config("medclip-vit-b16-biomedbert")).config
+    assert unimed["quick_gelu"] is True and unimed["vision_cfg"]["layers"] <= 2
+    assert unimed["text_cfg"]["hf_model_name"].endswith("tiny-bert")  # an HF BERT tower, offline
+    assert (unimed["text_cfg"]["hf_pooler_type"], unimed["text_cfg"]["hf_proj_type"]) == (
+        "cls_last_hidden_state_pooler", "mlp")
+    siglip = derive_debug_model(resolve_config("medclip-siglip-so400m-pubmedbert")).config
+    assert siglip["init_logit_bias"] == -10 and siglip["text_cfg"]["hf_pooler_type"] == "cls_pooler"
+    assert siglip["embed_dim"] == 96  # timm_proj none: the joint space is the debug trunk's own width
+    assert sum(p.numel() for p in build_model(siglip).parameters()) < 3e6
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return stand_in_pool(64)
+
+
+def _members(path: Path) -> dict[str, dict[str, bytes]]:
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return out
+
+
+def test_stand_in_shards_take_each_manifests_format(tmp_path, pool):
+    # UniMed label-only source: several captions in KEY.txt, joined by the manifest's separator.
+    source = {"manifest": str(MANIFESTS / "unimed-chexpert.yaml"), "root": None}
+    found = prepare_source(source, pool, tmp_path, min_samples=30)
+    assert found.kind == "stand-in" and source["root"] == str(tmp_path / "unimed-chexpert")
+    manifest = load_manifest(source["manifest"], root=source["root"])
+    assert check_manifest(manifest) == []  # every shard the pattern names, with the builder's summary
+    sample = next(iter(_members(Path(manifest.urls[0])).values()))
+    assert set(sample) == {"jpg", "txt"} and len(sample["txt"].decode().split("<SEP>")) == 3
+    # medclip's layout: JSON captions with concept spans and boxes.
+    roco = {"manifest": str(MANIFESTS / "unimed-roco.yaml")}
+    prepare_source(roco, pool, tmp_path, min_samples=30)
+    shards = load_manifest(roco["manifest"], root=roco["root"]).urls
+    metas = [json.loads(m["json"]) for s in shards for m in _members(Path(s)).values()]
+    assert any(m["concepts"] and m.get("boxes") for m in metas) and all(len(m["captions"]) == 3 for m in metas)
+
+
+def test_medconcept_stand_in_goes_through_the_umls_meta_info_reader(tmp_path, pool):
+    raw = {"input_format": "medconcept"}
+    manifest = load_manifest(MANIFESTS / "medconcept-23m.yaml", root=str(tmp_path / "root"))
+    assert shard_format(manifest, raw) == "medconcept"
+    source = {"manifest": str(MANIFESTS / "medconcept-23m.yaml")}
+    prepare_source(source, pool, tmp_path, min_samples=1)
+    row = json.loads((tmp_path / "work" / "medconcept-23m" / "inputs" / "medconcept.jsonl").read_text())
+    assert {"caption", "image", "umls_meta_info"} <= set(row) and row["umls_meta_info"][0]["umls_cui"]
+    shard = load_manifest(source["manifest"], root=source["root"]).urls[5]
+    meta = json.loads(next(iter(_members(Path(shard)).values()))["json"])
+    assert len(meta["captions"]) == 1 and meta["concepts"]  # one figure caption, spans from umls_meta_info
+    span = meta["concepts"][0]
+    assert meta["captions"][0][span["start"]:span["end"]].lower() == span["name"].lower()
+
+
+def test_creating_the_training_loader_leaves_the_global_rng_alone(tmp_path, pool):
+    """A resumed run creates its DataLoader mid-run; drawing from torch's RNG then shifts dropout masks."""
+    from medclip.data.stream import build_train_stream
+    from medclip.models.loading import build_tokenizer
+
+    source = {"manifest": str(MANIFESTS / "unimed-roco.yaml")}
+    prepare_source(source, pool, tmp_path, min_samples=16)
+    manifest = load_manifest(source["manifest"], root=source["root"])
+    cfg = resolve_config("medclip-tiny")
+    stream = build_train_stream([manifest], build_tokenizer(cfg), lambda image: torch.zeros(3, 8, 8), 4,
+                                num_workers=1, shuffle_buffer=0, uint8_images=False)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    next(iter(stream))
+    assert torch.equal(torch.rand(3), expected)
