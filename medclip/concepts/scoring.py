@@ -67,9 +67,12 @@ class ConceptScorer:
         pooled_out, patch_out = [], []
         for batch in enc.image_batches(images, batch_size):
             with enc._autocast():
-                pooled, states = towers.image_tokens(enc.model, batch)
-                patches = enc.heads.embed_patches(states) if self.use_heads else \
-                    towers.project_patches(enc.model, states)
+                if self.use_heads:  # the patch states the heads were trained on
+                    pooled, states = towers.image_tokens(enc.model, batch, enc.heads.config.patch_states)
+                    patches = enc.heads.embed_patches(states, enc.grid_size)
+                else:
+                    pooled, states = towers.image_tokens(enc.model, batch)
+                    patches = towers.project_patches(enc.model, states)
             pooled_out.append(F.normalize(pooled.float().cpu(), dim=-1))
             patch_out.append(F.normalize(patches.float().cpu(), dim=-1))
         return torch.cat(pooled_out), torch.cat(patch_out)

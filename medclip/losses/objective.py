@@ -33,6 +33,7 @@ from medclip.losses.it_align import (
 )
 from medclip.losses.pc_align import POOLS, PCAlignConfig, pc_align_loss
 from medclip.models import towers
+from medclip.models.heads import ConceptHeadsConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ class ObjectiveConfig:
     # or 'negative' (ConceptCLIP's form).
     pc_same_concept: str = "ignore"
     use_concept_names: bool = False  # also align the embedding of each concept's name
+    # What the patch head reads (models.heads.PATCH_STATES: 'last' block or the patch 'embed'dings) and
+    # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
+    pc_patch_states: str = "last"
+    pc_patch_context: int = 1
 
     def __post_init__(self):
         if self.it_kind not in IT_KINDS:
@@ -78,6 +83,14 @@ class ObjectiveConfig:
         if self.pc_pool not in POOLS:
             raise MedclipError(f"pc_pool must be one of {POOLS}, got {self.pc_pool!r}")
         self.pc_config()  # validates the remaining PC-Align values
+        try:
+            ConceptHeadsConfig(1, 1, 1, **self.heads_options())
+        except MedclipError as exc:
+            raise MedclipError(f"objective.pc_{exc}") from None
+
+    def heads_options(self) -> dict:
+        """The recipe's choices for the PC-Align heads (models.heads.ConceptHeadsConfig fields)."""
+        return {"patch_states": self.pc_patch_states, "patch_context": self.pc_patch_context}
 
     @classmethod
     def from_dict(cls, values: dict) -> ObjectiveConfig:
@@ -217,11 +230,12 @@ class Objective:
         images, text = batch["images"], batch["text"]
         if images.shape[0] != text.shape[0]:
             raise MedclipError(f"{images.shape[0]} images but {text.shape[0]} captions in the batch")
-        image_pooled, patch_states = towers.image_tokens(model, images)
+        pc_on = heads is not None and self.config.pc_active(step)
+        image_pooled, patch_states = towers.image_tokens(model, images, heads.config.patch_states if pc_on else "last")
         text_pooled, token_states = towers.text_tokens(model, text)
         keys = hash_captions(text) if self.config.it_same_caption == "positive" else None
         features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys)
-        if heads is None or not self.config.pc_active(step):
+        if not pc_on:
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])
         span_mask, mask = self.span_mask(spans, mask, text.shape[1])
@@ -233,7 +247,7 @@ class Objective:
             concepts = torch.cat([concepts, names.to(concepts.dtype)], dim=1)
             ids = torch.cat([ids, ids], dim=1)
             mask = torch.cat([mask, name_mask], dim=1)
-        features.patches = heads.embed_patches(patch_states)
+        features.patches = heads.embed_patches(patch_states, towers.grid_size(model))
         features.concepts, features.concept_mask, features.concept_ids = concepts, mask, ids
         return features
 

@@ -154,7 +154,8 @@ class Pretrainer(TrainerCheckpoints):
 
     def _build_heads(self) -> ConceptHeads:
         config = ConceptHeadsConfig(image_width=towers.image_width(self.model), text_width=towers.text_width(self.model),
-                                    embed_dim=int(self.model_cfg["embed_dim"]))
+                                    embed_dim=int(self.model_cfg["embed_dim"]),
+                                    **self.recipe.objective.heads_options())
         return ConceptHeads(config).to(self.device).train()
 
     def _autocast(self):
