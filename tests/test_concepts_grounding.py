@@ -13,6 +13,7 @@ from PIL import Image
 
 from medclip.cli import main as cli_main
 from medclip.concepts import (
+    ConceptScorer,
     GroundingRecord,
     energy_in_box,
     evaluate_grounding,
@@ -20,6 +21,7 @@ from medclip.concepts import (
     grounding_records_from_shards,
     pointing_game,
 )
+from medclip.concepts.grounding import baseline_grounding
 from medclip.errors import MedclipError
 
 
@@ -70,28 +72,83 @@ def write_boxed_shard(path, samples):
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_evaluator_agrees_with_maps_and_counts_bad_boxes(tiny_encoder, tmp_path):
-    shard = tmp_path / "demo-000000.tar"
+def test_records_from_shards(tmp_path):
     boxes_a = [{"cui": "C1", "name": "liver", "bbox": [8, 8, 40, 40]},
                {"cui": "C2", "name": "kidney", "bbox": [30, 20, 70, 60]}]
-    boxes_b = [{"cui": "C1", "name": "liver", "bbox": [0, 0, 36, 64]},
-               {"cui": "C3", "name": "lung", "bbox": [50, 50, 50, 60]}]  # empty box: skipped, counted
-    write_boxed_shard(shard, [("a", _image(0), {"boxes": boxes_a}), ("b", _image(1), {"boxes": boxes_b}),
-                              ("c", _image(2), {"captions": ["no boxes"]})])
+    boxes_b = [{"cui": "C1", "name": "liver", "bbox": [0, 0, 36, 64]}]
+    write_boxed_shard(tmp_path / "demo-000000.tar", [("a", _image(0), {"boxes": boxes_a}),
+                                                     ("b", _image(1), {"boxes": boxes_b}),
+                                                     ("c", _image(2), {"captions": ["no boxes"]})])
     records = grounding_records_from_shards([tmp_path])
-    assert [(r.key, r.concept) for r in records] == [("a", "liver"), ("a", "kidney"), ("b", "liver"), ("b", "lung")]
-    result = evaluate_grounding(tiny_encoder, records)
-    assert result.n == 3 and result.method == "cosine"
-    assert sum(result.skipped.values()) == 1
-    hits, energies = [], []
-    for record in records[:3]:
-        heat = explain(tiny_encoder, record.image, [record.concept]).source_heatmaps()[0]
-        assert heat.shape == (64, 72)
-        hits.append(pointing_game(heat, record.box))
-        energies.append(energy_in_box(heat, record.box))
-    assert result.pointing_accuracy == pytest.approx(sum(hits) / 3)
-    assert result.mean_energy == pytest.approx(sum(energies) / 3)
-    assert result.per_concept["liver"]["n"] == 2
+    assert [(r.key, r.concept, r.box) for r in records] == [
+        ("a", "liver", (8, 8, 40, 40)), ("a", "kidney", (30, 20, 70, 60)), ("b", "liver", (0, 0, 36, 64))]
+    assert records[0].image is records[1].image and records[0].image.size == (72, 64)
+    assert np.array_equal(np.asarray(records[2].image), np.asarray(_image(1)))
+
+
+def _bilinear_weights(cell: int, cells: int = 8, pixels: int = 64) -> np.ndarray:
+    """Weight of grid cell ``cell`` at each output pixel of a bilinear upsampling with half-pixel
+    centres (align_corners=False): source coordinate (p + 0.5) * cells / pixels - 0.5, clamped at 0."""
+    source = np.clip((np.arange(pixels) + 0.5) * cells / pixels - 0.5, 0, cells - 1)
+    return np.clip(1 - np.abs(source - cell), 0, None)
+
+
+PLANTED = {"liver": (2, 5), "kidney": (6, 1)}  # concept -> (grid row, grid column) of its only peak
+
+
+def _planted_score(self, images, names, batch_size=32):
+    """ConceptScorer.score with known patch scores: 10 at the concept's planted cell, 0 elsewhere."""
+    patch = torch.zeros(1, len(names), 64)
+    for c, name in enumerate(names):
+        row, col = PLANTED[name]
+        patch[0, c, row * 8 + col] = 10.0
+    return patch.amax(-1), patch
+
+
+def test_evaluator_scores_planted_maps_by_hand(tiny_encoder, monkeypatch):
+    """72x64 images: the model sees the centre 64x64 crop (x from 4), an 8x8 grid of 8-pixel patches.
+    A peak at cell (r, c) is highest at model pixels 8c+3, 8c+4 (x) and 8r+3, 8r+4 (y)."""
+    monkeypatch.setattr(ConceptScorer, "score", _planted_score)
+    a, b = _image(0), _image(1)
+    records = [GroundingRecord(a, "liver", (46, 18, 50, 22)),  # peak at source x 47-48, y 19-20: inside
+               GroundingRecord(a, "kidney", (0, 0, 14, 50)),  # peak at x 15-16, y 51-52: 1 pixel right, below
+               GroundingRecord(b, "liver", (49, 19, 60, 30)),  # peak x 47-48: 1 pixel left of the box
+               GroundingRecord(b, "kidney", (50, 50, 50, 60))]  # empty box: skipped and counted
+    expected_hits = {0.0: [1, 0, 0], 1.0: [1, 0, 1], 2.0: [1, 1, 1]}
+    for tolerance, hits in expected_hits.items():
+        result = evaluate_grounding(tiny_encoder, records, tolerance=tolerance)
+        assert result.n == 3 and result.skipped == {"empty or inverted box": 1}
+        assert result.pointing_accuracy == pytest.approx(sum(hits) / 3)
+        assert result.per_concept["liver"]["n"] == 2 and result.per_concept["kidney"]["n"] == 1
+        assert result.per_concept["liver"]["pointing_accuracy"] == pytest.approx((hits[0] + hits[2]) / 2)
+    energies = []
+    for record in records[:3]:  # the map in source pixels: the model's view pasted at x = 4, zero around it
+        row, col = PLANTED[record.concept]
+        canvas = np.zeros((64, 72))
+        canvas[:, 4:68] = np.outer(_bilinear_weights(row), _bilinear_weights(col))
+        x0, y0, x1, y1 = record.box
+        energies.append(canvas[y0:y1, x0:x1].sum() / canvas.sum())
+    assert result.mean_energy == pytest.approx(np.mean(energies))
+    assert result.per_concept["kidney"]["mean_energy"] == pytest.approx(energies[1])
+    assert all(0 < e < 1 for e in energies) and len(set(energies)) == 3
+
+
+def test_reference_points_by_hand():
+    image = Image.new("RGB", (20, 10))  # width 20, height 10: centre pixel (x 10, y 5)
+    records = [GroundingRecord(image, "a", (10, 3, 14, 6)),  # 4 x 3 pixels around the centre
+               GroundingRecord(image, "b", (0, 0, 5, 10))]  # 5 x 10 pixels on the left edge
+    random0 = baseline_grounding(records, "random")
+    assert random0.pointing_accuracy == pytest.approx((12 / 200 + 50 / 200) / 2)
+    assert random0.mean_energy == pytest.approx((12 / 200 + 50 / 200) / 2)
+    random2 = baseline_grounding(records, "random", tolerance=2)  # grown: 8 x 7 and 7 x 10 (clipped)
+    assert random2.pointing_accuracy == pytest.approx((56 / 200 + 70 / 200) / 2)
+    assert random2.mean_energy == random0.mean_energy  # energy is measured in the box itself
+    centre = baseline_grounding(records, "centre")
+    assert centre.pointing_accuracy == 0.5 and centre.mean_energy == 0.5
+    assert baseline_grounding(records, "centre", tolerance=6).pointing_accuracy == 1.0  # x1 grown to 11
+    assert baseline_grounding(records, "centre", tolerance=5).per_concept["b"]["pointing_accuracy"] == 0.0
+    with pytest.raises(MedclipError, match="unknown grounding baseline"):
+        baseline_grounding(records, "corner")
 
 
 def test_grounding_points_at_a_planted_peak(tiny_encoder):
@@ -113,6 +170,12 @@ def test_cli_grounding(tmp_path, capsys):
     assert cli_main(["explain", "--grounding", str(shard), "--model", "medclip-tiny", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n"] == 1 and 0.0 <= result["mean_energy"] <= 1.0
+    # The model-free references need no model: the random point's hit chance is the box's pixel share.
+    assert cli_main(["explain", "--grounding", str(shard), "--method", "random", "-o", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "random" and result["pointing_accuracy"] == pytest.approx(30 * 30 / (72 * 64))
+    assert cli_main(["explain", "--grounding", str(shard), "--method", "heads", "--model", "medclip-tiny"]) == 2
+    assert "no PC-Align heads" in capsys.readouterr().err
     assert cli_main(["explain", "--grounding", str(tmp_path / "none.tar"), "--model", "medclip-tiny"]) == 2
     assert "no such shard" in capsys.readouterr().err
 

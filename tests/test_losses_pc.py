@@ -86,6 +86,14 @@ def test_cui_masking_removes_exactly_the_duplicate_negatives():
     ours = pc_align_loss(patches, concepts, mask, ids, scale, bias, world=SINGLE)
     distinct = pc_align_loss(patches, concepts, mask, torch.arange(9).reshape(3, 3), scale, bias, world=SINGLE)
     assert not torch.allclose(ours, distinct)
+    # same_concept='negative' is that rule: every valid pair counts, the loss is the distinct-ids loss.
+    conceptclip = PCAlignConfig(same_concept="negative")
+    _, counted_all = pair_labels(gathered, mask, ids, conceptclip.same_concept)
+    assert counted_all.sum().item() == counted.sum().item() + 2
+    torch.testing.assert_close(pc_align_loss(patches, concepts, mask, ids, scale, bias, conceptclip, world=SINGLE),
+                               distinct)
+    with pytest.raises(MedclipError, match="same_concept"):
+        PCAlignConfig(same_concept="positive")
 
 
 def test_loss_value_by_hand():

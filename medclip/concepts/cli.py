@@ -66,20 +66,27 @@ def run_annotate(args) -> int:
 def _load_encoder(args):
     import medclip
 
+    if not args.model:
+        raise MedclipError("give --model NAME_OR_DIR")
+
     return medclip.load(args.model, device=args.device, checkpoint=args.checkpoint, hf_text_dir=args.hf_text_dir)
 
 
 def run_explain(args) -> int:
     if args.grounding:
-        from medclip.concepts.grounding import evaluate_grounding, grounding_records_from_shards
+        from medclip.concepts.grounding import (
+            baseline_grounding,
+            evaluate_grounding,
+            grounding_records_from_shards,
+        )
 
         records = grounding_records_from_shards(args.grounding)
-        result = evaluate_grounding(_load_encoder(args), records, tolerance=args.tolerance)
-        text = json.dumps(result.to_dict(), indent=2)
-        if args.output:
-            Path(args.output).write_text(text + "\n")
-        print(text)
-        return 0
+        if args.method in ("random", "centre"):
+            result = baseline_grounding(records, args.method, tolerance=args.tolerance)
+        else:
+            result = evaluate_grounding(_load_encoder(args), records, tolerance=args.tolerance,
+                                        use_heads=_use_heads(args.method))
+        return _print_json(result.to_dict(), args.output)
     if not args.image:
         raise MedclipError("give an IMAGE to explain (or --grounding SHARDS)")
     from medclip.concepts.explain import explain, rank_concepts
@@ -101,10 +108,33 @@ def run_explain(args) -> int:
     return 0
 
 
+def _use_heads(method: str | None) -> bool | None:
+    """--method heads | cosine | None (the model decides: heads when it has them)."""
+    return None if method is None else method == "heads"
+
+
+def _print_json(result: dict, output: str | None) -> int:
+    text = json.dumps(result, indent=2)
+    if output:
+        Path(output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def run_zero_shot(args) -> int:
     from medclip.concepts.explain import annotate_images
 
     concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
+    if args.shards:
+        from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
+
+        if args.images:
+            raise MedclipError("give images or --shards, not both")
+        records = concept_label_records_from_shards(args.shards)
+        result = evaluate_concept_zero_shot(_load_encoder(args), records, concepts or None, _use_heads(args.method))
+        return _print_json(result.to_dict(), args.output)
+    if not args.images:
+        raise MedclipError("give image files to annotate (or --shards SHARDS to score against their concept labels)")
     if not concepts:
         raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
     labels = annotate_images(_load_encoder(args), args.images, concepts, top_k=args.top_k, threshold=args.threshold)
@@ -117,7 +147,8 @@ def run_zero_shot(args) -> int:
 
 
 def _model_args(parser) -> None:
-    parser.add_argument("--model", required=True, help="model name, hub directory or checkpoint")
+    parser.add_argument("--model", help="model name, hub directory or checkpoint (required except for "
+                                         "the grounding references --method random / centre)")
     parser.add_argument("--checkpoint", help="weights for a model name")
     parser.add_argument("--hf-text-dir", help="local HF text tower directory (offline)")
     parser.add_argument("--device", default=None)
@@ -148,8 +179,13 @@ def register(subparsers) -> None:
     ann.set_defaults(func=run_annotate)
 
     zs = sub.add_parser("zero-shot", help="rank concepts for each image with a model (zero-shot annotation)")
-    zs.add_argument("images", nargs="+", help="image files")
+    zs.add_argument("images", nargs="*", help="image files")
     _model_args(zs)
+    zs.add_argument("--shards", nargs="+", metavar="SHARDS",
+                    help="instead of images: score every image of these shards against its concept labels "
+                         "(non-negated 'concepts' of the sample JSON) and print the AUC per concept")
+    zs.add_argument("--method", choices=["heads", "cosine"],
+                    help="PC-Align heads or image-text cosine of the names (default: heads when the model has them)")
     zs.add_argument("--concepts", help="comma-separated concept names")
     zs.add_argument("--concepts-file", help="concept names, one per line (or a vocabulary file)")
     zs.add_argument("--top-k", type=int, default=5)
@@ -168,4 +204,7 @@ def register(subparsers) -> None:
     exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
                      help="shards or directories whose samples carry 'boxes': print pointing game and energy")
     exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")
+    exp.add_argument("--method", choices=["heads", "cosine", "random", "centre"],
+                     help="grounding: PC-Align heads, patch-text cosine, or a model-free reference (a uniformly "
+                          "random point, the image centre); default: heads when the model has them")
     exp.set_defaults(func=run_explain)

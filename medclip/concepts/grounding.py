@@ -9,7 +9,6 @@ Heatmaps and boxes are in the pixels of the stored image; boxes are [x0, y0, x1,
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from collections.abc import Iterable, Sequence
@@ -21,8 +20,9 @@ from PIL import Image
 
 from medclip.concepts.explain import explain
 from medclip.concepts.scoring import ConceptScorer
-from medclip.concepts.shards import expand_shards, iter_shard_samples
+from medclip.concepts.shards import expand_shards, iter_shard_samples, sample_image
 from medclip.errors import MedclipError
+from medclip.imaging import load_image
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,70 @@ class GroundingResult:
                 "method": self.method, "per_concept": self.per_concept, "skipped": self.skipped}
 
 
+def _image_size(image) -> tuple[int, int]:
+    """(width, height) of a record's image (as ``explain`` reads it) without running a model."""
+    return (image if isinstance(image, Image.Image) else load_image(image)).size
+
+
+def _random_point(width: int, height: int, box, tolerance: float) -> tuple[float, float]:
+    """A uniformly random pixel: P(hit) is the share of pixels in the grown box; its expected energy
+    (all the mass on that pixel) is the share of pixels in the box itself."""
+    rows, cols = _box_slices(box, height, width, margin=tolerance)
+    inner_rows, inner_cols = _box_slices(box, height, width)
+    area = width * height
+    return ((rows.stop - rows.start) * (cols.stop - cols.start) / area,
+            (inner_rows.stop - inner_rows.start) * (inner_cols.stop - inner_cols.start) / area)
+
+
+def _centre_point(width: int, height: int, box, tolerance: float) -> tuple[float, float]:
+    """All the heatmap's mass on the image's centre pixel."""
+    heat = torch.zeros(height, width)
+    heat[height // 2, width // 2] = 1.0
+    return float(pointing_game(heat, box, tolerance)), energy_in_box(heat, box)
+
+
+# Model-free references for the pointing game: name -> (width, height, box, tolerance) -> (hit, energy).
+GROUNDING_BASELINES = {"random": _random_point, "centre": _centre_point}
+
+
+def baseline_grounding(records: Iterable[GroundingRecord], kind: str, tolerance: float = 0.0) -> GroundingResult:
+    """Pointing game and energy of a model-free reference (expected values for ``random``)."""
+    if kind not in GROUNDING_BASELINES:
+        raise MedclipError(f"unknown grounding baseline {kind!r}; known: {sorted(GROUNDING_BASELINES)}")
+    score = GROUNDING_BASELINES[kind]
+    sizes: dict[object, tuple[int, int]] = {}
+    scored: list[tuple[GroundingRecord, float, float]] = []
+    skipped: dict[str, int] = {}
+    for record in records:
+        ident = str(record.image) if isinstance(record.image, (str, Path)) else id(record.image)
+        if ident not in sizes:
+            sizes[ident] = _image_size(record.image)
+        try:
+            scored.append((record, *score(*sizes[ident], record.box, tolerance)))
+        except MedclipError as exc:
+            _count_skip(skipped, record, exc)
+    return _summarize(scored, kind, skipped)
+
+
+def _count_skip(skipped: dict[str, int], record: GroundingRecord, exc: MedclipError) -> None:
+    reason = str(exc).split(" [")[0]
+    skipped[reason] = skipped.get(reason, 0) + 1
+    log.warning("grounding: skipping %s / %s: %s", record.key, record.concept, exc)
+
+
+def _summarize(scored: list[tuple[GroundingRecord, float, float]], method: str, skipped: dict) -> GroundingResult:
+    if not scored:
+        raise MedclipError("no usable (image, concept, box) record to evaluate grounding on")
+    per_concept: dict[str, list[tuple[float, float]]] = {}
+    for record, hit, energy in scored:
+        per_concept.setdefault(record.concept, []).append((hit, energy))
+    summary = {name: {"n": len(v), "pointing_accuracy": sum(h for h, _ in v) / len(v),
+                      "mean_energy": sum(e for _, e in v) / len(v)} for name, v in sorted(per_concept.items())}
+    n = len(scored)
+    return GroundingResult(n, sum(float(h) for _, h, _ in scored) / n, sum(e for _, _, e in scored) / n, method,
+                           summary, skipped)
+
+
 def evaluate_grounding(encoder, records: Iterable[GroundingRecord], tolerance: float = 0.0,
                        use_heads: bool | None = None) -> GroundingResult:
     """Pointing-game accuracy and mean energy-in-box of ``encoder``'s concept maps over ``records``.
@@ -106,31 +170,19 @@ def evaluate_grounding(encoder, records: Iterable[GroundingRecord], tolerance: f
         ident = str(record.image) if isinstance(record.image, (str, Path)) else id(record.image)
         images.setdefault(ident, record.image)
         by_image.setdefault(ident, []).append(record)
-    hits, energies, skipped = [], [], {}
-    per_concept: dict[str, list[tuple[bool, float]]] = {}
+    scored: list[tuple[GroundingRecord, float, float]] = []
+    skipped: dict[str, int] = {}
     for ident, group in by_image.items():
         names = list(dict.fromkeys(r.concept for r in group))
-        maps = explain(encoder, images[ident], names, scorer=scorer)
-        heat = maps.source_heatmaps()
+        heat = explain(encoder, images[ident], names, scorer=scorer).source_heatmaps()
         for record in group:
+            c = names.index(record.concept)
             try:
-                c = names.index(record.concept)
-                hit = pointing_game(heat[c], record.box, tolerance)
-                energy = energy_in_box(heat[c], record.box)
+                scored.append((record, float(pointing_game(heat[c], record.box, tolerance)),
+                               energy_in_box(heat[c], record.box)))
             except MedclipError as exc:
-                reason = str(exc).split(" [")[0]
-                skipped[reason] = skipped.get(reason, 0) + 1
-                log.warning("grounding: skipping %s / %s: %s", record.key, record.concept, exc)
-                continue
-            hits.append(hit)
-            energies.append(energy)
-            per_concept.setdefault(record.concept, []).append((hit, energy))
-    if not hits:
-        raise MedclipError("no usable (image, concept, box) record to evaluate grounding on")
-    summary = {name: {"n": len(v), "pointing_accuracy": sum(h for h, _ in v) / len(v),
-                      "mean_energy": sum(e for _, e in v) / len(v)} for name, v in sorted(per_concept.items())}
-    return GroundingResult(len(hits), sum(hits) / len(hits), sum(energies) / len(energies), scorer.method,
-                           summary, skipped)
+                _count_skip(skipped, record, exc)
+    return _summarize(scored, scorer.method, skipped)
 
 
 def grounding_records_from_shards(paths) -> list[GroundingRecord]:
@@ -144,10 +196,7 @@ def grounding_records_from_shards(paths) -> list[GroundingRecord]:
             if "image" not in sample:
                 log.warning("grounding: %s has boxes but no image; skipped", sample.get("key"))
                 continue
-            try:
-                image = Image.open(io.BytesIO(sample["image"])).convert("RGB")
-            except Exception as exc:  # PIL raises several types for broken images
-                raise MedclipError(f"{shard}: image of {sample.get('key')} cannot be decoded: {exc}") from exc
+            image = sample_image(sample, shard)
             for box in boxes:
                 name, bbox = box.get("name"), box.get("bbox")
                 if not name or not isinstance(bbox, list) or len(bbox) != 4:

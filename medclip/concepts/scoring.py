@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from medclip.concepts.tokens import name_token_mask, pad_token_id
+from medclip.concepts.tokens import embed_names, pad_token_id
 from medclip.errors import MedclipError
 from medclip.models import towers
 
@@ -53,9 +53,7 @@ class ConceptScorer:
             if self.use_heads:
                 ids = enc.tokenize(missing).to(enc.device)
                 with enc._autocast():
-                    _, states = towers.text_tokens(enc.model, ids)
-                    words = name_token_mask(ids, pad_token_id(enc.tokenizer)).to(states.dtype)
-                    vectors = enc.heads.embed_names(states, words).float().cpu()
+                    vectors = embed_names(enc.model, enc.heads, ids, pad_token_id(enc.tokenizer)).float().cpu()
             else:
                 vectors = enc.encode_text(missing, normalize=False)
             for name, vec in zip(missing, F.normalize(vectors, dim=-1)):
@@ -69,9 +67,12 @@ class ConceptScorer:
         pooled_out, patch_out = [], []
         for batch in enc.image_batches(images, batch_size):
             with enc._autocast():
-                pooled, states = towers.image_tokens(enc.model, batch)
-                patches = enc.heads.embed_patches(states) if self.use_heads else \
-                    towers.project_patches(enc.model, states)
+                if self.use_heads:  # the patch states the heads were trained on
+                    pooled, states = towers.image_tokens(enc.model, batch, enc.heads.config.patch_states)
+                    patches = enc.heads.embed_patches(states, enc.grid_size)
+                else:
+                    pooled, states = towers.image_tokens(enc.model, batch)
+                    patches = towers.project_patches(enc.model, states)
             pooled_out.append(F.normalize(pooled.float().cpu(), dim=-1))
             patch_out.append(F.normalize(patches.float().cpu(), dim=-1))
         return torch.cat(pooled_out), torch.cat(patch_out)

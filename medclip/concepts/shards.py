@@ -13,6 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from PIL import Image
+
 from medclip.concepts.annotator import ConceptAnnotator
 from medclip.errors import MedclipError
 
@@ -231,3 +233,11 @@ def expand_shards(paths) -> list[Path]:
     if not out:
         raise MedclipError(f"no .tar shards in {', '.join(map(str, paths))}")
     return out
+
+
+def sample_image(sample: dict, shard) -> Image.Image:
+    """The RGB image of a sample read by :func:`iter_shard_samples`; a one-line error if it is broken."""
+    try:
+        return Image.open(io.BytesIO(sample["image"])).convert("RGB")
+    except Exception as exc:  # PIL raises several types for broken images
+        raise MedclipError(f"{shard}: image of {sample.get('key')} cannot be decoded: {exc}") from exc

@@ -22,18 +22,39 @@ def char_to_token_spans(tokenizer, text: str, spans: Sequence[tuple[int, int]]) 
     return SpanTokenizer(tokenizer)(text, [CharSpan(s, e) for s, e in spans]).spans
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id ``tokenizer`` (an open_clip tokenizer: BPE, HF, SigLIP's) pads with.
+
+    Read from what it writes rather than from attributes, which differ between tokenizer kinds:
+    the empty text at a context of 3 is start (or end) token, end token, then padding.
+    """
+    ids = tokenizer([""], context_length=3)
+    return int(ids[0, -1])
+
+
 def name_token_mask(token_ids, pad_id: int):
-    """[N, L] bool: the content tokens of tokenized concept names (not start, end or padding)."""
+    """[N, L] bool: the content tokens of tokenized concept names, i.e. strictly between the start
+    token (position 0) and the end token (the last position that is not padding).
+
+    Padding only trails the end token, so an id equal to ``pad_id`` before it is a real token
+    (open_clip's BPE gives "!" the id 0 it also pads with). A name cut at the context length
+    keeps its end token at the last position.
+    """
     import torch
 
-    valid = token_ids != pad_id
-    lengths = valid.sum(dim=1)
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device).expand_as(token_ids)
-    return (positions >= 1) & (positions < (lengths - 1).unsqueeze(1)) & valid
+    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+    end = torch.where(token_ids != pad_id, positions, 0).amax(dim=1, keepdim=True)
+    return (positions > 0) & (positions < end)
 
 
-def pad_token_id(tokenizer) -> int:
-    hf = getattr(tokenizer, "tokenizer", None)
-    if hf is not None and getattr(hf, "pad_token_id", None) is not None:
-        return int(hf.pad_token_id)
-    return 0  # open_clip's SimpleTokenizer pads with 0
+def embed_names(model, heads, token_ids, pad_id: int):
+    """[N, D] PC-Align embeddings (not normalized) of concept names tokenized like captions.
+
+    The one path from a name to the concept head, shared by training (``use_concept_names``) and
+    queries (``ConceptScorer``), so the heads are queried the way they were trained: the mean of the
+    name's content-token states, then the concept head, as a caption span is pooled in training.
+    """
+    from medclip.models import towers
+
+    _, states = towers.text_tokens(model, token_ids)
+    return heads.embed_names(states, name_token_mask(token_ids, pad_id).to(states.dtype))

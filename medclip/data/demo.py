@@ -83,122 +83,169 @@ def _disk(x, y, cx, cy, r):
     return ((x - cx) ** 2 + (y - cy) ** 2) < r * r
 
 
-def _render(modality: str, finding: str, side: str, n: int, rng: np.random.Generator):
-    """RGB uint8 image and the finding box (fractions of the image) or None."""
-    x, y = _grid(n)
-    noise = rng.normal(0, 0.03, (n, n)).astype(np.float32)
-    # The finding's centre: left/right half of the image (radiological convention for X-ray/CT/MRI).
+@dataclass
+class _Scene:
+    """What one modality painter needs: the pixel grid, the finding and where it sits."""
+
+    x: np.ndarray  # [n, n] column coordinate in [0, 1)
+    y: np.ndarray  # [n, n] row coordinate in [0, 1)
+    finding: str
+    cx: float  # the finding's centre (fractions of the image)
+    cy: float
+    rng: np.random.Generator
+
+    @property
+    def n(self) -> int:
+        return self.x.shape[0]
+
+
+def _finding_centre(modality: str, side: str, rng: np.random.Generator) -> tuple[float, float]:
+    """Left/right half of the image for the side (radiological convention for X-ray, CT and MRI)."""
     image_right = (side == "left") if modality in ("X-ray", "CT", "MRI") else (side == "right")
     cx = (0.68 if image_right else 0.32) + rng.uniform(-0.05, 0.05)
-    cy = rng.uniform(0.35, 0.65)
+    return cx, rng.uniform(0.35, 0.65)
+
+
+def _gray(g: np.ndarray) -> np.ndarray:
+    return np.stack([g] * 3, -1)
+
+
+def _paint_xray(s: _Scene):
+    x, y, cx, cy = s.x, s.y, s.cx, s.cy
+    g = np.full((s.n, s.n), 0.85, np.float32)
+    lungs = _disk(x / 0.8, y / 1.2, 0.34 / 0.8, 0.5 / 1.2, 0.19) | _disk(x / 0.8, y / 1.2, 0.66 / 0.8, 0.5 / 1.2, 0.19)
+    g[lungs] = 0.25
+    heart_r = 0.17 if s.finding == "cardiomegaly" else 0.1
+    g[_disk(x, y, 0.52, 0.62, heart_r)] = 0.8
+    for k in range(5):  # ribs
+        g[np.abs(y - (0.3 + 0.09 * k) - 0.05 * np.abs(x - 0.5)) < 0.008] += 0.15
+    g[(x < 0.05) | (x > 0.95)] = 0.05
     box = None
-    if modality == "X-ray":
-        g = np.full((n, n), 0.85, np.float32)
-        lungs = _disk(x / 0.8, y / 1.2, 0.34 / 0.8, 0.5 / 1.2, 0.19) | _disk(x / 0.8, y / 1.2, 0.66 / 0.8, 0.5 / 1.2, 0.19)
-        g[lungs] = 0.25
-        heart_r = 0.17 if finding == "cardiomegaly" else 0.1
-        g[_disk(x, y, 0.52, 0.62, heart_r)] = 0.8
-        for k in range(5):  # ribs
-            g[np.abs(y - (0.3 + 0.09 * k) - 0.05 * np.abs(x - 0.5)) < 0.008] += 0.15
-        g[(x < 0.05) | (x > 0.95)] = 0.05
-        if finding == "cardiomegaly":
-            box = (0.52 - heart_r, 0.62 - heart_r, 0.52 + heart_r, 0.62 + heart_r)
-        elif finding == "pneumothorax":
-            region = lungs & (np.abs(x - cx) < 0.12) & (y < 0.45)
-            g[region] = 0.02
-            box = (cx - 0.12, 0.25, cx + 0.12, 0.45)
-        elif finding == "pleural effusion":
-            region = lungs & (np.abs(x - cx) < 0.16) & (y > 0.6)
-            g[region] = 0.75
-            box = (cx - 0.16, 0.6, cx + 0.16, 0.75)
-        elif finding == "nodule":
-            g[_disk(x, y, cx, cy, 0.04)] = 0.95
-            box = (cx - 0.04, cy - 0.04, cx + 0.04, cy + 0.04)
-        elif finding == "fracture":
-            g[(np.abs(x - cx) < 0.012) & (np.abs(y - 0.39) < 0.05)] = 0.0
-            box = (cx - 0.05, 0.33, cx + 0.05, 0.45)
-        rgb = np.stack([g] * 3, -1)
-    elif modality == "CT":
-        g = np.zeros((n, n), np.float32)
-        body = _disk(x / 1.0, y / 0.8, 0.5, 0.5 / 0.8, 0.45)
-        g[body] = 0.5
-        g[_disk(x, y, 0.32, 0.48, 0.15) | _disk(x, y, 0.68, 0.48, 0.15)] = 0.08
-        g[_disk(x, y, 0.5, 0.8, 0.06)] = 1.0  # spine
-        if finding in ("nodule", "mass"):
-            r = 0.035 if finding == "nodule" else 0.08
-            cy = 0.48 + rng.uniform(-0.04, 0.04)
-            g[_disk(x, y, cx, cy, r)] = 0.55
-            box = (cx - r, cy - r, cx + r, cy + r)
-        elif finding == "pleural effusion":
-            region = _disk(x, y, cx, 0.48, 0.15) & (y > 0.52)
-            g[region] = 0.4
-            box = (cx - 0.15, 0.52, cx + 0.15, 0.63)
-        rgb = np.stack([g] * 3, -1)
-    elif modality == "MRI":
-        g = np.zeros((n, n), np.float32)
-        g[_disk(x / 0.8, y, 0.5 / 0.8, 0.5, 0.42)] = 0.9  # skull/scalp ring
-        brain = _disk(x / 0.8, y, 0.5 / 0.8, 0.5, 0.37)
-        g[brain] = 0.45 + 0.1 * np.sin(x[brain] * 40) * np.sin(y[brain] * 40)
-        g[(np.abs(x - 0.5) < 0.01) & brain] = 0.2
-        if finding == "mass":
-            g[_disk(x, y, cx, cy, 0.08)] = 0.95
-            g[_disk(x, y, cx, cy, 0.04)] = 0.3
-            box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
-        elif finding == "hemorrhage":
-            g[_disk(x, y, cx, cy, 0.05)] = 0.05
-            box = (cx - 0.05, cy - 0.05, cx + 0.05, cy + 0.05)
-        rgb = np.stack([g] * 3, -1)
-    elif modality == "ultrasound":
-        ang = np.arctan2(x - 0.5, y + 0.05)
-        rad = np.hypot(x - 0.5, y + 0.05)
-        fan = (np.abs(ang) < 0.6) & (rad > 0.15) & (rad < 1.0)
-        speckle = rng.gamma(2.0, 0.15, (n, n)).astype(np.float32)
-        g = np.where(fan, np.clip(speckle, 0, 1) * 0.8, 0.0).astype(np.float32)
-        cy = rng.uniform(0.5, 0.75)
-        if finding == "cyst":
-            g[_disk(x, y, cx, cy, 0.07) & fan] = 0.02
-            g[_disk(x, y, cx, cy + 0.1, 0.05) & fan] *= 1.6  # posterior acoustic enhancement
-            box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
-        elif finding == "mass":
-            g[_disk(x, y, cx, cy, 0.08) & fan] = 0.9
-            box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
-        g = np.clip(g, 0, 1)
-        rgb = np.stack([g, g, g * 0.95], -1)
-        noise = noise * 0
-    elif modality == "histology":
-        rgb = np.empty((n, n, 3), np.float32)
-        rgb[..., 0], rgb[..., 1], rgb[..., 2] = 0.95, 0.72, 0.85  # eosin pink
-        nuclei = np.zeros((n, n), bool)
-        for _ in range(int(n * n / 220)):
-            px, py = rng.uniform(0, 1, 2)
-            nuclei |= _disk(x, y, px, py, 0.018)
-        if finding == "carcinoma":
-            cy = rng.uniform(0.3, 0.7)
-            for _ in range(40):
-                px, py = cx + rng.normal(0, 0.07), cy + rng.normal(0, 0.07)
-                nuclei |= _disk(x, y, px, py, 0.03)
-            box = (cx - 0.18, cy - 0.18, cx + 0.18, cy + 0.18)
-        rgb[nuclei] = (0.35, 0.2, 0.6)  # hematoxylin purple
-        noise = noise[..., None]
-    else:  # fundus
-        rgb = np.zeros((n, n, 3), np.float32)
-        eye = _disk(x, y, 0.5, 0.5, 0.46)
-        shade = 1.0 - 0.6 * np.hypot(x - 0.5, y - 0.5)
-        rgb[eye] = np.stack([0.85 * shade, 0.4 * shade, 0.15 * shade], -1)[eye]
-        disc_x = 0.7 if rng.random() < 0.5 else 0.3
-        rgb[_disk(x, y, disc_x, 0.5, 0.07)] = (1.0, 0.9, 0.6)
-        for k in range(4):  # vessels
-            vessel = np.abs(y - 0.5 - (x - disc_x) * (k - 1.5) * 0.5) < 0.008
-            rgb[vessel & eye] = (0.55, 0.1, 0.05)
-        if finding == "hemorrhage":
-            cx = 1.0 - disc_x + rng.uniform(-0.05, 0.05)
-            rgb[_disk(x, y, cx, cy, 0.045)] = (0.35, 0.02, 0.02)
-            box = (cx - 0.045, cy - 0.045, cx + 0.045, cy + 0.045)
-        noise = noise[..., None]
-    if rgb.ndim == 2:
-        rgb = np.stack([rgb] * 3, -1)
-    rgb = np.clip(rgb + (noise if np.ndim(noise) == 3 else noise[..., None]), 0, 1)
-    return (rgb * 255).round().astype(np.uint8), box
+    if s.finding == "cardiomegaly":
+        box = (0.52 - heart_r, 0.62 - heart_r, 0.52 + heart_r, 0.62 + heart_r)
+    elif s.finding == "pneumothorax":
+        g[lungs & (np.abs(x - cx) < 0.12) & (y < 0.45)] = 0.02
+        box = (cx - 0.12, 0.25, cx + 0.12, 0.45)
+    elif s.finding == "pleural effusion":
+        g[lungs & (np.abs(x - cx) < 0.16) & (y > 0.6)] = 0.75
+        box = (cx - 0.16, 0.6, cx + 0.16, 0.75)
+    elif s.finding == "nodule":
+        g[_disk(x, y, cx, cy, 0.04)] = 0.95
+        box = (cx - 0.04, cy - 0.04, cx + 0.04, cy + 0.04)
+    elif s.finding == "fracture":
+        g[(np.abs(x - cx) < 0.012) & (np.abs(y - 0.39) < 0.05)] = 0.0
+        box = (cx - 0.05, 0.33, cx + 0.05, 0.45)
+    return _gray(g), box
+
+
+def _paint_ct(s: _Scene):
+    x, y, cx = s.x, s.y, s.cx
+    g = np.zeros((s.n, s.n), np.float32)
+    g[_disk(x / 1.0, y / 0.8, 0.5, 0.5 / 0.8, 0.45)] = 0.5  # body
+    g[_disk(x, y, 0.32, 0.48, 0.15) | _disk(x, y, 0.68, 0.48, 0.15)] = 0.08  # lungs
+    g[_disk(x, y, 0.5, 0.8, 0.06)] = 1.0  # spine
+    box = None
+    if s.finding in ("nodule", "mass"):
+        r = 0.035 if s.finding == "nodule" else 0.08
+        cy = 0.48 + s.rng.uniform(-0.04, 0.04)
+        g[_disk(x, y, cx, cy, r)] = 0.55
+        box = (cx - r, cy - r, cx + r, cy + r)
+    elif s.finding == "pleural effusion":
+        g[_disk(x, y, cx, 0.48, 0.15) & (y > 0.52)] = 0.4
+        box = (cx - 0.15, 0.52, cx + 0.15, 0.63)
+    return _gray(g), box
+
+
+def _paint_mri(s: _Scene):
+    x, y, cx, cy = s.x, s.y, s.cx, s.cy
+    g = np.zeros((s.n, s.n), np.float32)
+    g[_disk(x / 0.8, y, 0.5 / 0.8, 0.5, 0.42)] = 0.9  # skull/scalp ring
+    brain = _disk(x / 0.8, y, 0.5 / 0.8, 0.5, 0.37)
+    g[brain] = 0.45 + 0.1 * np.sin(x[brain] * 40) * np.sin(y[brain] * 40)
+    g[(np.abs(x - 0.5) < 0.01) & brain] = 0.2
+    box = None
+    if s.finding == "mass":
+        g[_disk(x, y, cx, cy, 0.08)] = 0.95
+        g[_disk(x, y, cx, cy, 0.04)] = 0.3
+        box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
+    elif s.finding == "hemorrhage":
+        g[_disk(x, y, cx, cy, 0.05)] = 0.05
+        box = (cx - 0.05, cy - 0.05, cx + 0.05, cy + 0.05)
+    return _gray(g), box
+
+
+def _paint_ultrasound(s: _Scene):
+    x, y, cx = s.x, s.y, s.cx
+    ang = np.arctan2(x - 0.5, y + 0.05)
+    rad = np.hypot(x - 0.5, y + 0.05)
+    fan = (np.abs(ang) < 0.6) & (rad > 0.15) & (rad < 1.0)
+    speckle = s.rng.gamma(2.0, 0.15, (s.n, s.n)).astype(np.float32)
+    g = np.where(fan, np.clip(speckle, 0, 1) * 0.8, 0.0).astype(np.float32)
+    cy = s.rng.uniform(0.5, 0.75)  # deeper than the other modalities' findings
+    box = None
+    if s.finding == "cyst":
+        g[_disk(x, y, cx, cy, 0.07) & fan] = 0.02
+        g[_disk(x, y, cx, cy + 0.1, 0.05) & fan] *= 1.6  # posterior acoustic enhancement
+        box = (cx - 0.07, cy - 0.07, cx + 0.07, cy + 0.07)
+    elif s.finding == "mass":
+        g[_disk(x, y, cx, cy, 0.08) & fan] = 0.9
+        box = (cx - 0.08, cy - 0.08, cx + 0.08, cy + 0.08)
+    g = np.clip(g, 0, 1)
+    return np.stack([g, g, g * 0.95], -1), box
+
+
+def _paint_histology(s: _Scene):
+    x, y, cx = s.x, s.y, s.cx
+    rgb = np.empty((s.n, s.n, 3), np.float32)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 0.95, 0.72, 0.85  # eosin pink
+    nuclei = np.zeros((s.n, s.n), bool)
+    for _ in range(int(s.n * s.n / 220)):
+        px, py = s.rng.uniform(0, 1, 2)
+        nuclei |= _disk(x, y, px, py, 0.018)
+    box = None
+    if s.finding == "carcinoma":  # a dense cluster of enlarged nuclei
+        cy = s.rng.uniform(0.3, 0.7)
+        for _ in range(40):
+            px, py = cx + s.rng.normal(0, 0.07), cy + s.rng.normal(0, 0.07)
+            nuclei |= _disk(x, y, px, py, 0.03)
+        box = (cx - 0.18, cy - 0.18, cx + 0.18, cy + 0.18)
+    rgb[nuclei] = (0.35, 0.2, 0.6)  # hematoxylin purple
+    return rgb, box
+
+
+def _paint_fundus(s: _Scene):
+    x, y, cy = s.x, s.y, s.cy
+    rgb = np.zeros((s.n, s.n, 3), np.float32)
+    eye = _disk(x, y, 0.5, 0.5, 0.46)
+    shade = 1.0 - 0.6 * np.hypot(x - 0.5, y - 0.5)
+    rgb[eye] = np.stack([0.85 * shade, 0.4 * shade, 0.15 * shade], -1)[eye]
+    disc_x = 0.7 if s.rng.random() < 0.5 else 0.3
+    rgb[_disk(x, y, disc_x, 0.5, 0.07)] = (1.0, 0.9, 0.6)
+    for k in range(4):  # vessels
+        vessel = np.abs(y - 0.5 - (x - disc_x) * (k - 1.5) * 0.5) < 0.008
+        rgb[vessel & eye] = (0.55, 0.1, 0.05)
+    box = None
+    if s.finding == "hemorrhage":  # on the side away from the optic disc
+        cx = 1.0 - disc_x + s.rng.uniform(-0.05, 0.05)
+        rgb[_disk(x, y, cx, cy, 0.045)] = (0.35, 0.02, 0.02)
+        box = (cx - 0.045, cy - 0.045, cx + 0.045, cy + 0.045)
+    return rgb, box
+
+
+# Modality -> painter: (RGB float image in [0, 1] of shape [n, n, 3], finding box as fractions or None).
+_PAINTERS = {"X-ray": _paint_xray, "CT": _paint_ct, "MRI": _paint_mri, "ultrasound": _paint_ultrasound,
+             "histology": _paint_histology, "fundus": _paint_fundus}
+_NOISELESS = {"ultrasound"}  # speckle is its own noise
+
+
+def _render(modality: str, finding: str, side: str, n: int, rng: np.random.Generator):
+    """RGB uint8 image and the finding box (fractions of the image) or None."""
+    noise = rng.normal(0, 0.03, (n, n)).astype(np.float32)  # drawn first: the random stream's order is the set
+    scene = _Scene(*_grid(n), finding, *_finding_centre(modality, side, rng), rng)
+    rgb, box = _PAINTERS[modality](scene)
+    if modality not in _NOISELESS:
+        rgb = rgb + noise[..., None]
+    return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), box
 
 
 def _cap(text: str) -> str:

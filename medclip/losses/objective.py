@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from medclip.concepts.tokens import embed_names, name_token_mask
 from medclip.errors import MedclipError
 from medclip.losses.distributed import World
 from medclip.losses.it_align import (
@@ -32,6 +33,7 @@ from medclip.losses.it_align import (
 )
 from medclip.losses.pc_align import POOLS, PCAlignConfig, pc_align_loss
 from medclip.models import towers
+from medclip.models.heads import ConceptHeadsConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,14 @@ class ObjectiveConfig:
     pc_topk: int = 4
     pc_lse_temperature: float = 0.1
     pc_chunk_size: int | None = 64  # concepts per chunk; None = naive (all at once)
+    # Another caption's mention of one of the image's own concept ids: 'ignore' (no false negatives)
+    # or 'negative' (ConceptCLIP's form).
+    pc_same_concept: str = "ignore"
     use_concept_names: bool = False  # also align the embedding of each concept's name
+    # What the patch head reads (models.heads.PATCH_STATES: 'last' block or the patch 'embed'dings) and
+    # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
+    pc_patch_states: str = "last"
+    pc_patch_context: int = 1
 
     def __post_init__(self):
         if self.it_kind not in IT_KINDS:
@@ -74,6 +83,14 @@ class ObjectiveConfig:
         if self.pc_pool not in POOLS:
             raise MedclipError(f"pc_pool must be one of {POOLS}, got {self.pc_pool!r}")
         self.pc_config()  # validates the remaining PC-Align values
+        try:
+            ConceptHeadsConfig(1, 1, 1, **self.heads_options())
+        except MedclipError as exc:
+            raise MedclipError(f"objective.pc_{exc}") from None
+
+    def heads_options(self) -> dict:
+        """The recipe's choices for the PC-Align heads (models.heads.ConceptHeadsConfig fields)."""
+        return {"patch_states": self.pc_patch_states, "patch_context": self.pc_patch_context}
 
     @classmethod
     def from_dict(cls, values: dict) -> ObjectiveConfig:
@@ -85,7 +102,7 @@ class ObjectiveConfig:
 
     def pc_config(self) -> PCAlignConfig:
         return PCAlignConfig(pool=self.pc_pool, topk=self.pc_topk, lse_temperature=self.pc_lse_temperature,
-                             chunk_size=self.pc_chunk_size)
+                             chunk_size=self.pc_chunk_size, same_concept=self.pc_same_concept)
 
     def pc_active(self, step: int | None) -> bool:
         return self.pc_weight > 0 and (step is None or step >= self.pc_start_step)
@@ -138,25 +155,16 @@ def concat_features(parts: list[Features]) -> Features:
     )
 
 
-def _text_pad_id(model) -> int:
-    text = getattr(model, "text", None)
-    if text is not None and hasattr(text, "config"):
-        return int(text.config.pad_token_id)
-    return 0  # open_clip's SimpleTokenizer pads with 0
-
-
-def name_token_mask(token_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """[N, L] bool: the tokens of a tokenized name between its start and end tokens."""
-    real = token_ids != pad_id
-    positions = torch.arange(token_ids.shape[1], device=token_ids.device)
-    last = (real * positions).amax(dim=1, keepdim=True)  # the end token ([SEP] / <end_of_text>)
-    return real & (positions > 0) & (positions < last)
-
-
 class Objective:
-    def __init__(self, config: ObjectiveConfig | None = None, world: World | None = None):
+    def __init__(self, config: ObjectiveConfig | None = None, world: World | None = None,
+                 name_pad_id: int | None = None):
         self.config = config or ObjectiveConfig()
         self.world = world  # None: ask torch.distributed at every call
+        # The id concept_name_tokens are padded with: medclip.concepts.tokens.pad_token_id(tokenizer).
+        if self.config.use_concept_names and name_pad_id is None:
+            raise MedclipError("use_concept_names needs the tokenizer's pad id: "
+                               "Objective(config, name_pad_id=pad_token_id(tokenizer))")
+        self.name_pad_id = name_pad_id
         self.skipped_spans = 0  # concept mentions dropped because their token span was unusable
 
     def init_parameters(self, model) -> None:
@@ -203,13 +211,8 @@ class Objective:
                                f"got {tuple(names.shape)}")
         rows, cols = mask.nonzero(as_tuple=True)
         ids = names[rows, cols].long()
-        words = name_token_mask(ids, _text_pad_id(model))
-        out = None
-        if len(ids):
-            _, states = towers.text_tokens(model, ids)
-            weights = words.to(states.dtype)
-            pooled = (weights[..., None] * states).sum(1) / weights.sum(1, keepdim=True).clamp_min(1.0)
-            out = heads.embed_pooled_text(pooled)
+        words = name_token_mask(ids, self.name_pad_id)
+        out = embed_names(model, heads, ids, self.name_pad_id) if len(ids) else None
         dim = heads.config.embed_dim
         embeds = torch.zeros(*mask.shape, dim, dtype=out.dtype if out is not None else torch.float32,
                              device=mask.device)
@@ -227,11 +230,12 @@ class Objective:
         images, text = batch["images"], batch["text"]
         if images.shape[0] != text.shape[0]:
             raise MedclipError(f"{images.shape[0]} images but {text.shape[0]} captions in the batch")
-        image_pooled, patch_states = towers.image_tokens(model, images)
+        pc_on = heads is not None and self.config.pc_active(step)
+        image_pooled, patch_states = towers.image_tokens(model, images, heads.config.patch_states if pc_on else "last")
         text_pooled, token_states = towers.text_tokens(model, text)
         keys = hash_captions(text) if self.config.it_same_caption == "positive" else None
         features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys)
-        if heads is None or not self.config.pc_active(step):
+        if not pc_on:
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])
         span_mask, mask = self.span_mask(spans, mask, text.shape[1])
@@ -243,7 +247,7 @@ class Objective:
             concepts = torch.cat([concepts, names.to(concepts.dtype)], dim=1)
             ids = torch.cat([ids, ids], dim=1)
             mask = torch.cat([mask, name_mask], dim=1)
-        features.patches = heads.embed_patches(patch_states)
+        features.patches = heads.embed_patches(patch_states, towers.grid_size(model))
         features.concepts, features.concept_mask, features.concept_ids = concepts, mask, ids
         return features
 

@@ -8,7 +8,8 @@ t_c = exp(heads.logit_scale) and b_c = heads.logit_bias, separate from IT-Align'
 Pairs (image i of this rank, concept c of the global batch):
   * positive  -- c is a (non-negated, non-padding) concept of i's own caption;
   * ignored   -- c belongs to another caption but has the same concept id (CUI) as one of i's own
-                 concepts (ConceptCLIP counts these as negatives: false negatives);
+                 concepts (ConceptCLIP counts these as negatives: false negatives; ``same_concept:
+                 'negative'`` does the same);
   * negative  -- every other valid concept.
 Images whose caption has no valid concept are not scored (an unannotated caption says nothing about
 which concepts are absent); padding and negated mentions are never scored as concepts.
@@ -43,6 +44,9 @@ from medclip.losses.distributed import (
 )
 
 POOLS = ("max", "topk", "lse")
+# A concept of another caption with the same id as one of the image's own: 'ignore' (medclip: not a
+# negative, since the image does show it) or 'negative' (ConceptCLIP: a false negative).
+SAME_CONCEPT_RULES = ("ignore", "negative")
 
 
 @dataclass(frozen=True)
@@ -51,10 +55,13 @@ class PCAlignConfig:
     topk: int = 4  # patches averaged by pool='topk'
     lse_temperature: float = 0.1  # tau of pool='lse', in logit units
     chunk_size: int | None = 64  # concepts per chunk; None computes all concepts at once (naive)
+    same_concept: str = "ignore"  # see SAME_CONCEPT_RULES
 
     def __post_init__(self):
         if self.pool not in POOLS:
             raise MedclipError(f"PC-Align pool must be one of {POOLS}, got {self.pool!r}")
+        if self.same_concept not in SAME_CONCEPT_RULES:
+            raise MedclipError(f"PC-Align same_concept must be one of {SAME_CONCEPT_RULES}, got {self.same_concept!r}")
         if self.topk < 1:
             raise MedclipError(f"PC-Align topk must be >= 1, got {self.topk}")
         if not self.lse_temperature > 0:
@@ -213,16 +220,18 @@ def gather_concepts(concepts, concept_mask, concept_ids, world: World) -> Global
     )
 
 
-def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids,
+                same_concept: str = "ignore") -> tuple[torch.Tensor, torch.Tensor]:
     """(positive [B, N] bool, counted [B, N] bool) for this rank's images against the global concepts."""
     batch = concept_mask.shape[0]
     me = torch.arange(batch, device=concept_mask.device) + global_concepts.image_offset
     valid = global_concepts.valid[None, :]
     positive = valid & (global_concepts.owners[None, :] == me[:, None])
-    # Another caption's mention of one of my own CUIs: neither positive nor negative.
-    same_id = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :])
-               & concept_mask[:, :, None]).any(dim=1)
-    negative = valid & ~positive & ~same_id
+    negative = valid & ~positive
+    if same_concept == "ignore":  # another caption's mention of one of my own CUIs: neither positive nor negative
+        same_id = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :])
+                   & concept_mask[:, :, None]).any(dim=1)
+        negative &= ~same_id
     scored_image = concept_mask.any(dim=1, keepdim=True)
     return positive, (positive | negative) & scored_image
 
@@ -258,7 +267,7 @@ def pc_align_loss(
     zero = (patch_embeds.sum() + kept.sum() + scale + logit_bias) * 0.0
     if gathered is None:
         return zero
-    positive, counted = pair_labels(gathered, concept_mask, concept_ids)
+    positive, counted = pair_labels(gathered, concept_mask, concept_ids, cfg.same_concept)
     scored_images = all_reduce_sum(concept_mask.any(dim=1).sum().to(patch_embeds.dtype), world)
     scores = concept_scores(patch_embeds, gathered.embeddings, scale, logit_bias, cfg)
     sign = positive.to(scores.dtype) * 2 - 1

@@ -10,7 +10,16 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from medclip.errors import MedclipError
+
+# Which image-token states the patch head reads: 'last' = the image tower's last block (ConceptCLIP);
+# 'embed' = the patch embeddings before the first block, where a patch has seen only its own pixels
+# (after attention every token can carry the whole image, and max pooling then rewards whichever
+# position gathers it, not the patch that shows the concept).
+PATCH_STATES = ("last", "embed")
 
 
 @dataclass
@@ -24,6 +33,16 @@ class ConceptHeadsConfig:
     # ConceptCLIP's form: the concept head maps every token state, then a span's vectors are averaged
     # (its `text_proj` before span pooling). False: average the span's states, then the head.
     concept_head_on_tokens: bool = False
+    patch_states: str = "last"  # see PATCH_STATES
+    # The patch head reads each patch together with its k x k neighbours on the grid (zero beyond the
+    # edge), odd k; 1 = the patch alone. Context for local states ('embed'), which see one patch only.
+    patch_context: int = 1
+
+    def __post_init__(self):
+        if self.patch_states not in PATCH_STATES:
+            raise MedclipError(f"patch_states must be one of {PATCH_STATES}, got {self.patch_states!r}")
+        if self.patch_context < 1 or self.patch_context % 2 == 0:
+            raise MedclipError(f"patch_context must be an odd number >= 1, got {self.patch_context}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,14 +59,26 @@ class ConceptHeads(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_dim or config.embed_dim
-        self.patch_head = _mlp(config.image_width, hidden, config.embed_dim)
+        self.patch_head = _mlp(config.image_width * config.patch_context ** 2, hidden, config.embed_dim)
         self.concept_head = _mlp(config.text_width, hidden, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
 
-    def embed_patches(self, patch_states: torch.Tensor) -> torch.Tensor:
-        """[B, P, Wv] -> [B, P, D] (not normalized)."""
-        return self.patch_head(patch_states)
+    def embed_patches(self, patch_states: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """[B, P, Wv] -> [B, P, D] (not normalized); ``grid`` (rows, columns) with P = rows x columns
+        is needed when ``patch_context`` > 1."""
+        return self.patch_head(self._with_context(patch_states, grid))
+
+    def _with_context(self, states: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """[B, P, W] -> [B, P, W k^2]: each patch's k x k neighbourhood, in F.unfold's channel order."""
+        k = self.config.patch_context
+        if k == 1:
+            return states
+        if grid is None or grid[0] * grid[1] != states.shape[1]:
+            raise MedclipError(f"patch_context {k} needs the patch grid of the {states.shape[1]} patches, got {grid}")
+        batch, _, width = states.shape
+        maps = states.transpose(1, 2).reshape(batch, width, *grid)
+        return F.unfold(maps, k, padding=k // 2).transpose(1, 2)
 
     def embed_spans(self, token_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
         """Mean of token states over each concept span, then the concept head (or the reverse order

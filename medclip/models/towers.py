@@ -47,9 +47,19 @@ def grid_size(model) -> tuple[int, int]:
     return -(-height // stride), -(-width // stride)
 
 
-def image_tokens(model, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pooled image features [B, D] unnormalized, patch states [B, P, W] before projection)."""
+def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled image features [B, D] unnormalized, patch states [B, P, W] before projection).
+
+    ``patch_states``: 'last' = the last block's tokens; 'embed' = the patch embeddings the first block
+    receives (open_clip ViT: after the positional embedding and ln_pre), from the same forward pass.
+    """
     visual = model.visual
+    if patch_states == "embed":
+        if not isinstance(visual, VisionTransformer):
+            raise MedclipError(f"patch states 'embed' need an open_clip ViT image tower, not {type(visual).__name__}")
+        return _vit_embeddings(visual, images)
+    if patch_states != "last":
+        raise MedclipError(f"patch states must be 'last' or 'embed', got {patch_states!r}")
     if isinstance(visual, VisionTransformer):
         return _vit_tokens(visual, images)
     if isinstance(visual, TimmModel):
@@ -71,6 +81,22 @@ def _vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.
                         "pooling (no attentional pooler, final_ln_after_pool false)")
     out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
     return out["image_features"], out["image_intermediates"][-1]
+
+
+def _vit_embeddings(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # ln_pre's output is the first block's input (open_clip applies it last in the embedding stem);
+    # a forward hook (public nn.Module API) keeps it from the one pass that also gives the pooled features.
+    captured = []
+    handle = visual.ln_pre.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        pooled, _ = _vit_tokens(visual, images)
+    finally:
+        handle.remove()
+    patches = int(visual.grid_size[0] * visual.grid_size[1])
+    if len(captured) != 1 or captured[0].shape[1] != patches + 1:
+        raise MedclipError("could not read the ViT's patch embeddings (ln_pre ran "
+                           f"{len(captured)} time(s); patch dropout must be off)")
+    return pooled, captured[0][:, 1:]  # open_clip ViTs have one class token, first
 
 
 def set_grad_checkpointing(model, enable: bool = True) -> None:

@@ -24,11 +24,12 @@ CONCEPT_NAME_TOKENS = 16  # concept names are short; 16 tokens hold all the demo
 class TrainModule(nn.Module):
     """The open_clip model plus PC-Align heads; forward = both towers once (what DDP/FSDP wrap)."""
 
-    def __init__(self, model: nn.Module, heads: nn.Module | None, objective: ObjectiveConfig):
+    def __init__(self, model: nn.Module, heads: nn.Module | None, objective: ObjectiveConfig,
+                 name_pad_id: int | None = None):
         super().__init__()
         self.model = model
         self.heads = heads
-        self.objective = Objective(objective)
+        self.objective = Objective(objective, name_pad_id=name_pad_id)
 
     def forward(self, batch: dict, step: int) -> dict:
         features = self.objective.forward_features(self.model, self.heads, batch, step)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import yaml
 
+from medclip.concepts.tokens import pad_token_id
 from medclip.data.images import normalize_batch
 from medclip.errors import MedclipError
 from medclip.models import towers
@@ -24,6 +25,7 @@ from medclip.models.encoder import AMP_DTYPES
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
 from medclip.models.loading import (
     build_model,
+    build_tokenizer,
     extract_state_dict,
     load_weights,
     read_weights_file,
@@ -95,7 +97,8 @@ class Pretrainer(TrainerCheckpoints):
 
         self.model_cfg, self.model = self._build_model()
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
-        self.module = TrainModule(self.model, self.heads, recipe.objective).to(self.device)
+        name_pad = pad_token_id(build_tokenizer(self.model_cfg)) if recipe.objective.use_concept_names else None
+        self.module = TrainModule(self.model, self.heads, recipe.objective, name_pad).to(self.device)
         # MFU needs the device's peak; the FLOPs are counted on a copy taken before DDP/FSDP wrap the module.
         self.peak_tflops = device_peak_tflops(self.device)
         self.flops = TrainFlops(self.module, self._autocast) if self.peak_tflops else None
@@ -150,7 +153,8 @@ class Pretrainer(TrainerCheckpoints):
 
     def _build_heads(self) -> ConceptHeads:
         config = ConceptHeadsConfig(image_width=towers.image_width(self.model), text_width=towers.text_width(self.model),
-                                    embed_dim=int(self.model_cfg["embed_dim"]))
+                                    embed_dim=int(self.model_cfg["embed_dim"]),
+                                    **self.recipe.objective.heads_options())
         return ConceptHeads(config).to(self.device).train()
 
     def _autocast(self):

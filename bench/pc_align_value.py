@@ -1,0 +1,292 @@
+"""What PC-Align adds: the demo recipe with PC-Align against the same recipe without it, and ablations.
+
+Every variant is the demo recipe (``pretrain/demo.yaml``) with a few ``--set`` overrides, trained by
+the user's own command (``medclip pretrain``) once per seed with the same steps, then scored on the
+held-out demo split (the demo set is built from the run's seed):
+
+* grounding of the findings' boxes: pointing game at tolerance 0 and within one patch, energy in the
+  box (``medclip explain --grounding``), from the PC-Align heads and from the patch-text cosine of the
+  image-text embedding space (the IT-only baseline), plus the model-free references: a uniformly
+  random point (chance, exact expectation) and the image centre;
+* concept zero-shot: AUC per concept of image-level scores against the split's concept labels
+  (``medclip concepts zero-shot --shards``), heads vs the image-text embeddings of the same names;
+* the demo suite the run evaluates at its end: modality accuracy, finding balanced accuracy,
+  image retrieval R@5.
+
+Rows are mean +- sample standard deviation over seeds (the table says how many); the JSON beside the
+table keeps every seed. Runs are kept under ``--out`` and reused when their resolved recipe is unchanged
+(``--retrain`` forces them). Each run is one ``make pretrain`` (400 steps of the demo recipe).
+
+    .venv/bin/python bench/pc_align_value.py                        # 3 seeds, every variant
+    .venv/bin/python bench/pc_align_value.py --variants pc_align it_only --seeds 0 1 2
+    .venv/bin/python bench/pc_align_value.py --variants pc_align --seeds 0 --figure docs/demo_heatmap.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+RECIPE = "pretrain/demo.yaml"
+REAL_RECIPE = "pretrain/shared_real.yaml"  # MedPix + COVID-19 from ../shared/data, PC-Align from step 200
+
+# name -> (what it shows, recipe overrides). The first two are the comparison; the rest are ablations
+# of the shipped PC-Align choices, one change each.
+VARIANTS = {
+    "pc_align": ("the demo recipe as shipped (IT + PC-Align)", []),
+    "it_only": ("the same recipe without PC-Align", ["objective.pc_weight=0"]),
+    "heads_on_last_block": ("heads read the last block's tokens, as ConceptCLIP's (still trained on names)",
+                            ["objective.pc_patch_states=last", "objective.pc_patch_context=1"]),
+    "patch_alone": ("heads read each patch embedding without its 3x3 neighbours", ["objective.pc_patch_context=1"]),
+    "no_concept_names": ("heads trained on caption spans only (queried with names)",
+                         ["objective.use_concept_names=false"]),
+    "same_cui_negative": ("ConceptCLIP's rule: same-CUI concepts of other captions are negatives",
+                          ["objective.pc_same_concept=negative"]),
+    "pool_topk": ("mean of the top-4 patches instead of the max", ["objective.pc_pool=topk", "objective.pc_topk=4"]),
+    "pool_lse": ("smooth maximum (log-sum-exp, tau 0.1) instead of the max", ["objective.pc_pool=lse"]),
+}
+# The same question on real data (``--real``): the shared_real recipe with and without its PC-Align stage,
+# scored by the run's own evaluation (MedPix dev and COVID-19 test: zero-shot, retrieval, linear probes).
+REAL_VARIANTS = {
+    "shared_real": ("the shared_real recipe as shipped (IT-Align, then IT + PC-Align from step 200)", []),
+    "shared_real_it_only": ("the same recipe without its PC-Align stage", ["objective.pc_weight=0"]),
+}
+COLUMNS = [  # (key, header)
+    ("pg0", "pointing game, tol 0"),
+    ("pg1", "pointing game, tol 1 patch"),
+    ("energy", "energy in box"),
+    ("concept_auc", "concept AUC"),
+    ("modality_acc", "modality acc"),
+    ("finding_bacc", "finding bal. acc"),
+    ("image_r5", "image R@5"),
+]
+SUITE_METRICS = {"modality_acc": ("demo_modality", "acc1"), "finding_bacc": ("demo_finding", "mean_per_class_recall"),
+                 "image_r5": ("demo_retrieval", "image_retrieval_recall@5")}
+
+
+def overrides(variant_sets: list[str], seed: int, run_dir: Path, steps: int | None) -> list[str]:
+    sets = [f"run.output_dir={run_dir}", f"run.seed={seed}", "run.progress=false", "run.tensorboard=false",
+            *variant_sets]
+    return sets + ([f"run.steps={steps}"] if steps else [])
+
+
+def train(recipe: str, variant_sets: list[str], seed: int, run_dir: Path, steps: int | None, retrain: bool) -> dict:
+    """Train one run with ``medclip pretrain`` unless a finished run with the same recipe is there."""
+    sets = overrides(variant_sets, seed, run_dir, steps)
+    resolved = subprocess.run([str(BIN / "medclip"), "pretrain", "--config", recipe, "--print-recipe",
+                               *(a for s in sets for a in ("--set", s))],
+                              cwd=REPO, check=True, capture_output=True, text=True).stdout
+    marker = run_dir / "bench-recipe.yaml"
+    done = (run_dir / "export").is_dir() and marker.is_file() and marker.read_text() == resolved
+    if done and not retrain:
+        print(f"  reusing {run_dir}", flush=True)
+        return json.loads((run_dir / "bench-run.json").read_text())
+    if run_dir.exists():
+        subprocess.run(["rm", "-rf", str(run_dir)], check=True)
+    run_dir.mkdir(parents=True)
+    cmd = [str(BIN / "medclip"), "pretrain", "--config", recipe, *(a for s in sets for a in ("--set", s))]
+    print("  " + " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"training failed ({proc.returncode}); see {run_dir.parent / (run_dir.name + '.log')}")
+    info = {"seconds": time.perf_counter() - start, "command": cmd}
+    (run_dir / "bench-run.json").write_text(json.dumps(info))
+    marker.write_text(resolved)
+    return info
+
+
+def final_results(run_dir: Path) -> dict[str, dict]:
+    """{dataset: result record} of a run's own final evaluation."""
+    from medclip.evaluation.report import read_results
+
+    steps = sorted(run_dir.glob("eval/step_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not steps:
+        raise SystemExit(f"{run_dir}: the run wrote no evaluation (the recipe's eval.suites)")
+    return {r["dataset"]: r for r in read_results(steps[-1])}
+
+
+def suite_metrics(run_dir: Path) -> dict:
+    """The demo suite's final results of a run."""
+    by_dataset = final_results(run_dir)
+    return {key: by_dataset[dataset]["metrics"][metric] for key, (dataset, metric) in SUITE_METRICS.items()}
+
+
+def score_run(run_dir: Path, methods: list[str]) -> dict:
+    """{method: {pg0, pg1, energy, concept_auc}} for a trained run on its held-out split."""
+    import medclip
+    from medclip.concepts.grounding import (
+        baseline_grounding,
+        evaluate_grounding,
+        grounding_records_from_shards,
+    )
+    from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
+
+    shards = sorted((run_dir / "demo_data").glob("demo-val-*.tar"))
+    boxes = grounding_records_from_shards(shards)
+    labels = concept_label_records_from_shards(shards)
+    encoder = medclip.load(str(run_dir / "export"), device="cpu")
+    patch = boxes[0].image.size[0] / encoder.grid_size[1]  # one patch in the stored image's pixels
+    out = {}
+    for method in methods:
+        use_heads = method == "heads"
+        tol0 = evaluate_grounding(encoder, boxes, 0.0, use_heads)
+        tol1 = evaluate_grounding(encoder, boxes, patch, use_heads)
+        auc = evaluate_concept_zero_shot(encoder, labels, use_heads=use_heads)
+        out[method] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy,
+                       "concept_auc": auc.mean_auc, "n_boxes": tol0.n,
+                       "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in tol0.per_concept.items()},
+                       "per_concept_auc": {k: v["auc"] for k, v in auc.per_concept.items()}}
+    for kind in ("random", "centre"):
+        tol0, tol1 = baseline_grounding(boxes, kind, 0.0), baseline_grounding(boxes, kind, patch)
+        out[kind] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy}
+    return out
+
+
+def cached_scores(run_dir: Path) -> dict:
+    """score_run's result for a finished run, kept beside it (a retrained run starts from an empty folder)."""
+    path = run_dir / "bench-scores.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    with_heads = yaml.safe_load((run_dir / "bench-recipe.yaml").read_text())["objective"]["pc_weight"] > 0
+    scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"])
+    path.write_text(json.dumps(scores))
+    return scores
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
+
+
+def table_rows(results: dict, variants: list[str]) -> list[tuple[str, dict[str, list[float]]]]:
+    """(row label, {column: per-seed values}) in the table's order."""
+    rows = []
+
+    def collect(label, pick):
+        values = {key: [] for key, _ in COLUMNS}
+        for seed_result in pick():
+            for key in values:
+                if seed_result.get(key) is not None:
+                    values[key].append(seed_result[key])
+        rows.append((label, values))
+
+    first = variants[0]
+    for kind, label in (("random", "chance (uniformly random point)"), ("centre", "image centre")):
+        collect(label, lambda kind=kind: [r["scores"][kind] for r in results[first].values()])
+    for variant in variants:
+        runs = results[variant].values()
+        for method in ("heads", "cosine"):
+            if all(method in r["scores"] for r in runs):
+                label = f"{variant}: {'PC-Align heads' if method == 'heads' else 'patch-text cosine'}"
+                collect(label, lambda runs=runs, method=method: [{**r["scores"][method], **r["suite"]} for r in runs])
+    return rows
+
+
+def print_table(rows, results: dict, variants: list[str]) -> str:
+    lines = ["| row | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+    for label, values in rows:
+        seeds = max(len(v) for v in values.values())
+        lines.append(f"| {label} | {seeds} | " + " | ".join(mean_sd(values[k]) for k, _ in COLUMNS) + " |")
+    pg0 = {label: statistics.fmean(v["pg0"]) for label, v in rows if v["pg0"]}
+    heads, it_only = pg0.get("pc_align: PC-Align heads"), pg0.get("it_only: patch-text cosine")
+    chance = pg0.get("chance (uniformly random point)")
+    if heads is not None and it_only:
+        lines.append(f"\npointing game at tolerance 0, PC-Align heads / IT-only cosine: {heads / it_only:.2f}x; "
+                     f"/ chance: {heads / chance:.2f}x")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def render_figure(run_dir: Path, path: Path) -> None:
+    """The README's heatmap: ``medclip explain`` on the first held-out CT slice with a pleural effusion."""
+    import medclip
+    from medclip.concepts.explain import explain, rank_concepts
+    from medclip.data.demo import CUIS, iter_demo_split
+
+    sample = next(s for s in iter_demo_split(run_dir / "demo_data", "val")
+                  if s.labels["modality"] == "CT" and s.labels["finding"] == "pleural effusion")
+    encoder = medclip.load(str(run_dir / "export"), device="cpu")
+    concepts = ["pleural effusion", "nodule", "mass", "cardiomegaly", "hemorrhage"]
+    maps = explain(encoder, sample.image, concepts)
+    maps.save_png(path, rank_concepts(encoder, sample.image, sorted(CUIS), top_k=9))
+    print(f"figure: {path} (held-out {sample.key}: {sample.captions[0]})")
+
+
+def run_demo(args, out: Path) -> None:
+    results: dict = {}
+    for variant in args.variants:
+        results[variant] = {}
+        for seed in args.seeds:
+            print(f"{variant} seed {seed}: {VARIANTS[variant][0]}", flush=True)
+            run_dir = out / variant / f"seed_{seed}"
+            info = train(RECIPE, VARIANTS[variant][1], seed, run_dir, args.steps, args.retrain)
+            results[variant][seed] = {"seconds": info["seconds"], "suite": suite_metrics(run_dir),
+                                      "scores": cached_scores(run_dir)}
+    table = print_table(table_rows(results, args.variants), results, args.variants)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(table + "\n")
+    print(f"results: {out / 'results.json'}")
+    if args.figure:
+        render_figure(out / "pc_align" / f"seed_{args.seeds[0]}", args.figure.resolve())
+
+
+def run_real(args, out: Path) -> None:
+    """shared_real with and without PC-Align: every headline metric of its evaluation, per seed and mean."""
+    results: dict = {}
+    for variant, (what, sets) in REAL_VARIANTS.items():
+        results[variant] = {}
+        for seed in args.seeds:
+            print(f"{variant} seed {seed}: {what}", flush=True)
+            run_dir = out / variant / f"seed_{seed}"
+            info = train(REAL_RECIPE, sets, seed, run_dir, args.steps, args.retrain)
+            records = final_results(run_dir)
+            results[variant][seed] = {"seconds": info["seconds"],
+                                      "headline": {name: (r["headline_metric"], r["headline"])
+                                                   for name, r in sorted(records.items())}}
+    names = list(next(iter(results["shared_real"].values()))["headline"])
+    lines = ["| dataset [headline] | " + " | ".join(REAL_VARIANTS) + " | difference |", "|---|---|---|---|"]
+    for name in names:
+        metric = results["shared_real"][args.seeds[0]]["headline"][name][0]
+        per = {v: [results[v][seed]["headline"][name][1] for seed in args.seeds] for v in REAL_VARIANTS}
+        diff = [a - b for a, b in zip(per["shared_real"], per["shared_real_it_only"])]
+        lines.append(f"| {name} [{metric}] | " + " | ".join(mean_sd(per[v]) for v in REAL_VARIANTS)
+                     + f" | {mean_sd(diff)} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "results_real.json").write_text(json.dumps(results, indent=1))
+    (out / "table_real.md").write_text(table + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/pc_align_value")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, help="override the recipe's steps (exploration only)")
+    parser.add_argument("--retrain", action="store_true", help="train again even when a finished run is there")
+    parser.add_argument("--figure", type=Path, help="also render the README heatmap from pc_align, first seed")
+    parser.add_argument("--real", action="store_true",
+                        help="instead: shared_real with and without its PC-Align stage (~10 min per run)")
+    args = parser.parse_args(argv)
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    (run_real if args.real else run_demo)(args, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""PC-Align heads that read the patch embeddings with a neighbourhood (pc_patch_states / pc_patch_context):
+the states are the first block's input, the neighbourhood is the grid's, training and queries read the
+same states, and the choice survives export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_concepts_explain import gradient_image
+from test_losses_objective import _batch
+
+from medclip.concepts import explain
+from medclip.errors import MedclipError
+from medclip.losses import Objective, ObjectiveConfig, World
+from medclip.models import towers
+from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
+
+
+def _local_heads(model, context=3, seed=0):
+    torch.manual_seed(seed)
+    config = ConceptHeadsConfig(towers.image_width(model), towers.text_width(model), 32, patch_states="embed",
+                                patch_context=context)
+    return ConceptHeads(config)
+
+
+def _embeddings_by_hand(visual, images):
+    """The ViT's patch embeddings from its public modules: conv, positional embedding, ln_pre."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # [B, P, W]
+    x = x + visual.positional_embedding[1:]  # row 0 belongs to the class token
+    return visual.ln_pre(x)  # a per-token norm: the class token does not change the patches'
+
+
+def _neighbourhood_by_hand(states, grid, k):
+    """[B, P, W] -> [B, P, W k^2], channel-major like F.unfold: for each channel, its k x k window."""
+    rows, cols = grid
+    b, _, w = states.shape
+    maps = states.reshape(b, rows, cols, w)
+    out = torch.zeros(b, rows, cols, w, k, k)
+    r = k // 2
+    for dy in range(-r, r + 1):
+        for dx in range(-r, r + 1):
+            for y in range(rows):
+                for x in range(cols):
+                    if 0 <= y + dy < rows and 0 <= x + dx < cols:
+                        out[:, y, x, :, dy + r, dx + r] = maps[:, y + dy, x + dx]
+    return out.reshape(b, rows * cols, w * k * k)
+
+
+def test_embed_states_are_the_first_blocks_input(tiny_encoder):
+    model = tiny_encoder.model.eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pooled, states = towers.image_tokens(model, images, "embed")
+        torch.testing.assert_close(states, _embeddings_by_hand(model.visual, images))
+        torch.testing.assert_close(pooled, model.encode_image(images))
+    with pytest.raises(MedclipError, match="'last' or 'embed'"):
+        towers.image_tokens(model, images, "middle")
+
+
+def test_patch_context_reads_the_grid_neighbourhood():
+    heads = ConceptHeads(ConceptHeadsConfig(6, 4, 5, patch_states="embed", patch_context=3))
+    states = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(1))
+    grid = (3, 4)  # not square: rows and columns must not be swapped
+    expected = heads.patch_head(_neighbourhood_by_hand(states, grid, 3))
+    torch.testing.assert_close(heads.embed_patches(states, grid), expected)
+    assert heads.patch_head[0].weight.shape == (5, 6 * 9)
+    with pytest.raises(MedclipError, match="patch grid"):
+        heads.embed_patches(states)
+    for bad in ({"patch_context": 2}, {"patch_context": 0}, {"patch_states": "middle"}):
+        with pytest.raises(MedclipError, match="patch_"):
+            ConceptHeadsConfig(6, 4, 5, **bad)
+    with pytest.raises(MedclipError, match="objective.pc_patch_context must be an odd number"):
+        ObjectiveConfig.from_dict({"pc_patch_context": 4})
+
+
+def test_objective_trains_the_heads_on_local_states(tiny_encoder):
+    """PC-Align's loss is computed on the embeddings' neighbourhoods, and reaches no transformer block."""
+    model, batch = tiny_encoder.model, _batch(tiny_encoder)
+    heads = _local_heads(model)
+    objective = Objective(ObjectiveConfig(pc_weight=1.0, pc_patch_states="embed", pc_patch_context=3),
+                          world=World.single())
+    features = objective.forward_features(model, heads, batch, step=0)
+    with torch.no_grad():
+        local = _neighbourhood_by_hand(_embeddings_by_hand(model.visual, batch["images"]), towers.grid_size(model), 3)
+        torch.testing.assert_close(features.patches, heads.patch_head(local), atol=1e-5, rtol=1e-4)
+    pc = objective.losses(features, 0, model, heads)["pc"]
+    blocks = list(model.visual.transformer.parameters())
+    grads = torch.autograd.grad(pc, [model.visual.conv1.weight, *blocks], allow_unused=True)
+    assert grads[0].abs().sum() > 0
+    assert all(g is None or g.abs().sum() == 0 for g in grads[1:])
+    assert objective.config.heads_options() == {"patch_states": "embed", "patch_context": 3}
+
+
+def test_queries_read_what_the_heads_were_trained_on_and_export_keeps_it(tiny_encoder, tmp_path):
+    import medclip
+    from medclip.models.export import save
+
+    encoder = medclip.load("medclip-tiny", device="cpu")
+    encoder.heads = _local_heads(encoder.model, seed=2).eval()
+    image = gradient_image(seed=5)
+    names = ["pleural effusion", "nodule"]
+    maps = explain(encoder, image, names)
+    with torch.no_grad():
+        states = _embeddings_by_hand(encoder.model.visual, encoder.preprocess(image)[None])
+        patches = F.normalize(encoder.heads.patch_head(_neighbourhood_by_hand(states, encoder.grid_size, 3))[0], dim=-1)
+        from medclip.concepts.scoring import ConceptScorer
+
+        concepts = ConceptScorer(encoder).concept_vectors(names)
+    heads = encoder.heads
+    expected = heads.logit_scale.exp() * concepts @ patches.T + heads.logit_bias
+    torch.testing.assert_close(maps.scores.flatten(1), expected.detach(), atol=1e-4, rtol=1e-4)
+    reloaded = medclip.load(str(save(encoder, tmp_path / "export")), device="cpu")
+    assert reloaded.heads.config == heads.config
+    torch.testing.assert_close(explain(reloaded, image, names).scores, maps.scores)
