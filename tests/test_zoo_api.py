@@ -34,8 +34,10 @@ def test_open_clip_entry_points_have_open_clip_shapes(tmp_path):
     from PIL import Image
 
     image = Image.fromarray((torch.rand(40, 52, 3) * 255).byte().numpy())
-    with pytest.warns(medclip.RandomWeightsWarning, match="medclip-tiny: no checkpoint given"):
+    with pytest.warns(medclip.RandomWeightsWarning, match="medclip-tiny: no checkpoint given") as caught:
         model, train, val = medclip.create_model_and_transforms("medclip-tiny")
+    # pointed at the user's line, not at medclip's internals
+    assert [w.filename for w in caught if w.category is medclip.RandomWeightsWarning] == [__file__]
     ref_model, ref_train, ref_val = open_clip.create_model_and_transforms("medclip-tiny")
     assert type(model) is type(ref_model) and type(train) is type(ref_train)
     assert [type(t) for t in train.transforms] == [type(t) for t in ref_train.transforms]
@@ -64,8 +66,9 @@ def test_open_clip_entry_points_have_open_clip_shapes(tmp_path):
 
 
 def test_random_weights_are_announced_and_checkpoints_are_not(tmp_path):
-    with pytest.warns(medclip.RandomWeightsWarning):
+    with pytest.warns(medclip.RandomWeightsWarning) as caught:
         encoder = medclip.load("medclip-tiny")
+    assert [w.filename for w in caught if w.category is medclip.RandomWeightsWarning] == [__file__]
     torch.save(encoder.model.state_dict(), tmp_path / "w.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error", medclip.RandomWeightsWarning)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import warnings
 from copy import deepcopy
 from pathlib import Path
@@ -172,6 +174,18 @@ class RandomWeightsWarning(UserWarning):
     """An architecture was built without any checkpoint: its weights are random."""
 
 
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _caller_stacklevel() -> int:
+    """``warnings.warn`` stacklevel of the first frame outside medclip: the user's own line, whether
+    they called ``load`` or ``create_model_and_transforms`` (``skip_file_prefixes`` needs Python 3.12)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def load(
     name_or_path: str | Path,
     device=None,
@@ -238,7 +252,7 @@ def load(
     if checkpoint is None:
         warnings.warn(f"{ref}: no checkpoint given, the model has random weights (pass checkpoint=PATH, or "
                       f"load a named pretrained model: medclip.list_pretrained())", RandomWeightsWarning,
-                      stacklevel=2)
+                      stacklevel=_caller_stacklevel())
     else:
         obj = read_weights_file(checkpoint)
         load_weights(model, extract_state_dict(obj), allow_mismatch, source=str(checkpoint))
