@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import one_error_line  # tests/ is on sys.path under pytest
 
-from medclip import resources
+from medclip import __version__, resources
 from medclip.data.manifest import load_manifest
 from medclip.errors import MedclipError
 from medclip.evaluation.suites import load_suite
@@ -131,6 +131,8 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
         return subprocess.run([sys.executable, "-m", "medclip", *args], capture_output=True, text=True, cwd=work,
                               env=env, timeout=900)
 
+    version = medclip("--version")
+    assert version.returncode == 0 and version.stdout == f"medclip {__version__}\n"
     listing = medclip("list", "recipes", "suites", "manifests", "--paths")
     assert listing.returncode == 0, listing.stderr
     assert f"{site}/medclip/recipes/demo.yaml" in listing.stdout
@@ -150,6 +152,11 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
         in run.stdout
     assert (work / "runs" / "demo" / "export" / "open_clip_config.json").is_file()
     assert "Traceback" not in run.stderr
+    # README's evaluation of that run, as written; its log (not a terminal) gets no redrawn bars
+    suite = medclip("eval", "suite", "demo", "--model", "runs/demo/export", "--root", "runs/demo/demo_data")
+    assert suite.returncode == 0, suite.stderr
+    assert "runs/demo/export  demo_modality  acc1=" in suite.stdout and "(n=48, skipped=0)" in suite.stdout
+    assert (work / "eval_results" / "summary.md").is_file() and "\r" not in suite.stderr
 
 
 def _documented_commands(text: str) -> list[list[str]]:

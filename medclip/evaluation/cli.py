@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from medclip.errors import MedclipError
@@ -35,7 +36,8 @@ def _common(p) -> None:
     p.add_argument("--probe-method", default="sklearn",
                    help="linear probe: sklearn (scikit-learn logistic regression with a C search) or clip_benchmark "
                         "(CLIP_benchmark's AdamW linear layer with its weight-decay search)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are drawn only when stderr is a terminal)")
 
 
 def register(subparsers) -> None:
@@ -108,8 +110,11 @@ def run(args) -> int:
     from medclip.evaluation.runner import RunOptions, evaluate_dataset
 
     suite_name, root, specs = _plan(args)
+    # Bars only on a terminal: in a file or a CI log each redraw would be another carriage-returned
+    # fragment; the result lines below say what was done.
+    progress = not args.no_progress and sys.stderr.isatty()
     options = RunOptions(
-        embed=EmbedOptions(args.batch_size, args.workers, progress=not args.no_progress, draft=not args.no_draft),
+        embed=EmbedOptions(args.batch_size, args.workers, progress=progress, draft=not args.no_draft),
         probe=ProbeConfig(method=args.probe_method, shots=tuple(args.shots), fractions=tuple(args.fractions),
                           seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
         cache=FeatureCache(args.cache_dir),
@@ -117,7 +122,7 @@ def run(args) -> int:
     out = Path(args.out)
     for name in args.model:
         model = resolve_model(name, device=args.device, precision=args.precision)
-        for spec in tqdm(specs, desc=f"{model.name}", disable=args.no_progress):
+        for spec in tqdm(specs, desc=f"{model.name}", disable=not progress):
             record = evaluate_dataset(model, spec, root, options, suite_name)
             path = write_result(record, out)
             value = record["headline"]
