@@ -14,9 +14,9 @@ ITEMS = ["runs completed", "manifests found and counted", "sources mixed as weig
          "checkpoint written atomically", "resume identical", "export loads in plain open_clip", "eval ran"]
 
 
-def _medclip(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+def _medclip(*args: str, cwd=REPO_ROOT, timeout: int = 1800) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.run([sys.executable, "-m", "medclip", *args], cwd=REPO_ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "medclip", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -24,10 +24,19 @@ def _medclip(*args: str, timeout: int = 1800) -> subprocess.CompletedProcess:
 # fork path is rehearsed by the other three.
 @pytest.mark.parametrize("recipe", ["shared_real", "unimed_vitb16", "medconcept_siglip"])
 def test_shipped_recipe_passes_its_rehearsal(recipe, tmp_path):
+    """As README runs it: the recipe by name, from the user's directory, into the default (relative) work
+    directory OUTPUT_DIR-rehearsal; shared_real from the repository root (its data paths are relative to it),
+    into a relative --rehearse-dir."""
+    from medclip.training.config import load_recipe
+
     if recipe == "shared_real":
         require_shared("medpix", "train.jsonl")
-    work = tmp_path / "rehearsal"
-    proc = _medclip("pretrain", "--config", f"pretrain/{recipe}.yaml", "--rehearse", "--rehearse-dir", str(work))
+        work = tmp_path / "rehearsal"
+        proc = _medclip("pretrain", "--config", recipe, "--rehearse", "--rehearse-dir",
+                        os.path.relpath(work, REPO_ROOT))
+    else:
+        work = tmp_path / f"{load_recipe(recipe).run.output_dir}-rehearsal"
+        proc = _medclip("pretrain", "--config", recipe, "--rehearse", cwd=tmp_path)
     report = json.loads((work / "rehearsal.json").read_text()) if (work / "rehearsal.json").is_file() else None
     assert proc.returncode == 0 and report is not None, proc.stdout[-6000:] + proc.stderr[-3000:]
     assert [c["title"] for c in report["checks"]] == ITEMS

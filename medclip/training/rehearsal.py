@@ -127,7 +127,8 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
         if nproc > torch.cuda.device_count():
             raise MedclipError(f"--rehearse-procs {nproc} on cuda: only {torch.cuda.device_count()} GPU(s) visible")
     recipe = load_recipe(config, overrides or [])
-    work = _prepare_work_dir(Path(work_dir) if work_dir else Path(recipe.run.output_dir + "-rehearsal"))
+    # Absolute: the checks run helper interpreters in other directories (plain open_clip in the work dir).
+    work = _prepare_work_dir(Path(work_dir or recipe.run.output_dir + "-rehearsal").absolute())
     plan = make_plan(recipe, str(config), work, nproc=nproc, device=device)
     timings = {"plan and stand-ins": time.monotonic() - started}
     straight_yaml = plan.write_recipe(work / "recipe-straight.yaml", work / "runs" / "straight")
