@@ -221,7 +221,7 @@ def test_nothing_readable_stops_with_one_line(demo, tiny_encoder):
 # ------------------------------------------------------------------------------ data check reads every shard
 
 
-def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys):
+def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys, caplog):
     src = (demo / "demo-val-000000.tar").read_bytes()
     with tarfile.open(demo / "demo-val-000000.tar") as tar:
         members = tar.getmembers()
@@ -231,8 +231,12 @@ def test_data_check_fails_truncated_shards_without_counts(demo, tmp_path, capsys
         shard = tmp_path / f"cut-{where}-000000.tar"
         shard.write_bytes(src[:cut])
         manifest = _write_manifest(tmp_path / f"cut-{where}.yaml", str(shard))  # no samples, shards or summary
+        caplog.clear()
         assert cli_main(["data", "check", str(manifest)]) == 1, where
-        assert f"FAIL cut-{where}: truncated tar {shard}" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        # once, on its FAIL line, with the cause (not also as a training-style "skipped shard" warning)
+        assert f"FAIL cut-{where}: truncated tar {shard}: " in out and out.count(str(shard)) == 1, out
+        assert not [r for r in caplog.records if str(shard) in r.getMessage()]
     whole = _write_manifest(tmp_path / "whole.yaml", str(demo / "demo-val-000000.tar"))
     assert cli_main(["data", "check", str(whole)]) == 0
     assert "OK   whole: 1 shards read to their end, no sample count stated" in capsys.readouterr().out

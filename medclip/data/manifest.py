@@ -33,7 +33,7 @@ import braceexpand
 import yaml
 
 from medclip import resources
-from medclip.data.shard_reader import is_command, read_shard
+from medclip.data.shard_reader import ShardErrors, is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
 from medclip.errors import MedclipError
 
@@ -234,7 +234,7 @@ def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe
 
 def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_checksums: bool,
                  problems: list[str]) -> tuple[int, dict[str, list[str]]]:
-    """Read every shard it may; (samples in the whole shards, failure kind -> shard URLs)."""
+    """Read every shard it may; (samples in the whole shards, failure kind -> "shard URL: cause")."""
     by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
     failed: dict[str, list[str]] = {}
     counted = 0
@@ -244,21 +244,24 @@ def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_che
         if is_local(url) and not Path(urlparse(url).path if url.startswith("file:") else url).is_file():
             failed.setdefault("missing shard", []).append(url)
             continue
-        samples, failures = read_whole_shard(url, allow_pipe)
-        for kind in failures:
-            failed.setdefault(kind.replace("_", " "), []).append(url)
-        if not failures:
+        samples, failure = read_whole_shard(url, allow_pipe)
+        if failure:
+            kind, cause = failure
+            failed.setdefault(kind.replace("_", " "), []).append(f"{url}: {cause}")
+        else:
             counted += samples
             problems += _compare_with_summary(m, url, samples, summary, by_name.get(Path(url).name),
                                               verify_checksums)
     return counted, failed
 
 
-def read_whole_shard(url: str, allow_pipe: bool) -> tuple[int, list[str]]:
-    """(samples, failure kinds) of one shard read to its end."""
-    skips: Counter = Counter()
-    samples = sum(1 for _ in read_shard(url, lambda i: True, skips, allow_commands=allow_pipe))
-    return samples, sorted(skips)
+def read_whole_shard(url: str, allow_pipe: bool) -> tuple[int, tuple[str, str] | None]:
+    """(samples, (failure kind, its cause) or None) of one shard read to its end; nothing is logged (the
+    caller prints the failure once)."""
+    errors = ShardErrors()
+    samples = sum(1 for _ in read_shard(url, lambda i: True, Counter(), report=False, allow_commands=allow_pipe,
+                                        errors=errors))
+    return samples, ((errors.kind(), errors.causes[errors.kind()]) if errors.causes else None)
 
 
 def _read_summary(m: Manifest, problems: list[str]) -> dict | None:

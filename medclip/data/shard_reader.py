@@ -61,9 +61,13 @@ class ShardErrors:
         self.add("truncated_tar" if truncated else "unreadable_shard", _cause(exn))
         return True  # continue with the next shard
 
+    def kind(self) -> str:
+        """The counted kind: a failing read or command often also leaves the tar short."""
+        return "unreadable_shard" if "unreadable_shard" in self.causes else next(iter(self.causes))
+
     def report(self, url: str) -> str:
-        """The counted kind, logged once: a failing read or command often also leaves the tar short."""
-        kind = "unreadable_shard" if "unreadable_shard" in self.causes else next(iter(self.causes))
+        """The counted kind, logged once."""
+        kind = self.kind()
         log.warning("skipped shard %s (%s): %s", url, kind, self.causes[kind])
         return kind
 
@@ -105,15 +109,16 @@ class TailStream:
 
 
 def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bool = True,
-               allow_commands: bool = False) -> Iterator[dict]:
+               allow_commands: bool = False, errors: ShardErrors | None = None) -> Iterator[dict]:
     """The samples (dicts of extension -> bytes, ``__key__``) of one shard whose index ``keep`` accepts.
 
-    ``report=False``: another reader of the same shard counts and logs its failure (shared shards).
+    ``report=False``: another reader of the same shard counts and logs its failure (shared shards), or the
+    caller reports it from ``errors`` (``data check``, which prints each failed shard once with its cause).
     A ``pipe:`` URL is refused unless ``allow_commands`` (the user's opt-in, see manifest.refuse_commands).
     """
     if is_command(url) and not allow_commands:
         raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
-    errors = ShardErrors()
+    errors = ShardErrors() if errors is None else errors
     try:
         stream = TailStream(wds.gopen(url))
     except Exception as exn:
@@ -126,7 +131,7 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
                 yield sample
         try:
             if not errors.causes and not stream.complete():
-                errors.add("truncated_tar", f"{url} ends before the tar end-of-archive marker")
+                errors.add("truncated_tar", "it ends before the tar end-of-archive marker")
         except Exception as exn:
             errors(exn)
         try:
