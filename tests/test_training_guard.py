@@ -116,6 +116,30 @@ def test_rotation_keeps_the_proven_checkpoint_and_latest_skips_non_finite_ones(t
     assert ckpt.checkpoint_dir(tmp_path).joinpath("step_6.diverged.pt").is_file()
 
 
+def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_path_is_one_line(tmp_path, caplog):
+    """A checkpoint damaged after it was written (a copy cut short): `--resume latest` takes the one before
+    and says why; no usable one left, or an explicit garbage path, is one line (was: torch's traceback)."""
+    out, batch = tmp_path / "run", make_batch(8)
+    steady = ("run.checkpoint_every=2", "run.keep_checkpoints=3", "optim.schedule=constant")
+    Pretrainer(recipe(out, "run.steps=4", *steady), data=FixedStream(batch)).run()
+    newest = ckpt.checkpoint_dir(out) / "step_4.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    with caplog.at_level("WARNING"):
+        assert ckpt.resolve_resume("latest", out).name == "step_2.pt"
+    assert f"passing over {newest}: unreadable: its zip archive is incomplete (cut short or damaged)" in caplog.text
+    assert Pretrainer(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume="latest").step == 2
+
+    (ckpt.checkpoint_dir(out) / "step_2.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MedclipError, match="no checkpoint in .* can be resumed") as info:
+        ckpt.resolve_resume("latest", out)
+    assert "\n" not in str(info.value)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00" * 100)
+    with pytest.raises(MedclipError, match=f"cannot read checkpoint {garbage}: not a PyTorch checkpoint") as info:
+        Pretrainer(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume=str(garbage))
+    assert "\n" not in str(info.value)
+
+
 def test_stale_partial_checkpoints_are_removed_at_the_next_start(tmp_path):
     folder = ckpt.checkpoint_dir(tmp_path)
     folder.mkdir(parents=True)

@@ -37,9 +37,29 @@ def all_gather_with_grad(tensor: torch.Tensor, world: World) -> list[torch.Tenso
     """One tensor per rank; gradients flow back to the owning rank (summed over all ranks' losses)."""
     if world.size == 1:
         return [tensor]
-    import torch.distributed.nn  # registers the autograd-aware collectives
+    return list(_GatherWithGrad.apply(tensor.contiguous()))
 
-    return list(torch.distributed.nn.all_gather(tensor.contiguous()))
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's tensor.
+
+    Written on torch.distributed's public collectives: torch 2.14 deprecates the autograd-aware
+    ``torch.distributed.nn.all_gather`` (open_clip's choice) in favour of a private module. The backward
+    all-reduces the gradients of every rank's part and keeps this rank's: gloo has no reduce_scatter, and
+    the gathered tensors are embeddings ([N, D]), so one code path for every backend costs little.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor):
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, tensor)
+        return tuple(out)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        summed = torch.stack(grads)
+        dist.all_reduce(summed)
+        return summed[dist.get_rank()]
 
 
 def all_gather_no_grad(tensor: torch.Tensor, world: World) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,16 +35,39 @@ def read_weights_file(path: str | Path) -> dict:
             return load_file(str(path), device="cpu")
         except Exception as exc:
             raise MedclipError(f"cannot read safetensors file {path}: {exc}") from exc
+    problem = torch_file_problem(path)
+    if problem:
+        raise MedclipError(f"cannot read checkpoint {path}: {problem}")
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise MedclipError(
             f"refusing to load {path}: it holds Python objects other than tensors and plain containers "
-            f"(weights_only=True): {first}"
+            f"(weights_only=True): {first_line(exc)}"
         ) from exc
-    except Exception as exc:
-        raise MedclipError(f"cannot read checkpoint {path}: {exc}") from exc
+    except Exception as exc:  # a damaged file: torch's zip reader raises RuntimeError, others ValueError/EOFError
+        raise MedclipError(f"cannot read checkpoint {path}: {first_line(exc)}") from exc
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a torch.save file, from its bytes (None when it can be one).
+
+    torch.save writes a zip archive (a legacy file: a pickle, protocol byte 0x80). Anything else, or a
+    zip cut short, would reach torch.load's weights-only unpickler, whose message blames unsafe objects.
+    """
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic == b"PK\x03\x04":
+        return None if zipfile.is_zipfile(path) else "its zip archive is incomplete (cut short or damaged)"
+    if magic[:1] == b"\x80":
+        return None
+    return "not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (torch's read errors run over several), or its type's name."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def extract_state_dict(obj) -> dict:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from medclip.errors import MedclipError
-from medclip.models.loading import read_weights_file
+from medclip.models.weights import first_line, read_weights_file, torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -40,29 +40,43 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def is_finite_checkpoint(path: Path) -> bool:
-    """The checkpoint's own record (read lazily: mmap, no tensor data); files from before the record: True."""
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return bool(obj.get("finite", True)) if isinstance(obj, dict) else True
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `--resume latest` must not pick this checkpoint (None when it may).
+
+    Reads the checkpoint's own ``finite`` record lazily (mmap, no tensor data); files from before the
+    record count as finite. A file that cannot be read at all (damaged after it was written: a copy cut
+    short, a bad disk) is a reason too, so the previous checkpoint is used instead of a traceback.
+    """
+    problem = torch_file_problem(path)
+    if problem:
+        return f"unreadable: {problem}"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:  # damage inside a complete archive: torch raises several exception types
+        return f"unreadable: {first_line(exc)}"
+    if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
+        return "not a medclip training checkpoint (no model/step)"
+    return None if obj.get("finite", True) else "non-finite weights"
 
 
-def latest_finite(output_dir: str | Path) -> Path | None:
+def latest_resumable(output_dir: str | Path) -> Path | None:
+    """The newest checkpoint `--resume latest` may pick; each newer one passed over is logged with why."""
     for path in reversed(list_checkpoints(output_dir)):
-        if is_finite_checkpoint(path):
+        problem = checkpoint_problem(path)
+        if problem is None:
             return path
+        log.warning("--resume latest: passing over %s: %s", path, problem)
     return None
 
 
 def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """'latest' -> newest checkpoint with finite weights in output_dir (None if there is none); else a path."""
+    """'latest' -> newest usable checkpoint in output_dir (None if there is none); else a path."""
     if resume == "latest":
         found = list_checkpoints(output_dir)
-        path = latest_finite(output_dir)
-        if found and path != found[-1]:
-            log.warning("skipping checkpoints with non-finite weights after %s", path)
+        path = latest_resumable(output_dir)
         if found and path is None:
-            raise MedclipError(f"--resume latest: every checkpoint in {checkpoint_dir(output_dir)} has non-finite "
-                               f"weights; start again without --resume")
+            raise MedclipError(f"--resume latest: no checkpoint in {checkpoint_dir(output_dir)} can be resumed "
+                               f"(non-finite weights or unreadable, see the warnings); start again without --resume")
         return path
     path = Path(resume)
     if not path.is_file():
@@ -233,4 +247,4 @@ class CheckpointKeeper:
         if not self.is_main:
             return None
         set_aside(self.output_dir, from_step=first_bad_step - 1)
-        return latest_finite(self.output_dir)
+        return latest_resumable(self.output_dir)
