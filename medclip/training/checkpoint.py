@@ -54,9 +54,7 @@ def checkpoint_problem(path: Path) -> str | None:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # damage inside a complete archive: torch raises several exception types
         return f"unreadable: {first_line(exc)}"
-    if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
-        return "not a medclip training checkpoint (no model/step)"
-    return None if obj.get("finite", True) else "non-finite weights"
+    return not_a_training_checkpoint(obj) or (None if obj.get("finite", True) else "non-finite weights")
 
 
 def latest_resumable(output_dir: str | Path) -> Path | None:
@@ -205,10 +203,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def not_a_training_checkpoint(obj) -> str | None:
+    """Why a loaded object is not a medclip training checkpoint (None when it is one)."""
+    if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
+        return "not a medclip training checkpoint (no model/step)"
+    return None
+
+
 def read_checkpoint(path: Path) -> dict:
     obj = read_weights_file(path)
-    if not isinstance(obj, dict) or "model" not in obj or "step" not in obj:
-        raise MedclipError(f"{path} is not a medclip training checkpoint (no model/step)")
+    problem = not_a_training_checkpoint(obj)
+    if problem:
+        raise MedclipError(f"{path} is {problem}")
     return obj
 
 
