@@ -7,7 +7,9 @@ held-out demo split (the demo set is built from the run's seed):
 * grounding of the findings' boxes: pointing game at tolerance 0 and within one patch, energy in the
   box (``medclip explain --grounding``), from the PC-Align heads and from the patch-text cosine of the
   image-text embedding space (the IT-only baseline), plus the model-free references: a uniformly
-  random point (chance, exact expectation) and the image centre;
+  random point (chance, exact expectation), the image centre, and each concept's box prior (the
+  coverage map of its boxes in the run's training split, the same map for every image: what a model
+  that only learned where a finding usually is would score);
 * concept zero-shot: AUC per concept of image-level scores against the split's concept labels
   (``medclip concepts zero-shot --shards``), heads vs the image-text embeddings of the same names;
 * the demo suite the run evaluates at its end: modality accuracy, finding balanced accuracy,
@@ -63,6 +65,7 @@ REAL_VARIANTS = {
 COLUMNS = [  # (key, header)
     ("pg0", "pointing game, tol 0"),
     ("pg1", "pointing game, tol 1 patch"),
+    ("pg0_prior_missed", "tol 0, on boxes the prior misses"),
     ("energy", "energy in box"),
     ("concept_auc", "concept AUC"),
     ("modality_acc", "modality acc"),
@@ -129,6 +132,7 @@ def score_run(run_dir: Path, methods: list[str]) -> dict:
         baseline_grounding,
         evaluate_grounding,
         grounding_records_from_shards,
+        prior_grounding,
     )
     from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
 
@@ -137,27 +141,40 @@ def score_run(run_dir: Path, methods: list[str]) -> dict:
     labels = concept_label_records_from_shards(shards)
     encoder = medclip.load(str(run_dir / "export"), device="cpu")
     patch = boxes[0].image.size[0] / encoder.grid_size[1]  # one patch in the stored image's pixels
+    train_boxes = grounding_records_from_shards(sorted((run_dir / "demo_data").glob("demo-train-*.tar")))
+    prior0 = prior_grounding(train_boxes, boxes, 0.0)
+    prior_missed = {_box_id(r) for r in prior0.per_record if not r["hit"]}
     out = {}
     for method in methods:
         use_heads = method == "heads"
         tol0 = evaluate_grounding(encoder, boxes, 0.0, use_heads)
         tol1 = evaluate_grounding(encoder, boxes, patch, use_heads)
         auc = evaluate_concept_zero_shot(encoder, labels, use_heads=use_heads)
+        beyond = [r["hit"] for r in tol0.per_record if _box_id(r) in prior_missed]
         out[method] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy,
+                       "pg0_prior_missed": sum(beyond) / len(beyond), "n_prior_missed": len(beyond),
                        "concept_auc": auc.mean_auc, "n_boxes": tol0.n,
                        "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in tol0.per_concept.items()},
                        "per_concept_auc": {k: v["auc"] for k, v in auc.per_concept.items()}}
     for kind in ("random", "centre"):
         tol0, tol1 = baseline_grounding(boxes, kind, 0.0), baseline_grounding(boxes, kind, patch)
         out[kind] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy}
+    tol1 = prior_grounding(train_boxes, boxes, patch)
+    out["prior"] = {"pg0": prior0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": prior0.mean_energy,
+                    "pg0_prior_missed": 0.0, "n_prior_missed": len(prior_missed),
+                    "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in prior0.per_concept.items()}}
     return out
+
+
+def _box_id(record: dict) -> tuple:
+    return record["key"], record["concept"], tuple(record["box"])
 
 
 def cached_scores(run_dir: Path) -> dict:
     """score_run's result for a finished run, kept beside it (a retrained run starts from an empty folder)."""
     path = run_dir / "bench-scores.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    if path.is_file() and "prior" in (scores := json.loads(path.read_text())):
+        return scores
     with_heads = yaml.safe_load((run_dir / "bench-recipe.yaml").read_text())["objective"]["pc_weight"] > 0
     scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"])
     path.write_text(json.dumps(scores))
@@ -184,7 +201,8 @@ def table_rows(results: dict, variants: list[str]) -> list[tuple[str, dict[str, 
         rows.append((label, values))
 
     first = variants[0]
-    for kind, label in (("random", "chance (uniformly random point)"), ("centre", "image centre")):
+    for kind, label in (("random", "chance (uniformly random point)"), ("centre", "image centre"),
+                        ("prior", "concept prior (its training boxes' coverage)")):
         collect(label, lambda kind=kind: [r["scores"][kind] for r in results[first].values()])
     for variant in variants:
         runs = results[variant].values()
@@ -203,9 +221,10 @@ def print_table(rows, results: dict, variants: list[str]) -> str:
     pg0 = {label: statistics.fmean(v["pg0"]) for label, v in rows if v["pg0"]}
     heads, it_only = pg0.get("pc_align: PC-Align heads"), pg0.get("it_only: patch-text cosine")
     chance = pg0.get("chance (uniformly random point)")
+    prior = pg0.get("concept prior (its training boxes' coverage)")
     if heads is not None and it_only:
         lines.append(f"\npointing game at tolerance 0, PC-Align heads / IT-only cosine: {heads / it_only:.2f}x; "
-                     f"/ chance: {heads / chance:.2f}x")
+                     f"/ chance: {heads / chance:.2f}x; / concept prior: {heads / prior:.2f}x")
     text = "\n".join(lines)
     print(text)
     return text

@@ -21,7 +21,7 @@ from medclip.concepts import (
     grounding_records_from_shards,
     pointing_game,
 )
-from medclip.concepts.grounding import baseline_grounding
+from medclip.concepts.grounding import baseline_grounding, prior_grounding
 from medclip.errors import MedclipError
 
 
@@ -151,6 +151,30 @@ def test_reference_points_by_hand():
         baseline_grounding(records, "corner")
 
 
+def test_concept_prior_by_hand():
+    """The prior is each concept's box-coverage map over the fitting records, rescaled to the image."""
+    small = Image.new("RGB", (20, 10))
+    fit = [GroundingRecord(small, "a", (0, 0, 10, 10)), GroundingRecord(small, "a", (5, 0, 10, 10)),
+           GroundingRecord(small, "c", (15, 0, 20, 10))]
+    # Coverage of "a": columns 0-4 once, 5-9 twice, 10-19 never; its maximum is columns 5-9.
+    records = [GroundingRecord(small, "a", (8, 2, 12, 4)),  # holds columns 8-9 of the maximum: a hit
+               GroundingRecord(small, "a", (0, 0, 4, 10)),  # only once-covered columns: a miss
+               GroundingRecord(Image.new("RGB", (40, 20)), "a", (16, 4, 24, 8)),  # twice the size: 10-19 max
+               GroundingRecord(small, "b", (0, 0, 5, 5))]  # no box of "b" to fit on: skipped, counted
+    prior = prior_grounding(fit, records)
+    assert prior.method == "prior" and prior.n == 3 and prior.skipped == {"no box of 'b' in the records the "
+                                                                          "prior is fitted on": 1}
+    assert prior.pointing_accuracy == pytest.approx(2 / 3)
+    assert [(r["concept"], r["box"], r["hit"]) for r in prior.per_record] == [
+        ("a", [8, 2, 12, 4], 1.0), ("a", [0, 0, 4, 10], 0.0), ("a", [16, 4, 24, 8], 1.0)]
+    # Energy of the first box: rows 2-3 x columns 8-11 hold 2 x 2 pixels at 1.0 of a total mass of
+    # 10 rows x (5 x 0.5 + 5 x 1.0) = 75; the second box: rows 0-9 x columns 0-3, 40 pixels at 0.5.
+    energies = [4 / 75, 20 / 75, (4 * 4 * 1.0) / (20 * (10 * 0.5 + 10 * 1.0))]
+    assert prior.mean_energy == pytest.approx(np.mean(energies))
+    assert prior_grounding(fit, records[1:2], tolerance=1).pointing_accuracy == 0.0  # grown to column 4
+    assert prior_grounding(fit, records[1:2], tolerance=2).pointing_accuracy == 1.0  # grown to column 5
+
+
 def test_grounding_points_at_a_planted_peak(tiny_encoder):
     """A map whose only peak is inside the box scores a hit and most of the energy."""
     image = _image(5, size=(64, 64))
@@ -174,6 +198,12 @@ def test_cli_grounding(tmp_path, capsys):
     assert cli_main(["explain", "--grounding", str(shard), "--method", "random", "-o", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "random" and result["pointing_accuracy"] == pytest.approx(30 * 30 / (72 * 64))
+    assert cli_main(["explain", "--grounding", str(shard), "--method", "prior", "--prior-from", str(shard),
+                     "-o", str(out)]) == 0
+    result = json.loads(out.read_text())  # fitted on the box it is scored on: a hit, all the energy
+    assert result["method"] == "prior" and result["pointing_accuracy"] == 1.0 and result["mean_energy"] == 1.0
+    assert cli_main(["explain", "--grounding", str(shard), "--method", "prior"]) == 2
+    assert "--prior-from" in capsys.readouterr().err
     assert cli_main(["explain", "--grounding", str(shard), "--method", "heads", "--model", "medclip-tiny"]) == 2
     assert "no PC-Align heads" in capsys.readouterr().err
     assert cli_main(["explain", "--grounding", str(tmp_path / "none.tar"), "--model", "medclip-tiny"]) == 2

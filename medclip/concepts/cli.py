@@ -78,11 +78,18 @@ def run_explain(args) -> int:
             baseline_grounding,
             evaluate_grounding,
             grounding_records_from_shards,
+            prior_grounding,
         )
 
+        if args.method == "prior" and not args.prior_from:
+            raise MedclipError("--method prior needs --prior-from SHARDS (boxed samples to fit it on, "
+                               "e.g. the training split)")
         records = grounding_records_from_shards(args.grounding)
         if args.method in ("random", "centre"):
             result = baseline_grounding(records, args.method, tolerance=args.tolerance)
+        elif args.method == "prior":
+            result = prior_grounding(grounding_records_from_shards(args.prior_from), records,
+                                     tolerance=args.tolerance)
         else:
             result = evaluate_grounding(_load_encoder(args), records, tolerance=args.tolerance,
                                         use_heads=_use_heads(args.method))
@@ -148,7 +155,7 @@ def run_zero_shot(args) -> int:
 
 def _model_args(parser) -> None:
     parser.add_argument("--model", help="model name, hub directory or checkpoint (required except for "
-                                         "the grounding references --method random / centre)")
+                                         "the grounding references --method random / centre / prior)")
     parser.add_argument("--checkpoint", help="weights for a model name")
     parser.add_argument("--hf-text-dir", help="local HF text tower directory (offline)")
     parser.add_argument("--device", default=None)
@@ -204,7 +211,10 @@ def register(subparsers) -> None:
     exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
                      help="shards or directories whose samples carry 'boxes': print pointing game and energy")
     exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")
-    exp.add_argument("--method", choices=["heads", "cosine", "random", "centre"],
+    exp.add_argument("--method", choices=["heads", "cosine", "random", "centre", "prior"],
                      help="grounding: PC-Align heads, patch-text cosine, or a model-free reference (a uniformly "
-                          "random point, the image centre); default: heads when the model has them")
+                          "random point, the image centre, each concept's box prior fitted on --prior-from); "
+                          "default: heads when the model has them")
+    exp.add_argument("--prior-from", nargs="+", metavar="SHARDS",
+                     help="boxed shards (e.g. the training split) the --method prior reference is fitted on")
     exp.set_defaults(func=run_explain)

@@ -86,10 +86,13 @@ class GroundingResult:
     method: str
     per_concept: dict[str, dict] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    # One entry per scored record (key, concept, box, hit, energy): to compare methods box by box.
+    per_record: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"n": self.n, "pointing_accuracy": self.pointing_accuracy, "mean_energy": self.mean_energy,
-                "method": self.method, "per_concept": self.per_concept, "skipped": self.skipped}
+                "method": self.method, "per_concept": self.per_concept, "skipped": self.skipped,
+                "per_record": self.per_record}
 
 
 def _image_size(image) -> tuple[int, int]:
@@ -137,6 +140,46 @@ def baseline_grounding(records: Iterable[GroundingRecord], kind: str, tolerance:
     return _summarize(scored, kind, skipped)
 
 
+def box_prior_maps(fit_records: Iterable[GroundingRecord], width: int, height: int) -> dict[str, torch.Tensor]:
+    """Per concept, how many of ``fit_records``' boxes cover each pixel of a ``width`` x ``height`` image
+    (boxes rescaled from their own image's size): where that concept's findings usually are."""
+    sizes: dict[object, tuple[int, int]] = {}
+    maps: dict[str, torch.Tensor] = {}
+    for record in fit_records:
+        ident = str(record.image) if isinstance(record.image, (str, Path)) else id(record.image)
+        if ident not in sizes:
+            sizes[ident] = _image_size(record.image)
+        fit_w, fit_h = sizes[ident]
+        x0, y0, x1, y1 = record.box
+        scaled = (x0 * width / fit_w, y0 * height / fit_h, x1 * width / fit_w, y1 * height / fit_h)
+        rows, cols = _box_slices(scaled, height, width)
+        maps.setdefault(record.concept, torch.zeros(height, width))[rows, cols] += 1.0
+    return maps
+
+
+def prior_grounding(fit_records: Sequence[GroundingRecord], records: Iterable[GroundingRecord],
+                    tolerance: float = 0.0) -> GroundingResult:
+    """Pointing game and energy of the concept prior: for every image, the concept's box-coverage map over
+    ``fit_records`` (e.g. the training split), the same map whatever the image shows. A model whose maps
+    beat it looks at the image; one that only matches it has learned where a finding usually is. On a flat
+    top every pixel counts as the maximum, which favours the prior."""
+    priors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    scored: list[tuple[GroundingRecord, float, float]] = []
+    skipped: dict[str, int] = {}
+    for record in records:
+        width, height = _image_size(record.image)
+        if (width, height) not in priors:
+            priors[width, height] = box_prior_maps(fit_records, width, height)
+        try:
+            if record.concept not in priors[width, height]:
+                raise MedclipError(f"no box of {record.concept!r} in the records the prior is fitted on")
+            heat = priors[width, height][record.concept]
+            scored.append((record, float(pointing_game(heat, record.box, tolerance)), energy_in_box(heat, record.box)))
+        except MedclipError as exc:
+            _count_skip(skipped, record, exc)
+    return _summarize(scored, "prior", skipped)
+
+
 def _count_skip(skipped: dict[str, int], record: GroundingRecord, exc: MedclipError) -> None:
     reason = str(exc).split(" [")[0]
     skipped[reason] = skipped.get(reason, 0) + 1
@@ -152,8 +195,10 @@ def _summarize(scored: list[tuple[GroundingRecord, float, float]], method: str, 
     summary = {name: {"n": len(v), "pointing_accuracy": sum(h for h, _ in v) / len(v),
                       "mean_energy": sum(e for _, e in v) / len(v)} for name, v in sorted(per_concept.items())}
     n = len(scored)
+    per_record = [{"key": record.key, "concept": record.concept, "box": list(record.box), "hit": float(hit),
+                   "energy": energy} for record, hit, energy in scored]
     return GroundingResult(n, sum(float(h) for _, h, _ in scored) / n, sum(e for _, _, e in scored) / n, method,
-                           summary, skipped)
+                           summary, skipped, per_record)
 
 
 def evaluate_grounding(encoder, records: Iterable[GroundingRecord], tolerance: float = 0.0,
