@@ -82,8 +82,10 @@ def overrides(variant_sets: list[str], seed: int, run_dir: Path, steps: int | No
     return sets + ([f"run.steps={steps}"] if steps else [])
 
 
-def train(recipe: str, variant_sets: list[str], seed: int, run_dir: Path, steps: int | None, retrain: bool) -> dict:
-    """Train one run with ``medclip pretrain`` unless a finished run with the same recipe is there."""
+def train(recipe: str, variant_sets: list[str], seed: int, run_dir: Path, steps: int | None, retrain: bool,
+          report_only: bool = False) -> dict | None:
+    """Train one run with ``medclip pretrain`` unless a finished run with the same recipe is there
+    (``report_only``: never train; None when the run is not there)."""
     sets = overrides(variant_sets, seed, run_dir, steps)
     resolved = subprocess.run([str(BIN / "medclip"), "pretrain", "--config", recipe, "--print-recipe",
                                *(a for s in sets for a in ("--set", s))],
@@ -93,6 +95,9 @@ def train(recipe: str, variant_sets: list[str], seed: int, run_dir: Path, steps:
     if done and not retrain:
         print(f"  reusing {run_dir}", flush=True)
         return json.loads((run_dir / "bench-run.json").read_text())
+    if report_only:
+        print(f"  not there (or not finished): {run_dir}; left out", flush=True)
+        return None
     if run_dir.exists():
         subprocess.run(["rm", "-rf", str(run_dir)], check=True)
     run_dir.mkdir(parents=True)
@@ -173,7 +178,7 @@ def _box_id(record: dict) -> tuple:
 def cached_scores(run_dir: Path) -> dict:
     """score_run's result for a finished run, kept beside it (a retrained run starts from an empty folder)."""
     path = run_dir / "bench-scores.json"
-    if path.is_file() and "prior" in (scores := json.loads(path.read_text())):
+    if path.is_file() and "n_prior_missed" in (scores := json.loads(path.read_text())).get("prior", {}):
         return scores
     with_heads = yaml.safe_load((run_dir / "bench-recipe.yaml").read_text())["objective"]["pc_weight"] > 0
     scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"])
@@ -252,7 +257,9 @@ def run_demo(args, out: Path) -> None:
         for seed in args.seeds:
             print(f"{variant} seed {seed}: {VARIANTS[variant][0]}", flush=True)
             run_dir = out / variant / f"seed_{seed}"
-            info = train(RECIPE, VARIANTS[variant][1], seed, run_dir, args.steps, args.retrain)
+            info = train(RECIPE, VARIANTS[variant][1], seed, run_dir, args.steps, args.retrain, args.report_only)
+            if info is None:
+                continue
             results[variant][seed] = {"seconds": info["seconds"], "suite": suite_metrics(run_dir),
                                       "scores": cached_scores(run_dir)}
     table = print_table(table_rows(results, args.variants), results, args.variants)
@@ -271,16 +278,21 @@ def run_real(args, out: Path) -> None:
         for seed in args.seeds:
             print(f"{variant} seed {seed}: {what}", flush=True)
             run_dir = out / variant / f"seed_{seed}"
-            info = train(REAL_RECIPE, sets, seed, run_dir, args.steps, args.retrain)
+            info = train(REAL_RECIPE, sets, seed, run_dir, args.steps, args.retrain, args.report_only)
+            if info is None:
+                continue
             records = final_results(run_dir)
             results[variant][seed] = {"seconds": info["seconds"],
                                       "headline": {name: (r["headline_metric"], r["headline"])
                                                    for name, r in sorted(records.items())}}
-    names = list(next(iter(results["shared_real"].values()))["headline"])
+    seeds = [seed for seed in args.seeds if all(seed in results[v] for v in REAL_VARIANTS)]
+    if not seeds:
+        raise SystemExit("no seed has both shared_real runs finished")
+    names = list(results["shared_real"][seeds[0]]["headline"])
     lines = ["| dataset [headline] | " + " | ".join(REAL_VARIANTS) + " | difference |", "|---|---|---|---|"]
     for name in names:
-        metric = results["shared_real"][args.seeds[0]]["headline"][name][0]
-        per = {v: [results[v][seed]["headline"][name][1] for seed in args.seeds] for v in REAL_VARIANTS}
+        metric = results["shared_real"][seeds[0]]["headline"][name][0]
+        per = {v: [results[v][seed]["headline"][name][1] for seed in seeds] for v in REAL_VARIANTS}
         diff = [a - b for a, b in zip(per["shared_real"], per["shared_real_it_only"])]
         lines.append(f"| {name} [{metric}] | " + " | ".join(mean_sd(per[v]) for v in REAL_VARIANTS)
                      + f" | {mean_sd(diff)} |")
@@ -297,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, help="override the recipe's steps (exploration only)")
     parser.add_argument("--retrain", action="store_true", help="train again even when a finished run is there")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the finished runs under --out (e.g. while others still train)")
     parser.add_argument("--figure", type=Path, help="also render the README heatmap from pc_align, first seed")
     parser.add_argument("--real", action="store_true",
                         help="instead: shared_real with and without its PC-Align stage (~10 min per run)")
