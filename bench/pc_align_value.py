@@ -235,6 +235,30 @@ def print_table(rows, results: dict, variants: list[str]) -> str:
     return text
 
 
+def per_concept_table(results: dict, out: Path) -> str:
+    """Pointing game at tolerance 0 per concept (mean over seeds): where the heads beat the prior and where not.
+    Each seed draws its own demo set; the box counts are the first seed's."""
+    from medclip.concepts.grounding import grounding_records_from_shards
+
+    seed = next(iter(results["pc_align"]))
+    counts: dict[str, int] = {}
+    for record in grounding_records_from_shards(sorted((out / "pc_align" / f"seed_{seed}" / "demo_data")
+                                                       .glob("demo-val-*.tar"))):
+        counts[record.concept] = counts.get(record.concept, 0) + 1
+    columns = [("concept prior", "pc_align", "prior"), ("PC-Align heads", "pc_align", "heads"),
+               ("IT-only cosine", "it_only", "cosine")]
+    columns = [c for c in columns if results.get(c[1])]
+    lines = [f"| concept (boxes in seed {seed}'s split) | " + " | ".join(c[0] for c in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for concept in sorted(counts):
+        cells = [mean_sd([r["scores"][method]["per_concept_pg0"][concept] for r in results[variant].values()])
+                 for _, variant, method in columns]
+        lines.append(f"| {concept} ({counts[concept]}) | " + " | ".join(cells) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 def render_figure(run_dir: Path, path: Path) -> None:
     """The README's heatmap: ``medclip explain`` on the first held-out CT slice with a pleural effusion."""
     import medclip
@@ -263,6 +287,8 @@ def run_demo(args, out: Path) -> None:
             results[variant][seed] = {"seconds": info["seconds"], "suite": suite_metrics(run_dir),
                                       "scores": cached_scores(run_dir)}
     table = print_table(table_rows(results, args.variants), results, args.variants)
+    if results.get("pc_align"):
+        table += "\n\n" + per_concept_table(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "table.md").write_text(table + "\n")
     print(f"results: {out / 'results.json'}")
