@@ -140,36 +140,48 @@ def baseline_grounding(records: Iterable[GroundingRecord], kind: str, tolerance:
     return _summarize(scored, kind, skipped)
 
 
-def box_prior_maps(fit_records: Iterable[GroundingRecord], width: int, height: int) -> dict[str, torch.Tensor]:
-    """Per concept, how many of ``fit_records``' boxes cover each pixel of a ``width`` x ``height`` image
-    (boxes rescaled from their own image's size): where that concept's findings usually are."""
-    sizes: dict[object, tuple[int, int]] = {}
-    maps: dict[str, torch.Tensor] = {}
+def _fractional_boxes(fit_records: Iterable[GroundingRecord]) -> list[tuple[str, tuple[float, ...]]]:
+    """(concept, box as fractions of its own image's width and height), each image's size read once."""
+    sizes: dict[str, tuple[int, int]] = {}  # a file holding several boxes is opened once
+    boxes = []
     for record in fit_records:
-        ident = str(record.image) if isinstance(record.image, (str, Path)) else id(record.image)
-        if ident not in sizes:
-            sizes[ident] = _image_size(record.image)
-        fit_w, fit_h = sizes[ident]
+        if isinstance(record.image, Image.Image):
+            fit_w, fit_h = record.image.size
+        else:
+            path = str(record.image)
+            if path not in sizes:
+                sizes[path] = _image_size(path)
+            fit_w, fit_h = sizes[path]
         x0, y0, x1, y1 = record.box
-        scaled = (x0 * width / fit_w, y0 * height / fit_h, x1 * width / fit_w, y1 * height / fit_h)
-        rows, cols = _box_slices(scaled, height, width)
-        maps.setdefault(record.concept, torch.zeros(height, width))[rows, cols] += 1.0
+        boxes.append((record.concept, (x0 / fit_w, y0 / fit_h, x1 / fit_w, y1 / fit_h)))
+    return boxes
+
+
+def box_prior_maps(fractional_boxes: Iterable[tuple[str, tuple[float, ...]]], width: int,
+                   height: int) -> dict[str, torch.Tensor]:
+    """Per concept, how many of the boxes (``_fractional_boxes``) cover each pixel of a ``width`` x
+    ``height`` image: where that concept's findings usually are."""
+    maps: dict[str, torch.Tensor] = {}
+    for concept, (x0, y0, x1, y1) in fractional_boxes:
+        rows, cols = _box_slices((x0 * width, y0 * height, x1 * width, y1 * height), height, width)
+        maps.setdefault(concept, torch.zeros(height, width))[rows, cols] += 1.0
     return maps
 
 
-def prior_grounding(fit_records: Sequence[GroundingRecord], records: Iterable[GroundingRecord],
+def prior_grounding(fit_records: Iterable[GroundingRecord], records: Iterable[GroundingRecord],
                     tolerance: float = 0.0) -> GroundingResult:
     """Pointing game and energy of the concept prior: for every image, the concept's box-coverage map over
     ``fit_records`` (e.g. the training split), the same map whatever the image shows. A model whose maps
     beat it looks at the image; one that only matches it has learned where a finding usually is. On a flat
     top every pixel counts as the maximum, which favours the prior."""
-    priors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    fitted = _fractional_boxes(fit_records)
+    priors: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # one set of maps per image size
     scored: list[tuple[GroundingRecord, float, float]] = []
     skipped: dict[str, int] = {}
     for record in records:
         width, height = _image_size(record.image)
         if (width, height) not in priors:
-            priors[width, height] = box_prior_maps(fit_records, width, height)
+            priors[width, height] = box_prior_maps(fitted, width, height)
         try:
             if record.concept not in priors[width, height]:
                 raise MedclipError(f"no box of {record.concept!r} in the records the prior is fitted on")
