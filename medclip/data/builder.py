@@ -13,7 +13,6 @@ the whole collection.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from medclip.data.records import (
     validate_concepts,
 )
 from medclip.data.shards import ShardInfo, ShardSink, read_summary, write_summary
+from medclip.data.user_files import class_folders, csv_rows, folder_images, text_lines
 from medclip.errors import MedclipError
 from medclip.imaging import Window, load_image
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 PART_BLOCK = 1000
 MAX_LISTED_SKIPS = 10_000
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -94,25 +93,23 @@ def parse_part(text: str) -> tuple[int, int]:
     return i, n
 
 
-def _table_rows(path: Path) -> Iterator[tuple[int, dict | Exception]]:
+def _table_rows(path: Path, image_field: str) -> Iterator[tuple[int, dict | Exception]]:
+    """(line number, row or why the line is not one) of a JSONL or CSV table."""
     if not path.is_file():
         raise MedclipError(f"input file not found: {path}")
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            for i, row in enumerate(csv.DictReader(f)):
-                yield i, row
+        yield from csv_rows(path, need=image_field)
         return
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("row is not a JSON object")
-                yield i, row
-            except ValueError as exc:
-                yield i, exc
+    for number, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("row is not a JSON object")
+            yield number, row
+        except ValueError as exc:
+            yield number, exc
 
 
 def _captions_from(row: dict, fields: Sequence[str], separator: str | None) -> list[str]:
@@ -142,8 +139,8 @@ def read_table(
     """
     path = Path(path)
     reserved = {image_field, *caption_fields, concept_field, "licence", "license", "boxes"}
-    for i, row in _table_rows(path):
-        origin = f"{path}:{i + 1}"
+    for line, row in _table_rows(path, image_field):
+        origin = f"{path}:{line}"
         if isinstance(row, Exception):
             yield RecordError("bad_json", f"{origin}: {row}")
             continue
@@ -199,7 +196,7 @@ def read_class_folder(
     root = Path(root)
     if not root.is_dir():
         raise MedclipError(f"image folder not found: {root}")
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+    for folder in class_folders(root):
         cls = folder.name
         name = (class_names or {}).get(cls, cls.replace("_", " "))
         if isinstance(templates, dict):
@@ -209,7 +206,7 @@ def read_class_folder(
         else:
             chosen = templates
         captions = [t.format(name) if "{}" in t else t for t in chosen]
-        for image in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        for image in folder_images(folder):
             yield SourceRecord(image=image, captions=captions, labels={"class": name}, modality=modality,
                                source=source or root.name, licence=licence, origin=str(image))
 

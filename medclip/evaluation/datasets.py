@@ -8,7 +8,6 @@ them to class indices, skipping and counting samples whose label is not one of t
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import io
@@ -20,11 +19,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from medclip.data.user_files import class_folders, csv_rows, folder_images, text_lines
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -112,26 +110,29 @@ def _as_captions(value) -> list[str]:
 
 @register_reader("image_folder")
 def read_image_folder(root: Path, name: str = "", path: str | None = None, label_field: str = "label") -> EvalData:
-    """``DIR/<class>/*.jpg``: the subfolder name is the label (stored under ``label_field``)."""
+    """``DIR/<class>/*.jpg``: the subfolder name is the label (stored under ``label_field``).
+
+    Hidden files and folders (``.DS_Store``, ``.cache/``) and ``Thumbs.db``-style junk are no class or image.
+    """
     base = _resolve(root, path)
     if not base.is_dir():
         raise MedclipError(f"image folder not found: {base}")
     images, labels, keys, ident = [], [], [], []
-    for class_dir in sorted(p for p in base.iterdir() if p.is_dir()):
-        for img in sorted(class_dir.rglob("*")):
-            if img.suffix.lower() in IMAGE_SUFFIXES and img.is_file():
-                images.append(str(img))
-                labels.append({label_field: class_dir.name})
-                keys.append(f"{class_dir.name}/{img.relative_to(class_dir)}")
-                ident.append(file_identity(img))
+    for class_dir in class_folders(base):
+        for img in folder_images(class_dir):
+            images.append(str(img))
+            labels.append({label_field: class_dir.name})
+            keys.append(f"{class_dir.name}/{img.relative_to(class_dir)}")
+            ident.append(file_identity(img))
     return EvalData(name or base.name, images, labels, [[] for _ in images], keys, ident)
 
 
 def _table_rows(rows, base: Path, image_field: str, caption_field: str | None, source: str) -> EvalData:
+    """EvalData of ``(line number, row)`` pairs; a row without an image stops the read, naming its line."""
     images, labels, captions, keys, ident = [], [], [], [], []
-    for i, row in enumerate(rows):
+    for line, row in rows:
         if image_field not in row:
-            raise MedclipError(f"{source}: row {i + 1} has no {image_field!r} field")
+            raise MedclipError(f"{source}:{line}: the row has no {image_field!r} field")
         img = _resolve(base, str(row[image_field]))
         images.append(str(img))
         labels.append(row)
@@ -148,8 +149,7 @@ def read_csv(root: Path, name: str = "", path: str = "", image_field: str = "pat
     file = _resolve(root, path)
     if not file.is_file():
         raise MedclipError(f"CSV file not found: {file}")
-    with open(file, newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = list(csv_rows(file, need=image_field))
     data = _table_rows(rows, _resolve(root, image_root) if image_root else file.parent, image_field,
                        caption_field, str(file))
     data.name = name or data.name
@@ -164,13 +164,15 @@ def read_jsonl(root: Path, name: str = "", path: str = "", image_field: str = "i
     if not file.is_file():
         raise MedclipError(f"JSONL file not found: {file}")
     rows = []
-    with open(file) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise MedclipError(f"{file}:{n}: invalid JSON: {exc}") from exc
+    for n, line in text_lines(file):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise MedclipError(f"{file}:{n}: invalid JSON: {exc}") from exc
+            if not isinstance(row, dict):
+                raise MedclipError(f"{file}:{n}: not a JSON object")
+            rows.append((n, row))
     data = _table_rows(rows, _resolve(root, image_root) if image_root else file.parent, image_field,
                        caption_field, str(file))
     data.name = name or data.name
