@@ -1,4 +1,4 @@
-"""Files as users save them (Excel CSVs, other encodings, hidden entries)."""
+"""Builds own their output; files as users save them (Excel CSVs, other encodings, hidden entries)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import pytest
 from conftest import one_error_line, require_shared  # tests/ is on sys.path under pytest
 
 from medclip.cli import main as cli_main
+from medclip.data import builder
+from medclip.data.manifest import check_manifest, load_manifest
+from medclip.data.shards import sha256_file
 from medclip.errors import MedclipError
 from medclip.evaluation import read_dataset
 
@@ -48,6 +51,83 @@ def _tar_metas(folder: Path, pattern: str = "*.tar") -> list[dict]:
         with tarfile.open(shard) as tar:
             metas += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
     return metas
+
+
+# ------------------------------------------------------------------------------ builds own their output
+
+
+def test_a_rebuild_replaces_the_earlier_shards_and_a_failed_one_keeps_them(tmp_path, capsys):
+    rows = _medpix_rows(30)
+    out = tmp_path / "stale"
+    code, _, _ = _build(capsys, _jsonl(tmp_path / "mp30.jsonl", rows), out, "--prefix", "s", "--max-samples", "10")
+    assert code == 0 and len(list(out.glob("s-*.tar"))) == 3
+    code, stdout, _ = _build(capsys, _jsonl(tmp_path / "mp5.jsonl", rows[:5]), out, "--prefix", "s",
+                             "--max-samples", "10", "--processes", "2")
+    assert code == 0 and "removed s-000001.tar, s-000002.tar" in stdout
+    assert sorted(p.name for p in out.iterdir()) == ["s-000000.tar", "s-summary.json"]  # no staging folder left
+    summary = json.loads((out / "s-summary.json").read_text())
+    assert [s["name"] for s in summary["shards"]] == ["s-000000.tar"] and summary["samples"] == 5
+    assert len(read_dataset("wds", out, path="s-*.tar")) == 5  # the evaluation the issue ran
+    assert sha256_file(out / "s-000000.tar") == summary["shards"][0]["sha256"]
+
+    # A build that writes nothing fails in one line with its reasons counted, and changes nothing.
+    before = {p.name: sha256_file(p) for p in out.iterdir()}
+    missing = _jsonl(tmp_path / "missing.jsonl", [{**r, "image": "nope.jpg"} for r in rows[:4]] + [{"x": 1}])
+    code, _, err = _build(capsys, missing, out, "--prefix", "s")
+    assert code == 2
+    line = one_error_line(err)
+    assert "no sample written: all 5 input(s) were skipped (missing_image 5)" in line
+    assert f"{missing}:1: image not found" in line and f"{out} is left as it was" in line
+    assert {p.name: sha256_file(p) for p in out.iterdir()} == before
+    assert _build(capsys, _jsonl(tmp_path / "empty.jsonl", []), tmp_path / "new", "--prefix", "s")[0] == 2
+
+
+def test_part_builds_replace_only_their_own_part(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(builder, "PART_BLOCK", 4)  # 10 rows: part 0/3 gets rows 0-3, 1/3 rows 4-7, 2/3 rows 8-9
+    rows = _medpix_rows(10)
+    table = _jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "parts"
+
+    def build_part(part: str) -> tuple[int, str, str]:
+        return _build(capsys, table, out, "--prefix", "p", "--part", part, "--max-samples", "2")
+
+    assert [build_part(f"{i}/3")[0] for i in range(3)] == [0, 0, 0]
+    assert cli_main(["shards", "merge", str(out), "--prefix", "p"]) == 0
+    part1 = {p.name: sha256_file(p) for p in [*out.glob("p-001-*"), out / "p-summary-001.json"]}
+    assert len(part1) == 2 + 1  # two shards of two samples, and the part's summary
+
+    # The table edited (two images gone, the last rows dropped) and parts 0 and 2 built again: part 0's
+    # extra shard and the stale merge go, part 2 (now given no rows) empties, part 1 is left alone
+    _jsonl(table, [{**r, "image": "nope.jpg"} for r in rows[:2]] + rows[2:8])
+    code, stdout, _ = build_part("0/3")
+    assert code == 0 and "p-000-00001.tar" in stdout and "p.yaml" in stdout and "p-summary.json" in stdout
+    assert build_part("2/3")[0] == 0
+    assert {p.name: sha256_file(p) for p in [*out.glob("p-001-*"), out / "p-summary-001.json"]} == part1
+    assert sorted(p.name for p in out.glob("p-*.tar")) == ["p-000-00000.tar", "p-001-00000.tar", "p-001-00001.tar"]
+    assert not (out / "p.yaml").exists() and not (out / "p-summary.json").exists()
+    assert cli_main(["shards", "merge", str(out), "--prefix", "p"]) == 0
+    merged = load_manifest(out / "p.yaml")
+    assert merged.samples == 6 and check_manifest(merged) == []
+
+    # A whole build into the same folder and prefix replaces the whole part collection
+    assert _build(capsys, table, out, "--prefix", "p")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["p-000000.tar", "p-summary.json"]
+    # and a part build replaces a whole build (its shards are no part's)
+    assert _build(capsys, table, out, "--prefix", "p", "--part", "1/2")[0] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["p-001-00000.tar", "p-summary-001.json"]
+
+
+def test_recipe_data_build_replaces_its_stale_build_only_when_the_new_one_is_complete(tmp_path):
+    from medclip.training.prepare import BuildSpec, build_source
+
+    table = _jsonl(tmp_path / "rows.jsonl", _medpix_rows(3))
+    spec = BuildSpec(name="mini", input=str(table), max_side=32)
+    manifest = build_source(spec, tmp_path / "shards")
+    kept = {p.name: sha256_file(p) for p in manifest.parent.iterdir()}
+    _jsonl(table, [{"image": "nope.jpg", "caption": "x"}])
+    with pytest.raises(MedclipError, match=r"data.build mini .*no sample written: all 1 input\(s\) were skipped"):
+        build_source(spec, tmp_path / "shards")
+    assert {p.name: sha256_file(p) for p in manifest.parent.iterdir()} == kept
 
 
 # ------------------------------------------------------------------------------ tables as users save them

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import multiprocessing as mp
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,8 @@ from typing import Any
 
 from PIL import Image
 
+from medclip.data import build_output
+from medclip.data.build_output import shard_brace_pattern, shard_name_pattern
 from medclip.data.manifest import write_manifest
 from medclip.data.records import (
     RecordError,
@@ -78,6 +81,7 @@ class BuildReport:
     samples: int
     skipped: dict[str, int] = field(default_factory=dict)
     skipped_items: list[dict] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)  # files of an earlier build this one replaced
 
 
 # ---------------------------------------------------------------- readers
@@ -277,24 +281,6 @@ def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> 
     return index, (members, dropped)
 
 
-def _shard_stem(prefix: str, part: tuple[int, int]) -> tuple[str, int]:
-    """(name stem, digits of the shard number) of a build's shards: the one place naming them."""
-    i, n = part
-    return (prefix, 6) if n == 1 else (f"{prefix}-{i:03d}", 5)
-
-
-def shard_name_pattern(prefix: str, part: tuple[int, int]) -> str:
-    """File name format of a build's shards (``{shard}`` is the shard number within the part)."""
-    stem, digits = _shard_stem(prefix, part)
-    return f"{stem}-{{shard:0{digits}d}}.tar"
-
-
-def shard_brace_pattern(prefix: str, part: tuple[int, int], count: int) -> str:
-    """Brace-expansion pattern of a part's shards 0 .. count - 1 (they are numbered without gaps)."""
-    stem, digits = _shard_stem(prefix, part)
-    return f"{stem}-{{{0:0{digits}d}..{count - 1:0{digits}d}}}.tar"
-
-
 def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, Any]]:
     i, n = part
     for index, rec in enumerate(records):
@@ -303,13 +289,18 @@ def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, A
 
 
 def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig) -> BuildReport:
-    """Write ``records`` (this part of them) as shards plus ``PREFIX-summary[-PART].json``."""
+    """Write ``records`` (this part of them) as shards plus ``PREFIX-summary[-PART].json``.
+
+    The shards replace those of an earlier build of the same prefix (and part) in ``out_dir`` only once
+    this build has written at least one sample (:mod:`medclip.data.build_output`).
+    """
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     i, n = cfg.part
     name_pattern = shard_name_pattern(cfg.prefix, cfg.part)
-    summary_path = out / (f"{cfg.prefix}-summary.json" if n == 1 else f"{cfg.prefix}-summary-{i:03d}.json")
-    sink = ShardSink(out, name_pattern, cfg.max_samples, cfg.max_bytes)
+    summary_path = out / build_output.summary_name(cfg.prefix, cfg.part)
+    staged = build_output.staging_dir(out, cfg.prefix, cfg.part)
+    sink = ShardSink(staged, name_pattern, cfg.max_samples, cfg.max_bytes)
     skipped: Counter[str] = Counter()
     skipped_items: list[dict] = []
     work = ((index, rec, cfg) for index, rec in _selected(records, cfg.part))
@@ -327,20 +318,37 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
                 skipped["bad_concept_span"] += dropped
             sink.write(f"{cfg.prefix}{index:09d}", members)
         shards = sink.close()
+        _check_not_empty(shards, skipped, skipped_items, cfg)
     except BaseException:
         sink.abort()
+        shutil.rmtree(staged, ignore_errors=True)
         raise
     finally:
         if pool:
             pool.close()
             pool.join()
+    removed = build_output.install(staged, out, shards, cfg.prefix, cfg.part)
     config = {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
               for k, v in asdict(cfg).items() if k not in ("out_dir", "processes")}
     write_summary(summary_path, shards, part=[i, n], skipped=dict(sorted(skipped.items())),
                   skipped_items=skipped_items, config=config)
     for kind, count in sorted(skipped.items()):
         log.warning("skipped %d input(s): %s", count, kind)
-    return BuildReport(out, summary_path, shards, sum(s.samples for s in shards), dict(skipped), skipped_items)
+    return BuildReport(out, summary_path, shards, sum(s.samples for s in shards), dict(skipped), skipped_items,
+                       removed)
+
+
+def _check_not_empty(shards: list[ShardInfo], skipped: Counter[str], items: list[dict], cfg: BuildConfig) -> None:
+    """A build that wrote nothing fails, saying why; a part given no rows (a short input) is fine."""
+    if shards:
+        return
+    kept = f"{cfg.out_dir} is left as it was"
+    if skipped:
+        counts = ", ".join(f"{kind} {count}" for kind, count in sorted(skipped.items()))
+        raise MedclipError(f"no sample written: all {sum(skipped.values())} input(s) were skipped ({counts}), "
+                           f"e.g. {items[0]['reason']}; {kept}")
+    if cfg.part[1] == 1:
+        raise MedclipError(f"no sample written: the input holds no rows or images; {kept}")
 
 
 def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **manifest_fields) -> BuildReport:
@@ -377,7 +385,7 @@ def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **man
     for s in summaries:
         skipped.update(s.get("skipped", {}))
         items += s.get("skipped_items", [])
-    summary_path = write_summary(out / f"{prefix}-summary.json", shards, parts=n,
+    summary_path = write_summary(out / build_output.summary_name(prefix, (0, 1)), shards, parts=n,
                                  skipped=dict(sorted(skipped.items())), skipped_items=items[:MAX_LISTED_SKIPS],
                                  config=json.loads(configs.pop()))
     patterns = ["{root}/" + shard_brace_pattern(prefix, (int(s["part"][0]), n), len(s["shards"]))

@@ -96,6 +96,8 @@ def run_build(args: argparse.Namespace) -> int:
     report = builder.build_shards(records, cfg)
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {report.out_dir}")
     print(f"summary: {report.summary_path}")
+    if report.removed:
+        print(f"replaced an earlier build: removed {', '.join(report.removed)}")
     for kind, count in sorted(report.skipped.items()):
         print(f"skipped {count}: {kind}")
     return 0

@@ -5,8 +5,9 @@ list them under ``data.build`` instead of pre-built manifests. Each entry is bui
 into ``output_dir/shards/NAME``. The build summary records the entry's key: the settings that shape the
 shards (input, caption fields, label captions, vocabularies, max side) and the size and modification
 time of the input table and vocabulary files. A later run (or a resume) reuses the shards only under the
-same key; otherwise it says what changed and builds them again. Images the table points to are not part
-of the key (edit the table, or delete the folder, to rebuild after replacing images in place).
+same key; otherwise it says what changed and builds them again (the new shards replace the stale ones
+only once complete: medclip.data.build_output). Images the table points to are not part of the key
+(edit the table, or delete the folder, to rebuild after replacing images in place).
 """
 
 from __future__ import annotations
@@ -110,13 +111,6 @@ def _stale_reason(stored: dict | None, key: dict) -> str | None:
     return "input file(s) changed since the build: " + ", ".join(touched)
 
 
-def _remove_build(folder: Path, name: str) -> None:
-    """The manifest first (its presence means "complete"), then the summary and shards of ``name``."""
-    (folder / f"{name}.yaml").unlink(missing_ok=True)
-    for path in [*folder.glob(f"{name}-summary*.json"), *folder.glob(f"{name}-*.tar")]:
-        path.unlink()
-
-
 def _reusable(spec: BuildSpec, folder: Path, key: dict) -> bool:
     from medclip.data.shards import read_summary
 
@@ -157,13 +151,12 @@ def build_source(spec: BuildSpec, out_root: Path) -> Path:
     key = build_key(spec)
     if _reusable(spec, folder, key):
         return _reweighted(manifest, spec.weight)
-    if folder.is_dir():
-        _remove_build(folder, spec.name)
     log.info("building shards for %s from %s", spec.name, spec.input)
-    report = build_shards(_records(spec, _annotator(spec.vocab)),
-                          BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes))
-    if report.samples == 0:
-        raise MedclipError(f"data.build {spec.name}: no usable sample in {spec.input} (skipped: {report.skipped})")
+    try:  # the new shards replace the stale build (its manifest included) only once they are complete
+        report = build_shards(_records(spec, _annotator(spec.vocab)),
+                              BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes))
+    except MedclipError as exc:
+        raise MedclipError(f"data.build {spec.name} ({spec.input}): {exc}") from exc
     summary = read_summary(report.summary_path)
     extra = {k: v for k, v in summary.items() if k not in ("format", "samples", "shards")}
     write_summary(report.summary_path, report.shards, **{**extra, "build_key": key})
