@@ -177,13 +177,16 @@ def test_tables_in_other_encodings_are_one_line_naming_file_and_line(tmp_path, c
     (tmp_path / "cp1252.jsonl").write_bytes("".join(
         json.dumps({**r, "caption": r["caption"] + (" naïve" if i == 2 else "")}, ensure_ascii=False) + "\n"
         for i, r in enumerate(rows)).encode("cp1252"))
+    out = tmp_path / "out"
+    assert _build(capsys, _jsonl(tmp_path / "good.jsonl", rows[:2]), out)[0] == 0
+    kept = {p.name: sha256_file(p) for p in out.iterdir()}
     for table, line, char in ((latin, 5, "é"), (tmp_path / "cp1252.jsonl", 3, "ï")):
-        code, _, err = _build(capsys, table, tmp_path / "out")
+        code, _, err = _build(capsys, table, out, "--processes", "2", "--max-samples", "1")  # after 2+ shards
         assert code == 2
         message = one_error_line(err)
         assert message.startswith(f"medclip: error: {table}:{line}: byte ") and f"it would be '{char}'" in message
         assert "save it as UTF-8" in message
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+        assert {p.name: sha256_file(p) for p in out.iterdir()} == kept  # the earlier build, untouched
 
     _csv(tmp_path / "eval.csv", ["path", "label"], [[r["image"], "caf\xe9" if i == 1 else "x"]
                                                     for i, r in enumerate(rows)], "cp1252")
@@ -193,7 +196,7 @@ def test_tables_in_other_encodings_are_one_line_naming_file_and_line(tmp_path, c
     with pytest.raises(MedclipError, match=r"eval.jsonl:2: byte 0xe9 .* save it as UTF-8$"):
         read_dataset("jsonl", tmp_path, path="eval.jsonl")
     (tmp_path / "utf16.csv").write_bytes(codecs.BOM_UTF16_LE + "image,caption\r\n".encode("utf-16-le"))
-    code, _, err = _build(capsys, tmp_path / "utf16.csv", tmp_path / "out")
+    code, _, err = _build(capsys, tmp_path / "utf16.csv", out)
     assert code == 2 and one_error_line(err).endswith("utf16.csv is UTF-16 text: save it as UTF-8 "
                                                       "(Excel: Save As > 'CSV UTF-8')")
 
