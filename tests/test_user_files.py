@@ -14,6 +14,7 @@ from conftest import one_error_line, require_shared  # tests/ is on sys.path und
 
 from medclip.cli import main as cli_main
 from medclip.data import builder
+from medclip.data.build_output import listing
 from medclip.data.manifest import check_manifest, load_manifest
 from medclip.data.shards import sha256_file
 from medclip.errors import MedclipError
@@ -69,6 +70,8 @@ def test_a_rebuild_replaces_the_earlier_shards_and_a_failed_one_keeps_them(tmp_p
     assert [s["name"] for s in summary["shards"]] == ["s-000000.tar"] and summary["samples"] == 5
     assert len(read_dataset("wds", out, path="s-*.tar")) == 5  # the evaluation the issue ran
     assert sha256_file(out / "s-000000.tar") == summary["shards"][0]["sha256"]
+    assert listing([f"s-{i:06d}.tar" for i in range(7)]) == ("s-000000.tar, s-000001.tar, s-000002.tar, "
+                                                              "s-000003.tar, s-000004.tar, ... (7 in all)")
 
     # A build that writes nothing fails in one line with its reasons counted, and changes nothing.
     before = {p.name: sha256_file(p) for p in out.iterdir()}

@@ -108,5 +108,11 @@ def install(staged: Path, out: Path, shards: list[ShardInfo], prefix: str, part:
     shutil.rmtree(staged, ignore_errors=True)
     removed = sorted(f.name for f in stale + markers if f.name != summary_name(prefix, part))
     if removed:
-        log.info("%s: removed %d file(s) of an earlier build of %s: %s", out, len(removed), prefix, ", ".join(removed))
+        log.info("%s: removed %d file(s) of an earlier build of %s: %s", out, len(removed), prefix, listing(removed))
     return removed
+
+
+def listing(names: list[str], shown: int = 5) -> str:
+    """The first few names, and how many in all when there are more (a rebuild can remove thousands)."""
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more

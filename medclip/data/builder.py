@@ -2,7 +2,8 @@
 
 Images are decoded, optionally shrunk to a maximum side and re-encoded in a process pool; the
 results are consumed in input order, so the output is identical for any number of processes.
-Bad inputs are skipped, counted by kind and listed in the summary; the build always finishes.
+Bad inputs are skipped, counted by kind and listed in the summary; a build that writes no sample
+fails. The shards replace an earlier build's only once complete (:mod:`medclip.data.build_output`).
 
 ``part=(i, n)`` builds a disjoint part: rows are grouped in blocks of ``PART_BLOCK`` and block
 ``b`` belongs to part ``b % n`` (works on a stream, no need to count rows first). Sample keys are
@@ -137,7 +138,7 @@ def read_table(
     licence: str = "",
     source: str = "",
 ) -> Iterator[SourceRecord | RecordError]:
-    """Rows of a JSONL or CSV file; image paths are relative to the file's folder.
+    """Rows of a UTF-8 JSONL or CSV file (:mod:`medclip.data.user_files`); image paths are relative to its folder.
 
     Every other scalar field goes into ``labels`` unless ``label_fields`` names them explicitly.
     """

@@ -75,6 +75,7 @@ def _window(text: str | None) -> tuple[float, float] | None:
 
 def run_build(args: argparse.Namespace) -> int:
     from medclip.data import builder
+    from medclip.data.build_output import listing
 
     cfg = builder.BuildConfig(
         out_dir=args.out, prefix=args.prefix, max_samples=args.max_samples, max_bytes=int(args.max_bytes),
@@ -97,7 +98,7 @@ def run_build(args: argparse.Namespace) -> int:
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {report.out_dir}")
     print(f"summary: {report.summary_path}")
     if report.removed:
-        print(f"replaced an earlier build: removed {', '.join(report.removed)}")
+        print(f"replaced an earlier build: removed {listing(report.removed)}")
     for kind, count in sorted(report.skipped.items()):
         print(f"skipped {count}: {kind}")
     return 0
