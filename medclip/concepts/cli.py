@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -58,8 +58,8 @@ def run_annotate(args) -> int:
             raise MedclipError(f"{src}: expected a .jsonl file or a .tar shard")
         log.info("%s: %s", src, stats.summary())
         total.add(stats)
-    print(json.dumps({"records": total.records, "annotated": total.annotated, "mentions": total.mentions,
-                      "negated": total.negated, "skipped": total.skipped}))
+    print(jsonio.dumps({"records": total.records, "annotated": total.annotated, "mentions": total.mentions,
+                        "negated": total.negated, "skipped": total.skipped}))
     return 0
 
 
@@ -108,10 +108,10 @@ def run_explain(args) -> int:
         ranked = rank_concepts(encoder, args.image, _read_names(args.vocab), args.top_k)
     output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
     maps.save_png(output, ranked or maps.ranked())
-    print(json.dumps({"png": str(output), "method": maps.method,
-                      "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
-                      **({"top_concepts": [{"name": n, "score": s} for n, s in ranked]} if ranked else {})},
-                     indent=2))
+    print(jsonio.dumps({"png": str(output), "method": maps.method,
+                        "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
+                        **({"top_concepts": [{"name": n, "score": s} for n, s in ranked]} if ranked else {})},
+                       indent=2))
     return 0
 
 
@@ -121,7 +121,7 @@ def _use_heads(method: str | None) -> bool | None:
 
 
 def _print_json(result: dict, output: str | None) -> int:
-    text = json.dumps(result, indent=2)
+    text = jsonio.dumps(result, indent=2)
     if output:
         Path(output).write_text(text + "\n")
     print(text)
@@ -145,7 +145,7 @@ def run_zero_shot(args) -> int:
     if not concepts:
         raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
     labels = annotate_images(_load_encoder(args), args.images, concepts, top_k=args.top_k, threshold=args.threshold)
-    lines = [json.dumps({"image": image, "concepts": row}) for image, row in zip(args.images, labels)]
+    lines = [jsonio.dumps({"image": image, "concepts": row}) for image, row in zip(args.images, labels)]
     if args.output:
         Path(args.output).write_text("\n".join(lines) + "\n")
     else:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from medclip import jsonio
 from medclip.concepts.annotator import ConceptAnnotator
 from medclip.errors import MedclipError
 
@@ -104,7 +105,7 @@ def annotate_jsonl(src: str | Path, dst: str | Path, annotator: ConceptAnnotator
                 stats.skip(f"without a '{field_name}' caption")
             else:
                 _annotate_record(record, captions, annotator, out_field, stats)
-            lines.append(json.dumps(record, ensure_ascii=False))
+            lines.append(jsonio.dumps(record, ensure_ascii=False))
     _replace_atomically(dst, lambda h: h.write(("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")))
     return stats
 
@@ -155,7 +156,7 @@ def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> li
         stats.skip("without captions")
         return group
     _annotate_record(record, captions, annotator, out_field, stats)
-    payload = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    payload = jsonio.dumps(record, ensure_ascii=False).encode("utf-8")
     new_info = tarfile.TarInfo(info.name)
     new_info.size, new_info.mtime, new_info.mode = len(payload), info.mtime, info.mode
     new_info.uname, new_info.gname, new_info.uid, new_info.gid = info.uname, info.gname, info.uid, info.gid

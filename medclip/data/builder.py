@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from medclip import jsonio
 from medclip.data.manifest import write_manifest
 from medclip.data.records import (
     RecordError,
@@ -276,7 +277,7 @@ def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> 
     if scale != 1.0 and rec.boxes:
         rec.boxes = [{**b, "bbox": [round(v * scale, 2) for v in b["bbox"]]} for b in rec.boxes]
     meta = record_json(rec, captions, concepts)
-    members = {ext: data, "txt": captions[0].encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode()}
+    members = {ext: data, "txt": captions[0].encode("utf-8"), "json": jsonio.dumps(meta, sort_keys=True).encode()}
     return index, (members, dropped)
 
 

@@ -11,13 +11,13 @@ relative names against the working directory, medclip against the export directo
 
 from __future__ import annotations
 
-import json
 import shutil
 from copy import deepcopy
 from pathlib import Path
 
 from safetensors.torch import save_file
 
+from medclip import jsonio
 from medclip.models import tower_dirs
 
 HUB_CONFIG = "open_clip_config.json"
@@ -81,8 +81,8 @@ def save(encoder, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(encoder.model.state_dict()), str(out / HUB_WEIGHTS))
     config = {"model_cfg": portable_model_cfg(encoder, out), "preprocess_cfg": encoder.preprocess_cfg}
-    (out / HUB_CONFIG).write_text(json.dumps(config, indent=2))
+    (out / HUB_CONFIG).write_text(jsonio.dumps(config, indent=2))
     if encoder.heads is not None:
         save_file(_contiguous(encoder.heads.state_dict()), str(out / HEADS_WEIGHTS))
-        (out / HEADS_CONFIG).write_text(json.dumps(encoder.heads.config.to_dict(), indent=2))
+        (out / HEADS_CONFIG).write_text(jsonio.dumps(encoder.heads.config.to_dict(), indent=2))
     return out
