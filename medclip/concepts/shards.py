@@ -18,6 +18,7 @@ from PIL import Image
 from medclip import jsonio
 from medclip.concepts.annotator import ConceptAnnotator
 from medclip.errors import MedclipError
+from medclip.imaging import upright
 
 log = logging.getLogger(__name__)
 
@@ -239,6 +240,6 @@ def expand_shards(paths) -> list[Path]:
 def sample_image(sample: dict, shard) -> Image.Image:
     """The RGB image of a sample read by :func:`iter_shard_samples`; a one-line error if it is broken."""
     try:
-        return Image.open(io.BytesIO(sample["image"])).convert("RGB")
+        return upright(Image.open(io.BytesIO(sample["image"]))).convert("RGB")
     except Exception as exc:  # PIL raises several types for broken images
         raise MedclipError(f"{shard}: image of {sample.get('key')} cannot be decoded: {exc}") from exc
