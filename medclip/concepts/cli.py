@@ -7,6 +7,7 @@ from pathlib import Path
 
 from medclip import jsonio
 from medclip.errors import MedclipError
+from medclip.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ def run_explain(args) -> int:
         if args.method == "prior" and not args.prior_from:
             raise MedclipError("--method prior needs --prior-from SHARDS (boxed samples to fit it on, "
                                "e.g. the training split)")
+        if args.output:
+            check_output_file(args.output, [*args.grounding, *(args.prior_from or [])], args.force)
         records = grounding_records_from_shards(args.grounding)
         if args.method in ("random", "centre"):
             result = baseline_grounding(records, args.method, tolerance=args.tolerance)
@@ -101,12 +104,13 @@ def run_explain(args) -> int:
     concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
     if not concepts:
         raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
+    output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
+    check_output_file(output, [args.image, args.concepts_file, args.vocab], args.force)
     encoder = _load_encoder(args)
     maps = explain(encoder, args.image, concepts)
     ranked = None
     if args.vocab:
         ranked = rank_concepts(encoder, args.image, _read_names(args.vocab), args.top_k)
-    output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
     maps.save_png(output, ranked or maps.ranked())
     print(jsonio.dumps({"png": str(output), "method": maps.method,
                         "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
@@ -132,6 +136,8 @@ def run_zero_shot(args) -> int:
     from medclip.concepts.explain import annotate_images
 
     concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
+    if args.output:
+        check_output_file(args.output, [*args.images, *(args.shards or []), args.concepts_file], args.force)
     if args.shards:
         from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
 
@@ -198,6 +204,7 @@ def register(subparsers) -> None:
     zs.add_argument("--top-k", type=int, default=5)
     zs.add_argument("--threshold", type=float, help="keep scores above this (PC-Align logits: 0 = probability 0.5)")
     zs.add_argument("-o", "--output", help="JSONL output (default: stdout)")
+    zs.add_argument("--force", action="store_true", help="write -o even when it is one of the inputs")
     zs.set_defaults(func=run_zero_shot)
 
     exp = subparsers.add_parser("explain", help="concept heatmaps of an image, or grounding scores on boxed shards")
@@ -208,6 +215,7 @@ def register(subparsers) -> None:
     exp.add_argument("--vocab", help="rank the image's top concepts from these names (file)")
     exp.add_argument("--top-k", type=int, default=10)
     exp.add_argument("-o", "--output", help="PNG (explain) or JSON (grounding) output path")
+    exp.add_argument("--force", action="store_true", help="write -o even when it is one of the inputs")
     exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
                      help="shards or directories whose samples carry 'boxes': print pointing game and energy")
     exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")
