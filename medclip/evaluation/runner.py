@@ -84,6 +84,9 @@ def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, opt
         metrics, n, skipped = res.metrics, len(te.indices), te.skipped
         details["settings"] = {k: {"mean": v["mean"], "std": v["std"]} for k, v in res.settings.items()}
         details["n_train"] = len(tr.indices)
+    if data.bad_samples:
+        details["bad_samples"] = dict(data.bad_samples)  # met while reading the data files (the log names them)
+        skipped += data.dropped
     for key in DETAIL_KEYS:
         if key in metrics:
             details[key] = metrics.pop(key)

@@ -11,6 +11,7 @@ relative names against the working directory, medclip against the export directo
 
 from __future__ import annotations
 
+import json
 import shutil
 from copy import deepcopy
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from medclip import jsonio
+from medclip.errors import MedclipError
 from medclip.models import tower_dirs
 
 HUB_CONFIG = "open_clip_config.json"
@@ -53,6 +55,21 @@ def portable_model_cfg(encoder, out: Path) -> dict:
         shutil.copyfile(timm_dir / "config.json", out / TIMM_DIR / "config.json")
         vision_cfg["timm_model_name"] = tower_dirs.TIMM_PREFIX + TIMM_DIR
     return cfg
+
+
+def read_hub_config(directory: Path) -> dict:
+    """``DIR/open_clip_config.json`` as a dict holding a ``model_cfg`` object; a one-line error otherwise."""
+    path = Path(directory) / HUB_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MedclipError(f"{path} is not a valid open_clip config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MedclipError(f"{path} is not a valid open_clip config: it holds a JSON {type(config).__name__}, "
+                           f"expected an object with 'model_cfg'")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise MedclipError(f"{path} is not a valid open_clip config: no 'model_cfg' object")
+    return config
 
 
 def resolve_bundled(model_cfg: dict, directory: Path) -> dict:
