@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from medclip.errors import MedclipError
 
@@ -124,6 +124,19 @@ def read_dicom(path: str | Path, window: Window | None = None) -> Image.Image:
         raise MedclipError(f"cannot read DICOM {path}: {exc}") from exc
 
 
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says (as a viewer shows it); ``image`` itself when upright.
+
+    Photographs of skin, slides and scanned films are often stored sideways with an EXIF
+    orientation tag. Every image entry point applies it first: later steps drop the tag (a JPEG
+    re-encode, a crop), after which nothing can turn the image back. JPEG ``draft`` decoding scales
+    both sides alike, so applying this after ``draft`` is the same as before it.
+    """
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in (0, 1):
+        return image  # upright or no tag: no copy (the training loader calls this per sample)
+    return ImageOps.exif_transpose(image)
+
+
 def load_image(source, window: Window | None = None) -> Image.Image:
     """Any supported input (path, PIL image, numpy array) as an 8-bit RGB PIL image."""
     if isinstance(source, (str, Path)):
@@ -145,6 +158,7 @@ def load_image(source, window: Window | None = None) -> Image.Image:
         return to_rgb_uint8(apply_window(gray, window))
     if not isinstance(source, Image.Image):
         raise MedclipError(f"unsupported image input of type {type(source).__name__}")
+    source = upright(source)
     if source.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return to_rgb_uint8(apply_window(np.asarray(source), window))
     if window is not None:

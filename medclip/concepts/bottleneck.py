@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from medclip import jsonio
 from medclip.concepts.scoring import ConceptScorer
 from medclip.errors import MedclipError
 
@@ -89,7 +90,7 @@ class ConceptBottleneck:
         path = Path(path)
         data = {"concepts": self.concepts, "classes": self.classes, "weight": self.weight.tolist(),
                 "bias": self.bias.tolist(), "mean": self.mean.tolist(), "std": self.std.tolist()}
-        path.write_text(json.dumps(data))
+        path.write_text(jsonio.dumps(data))
         return path
 
     @classmethod

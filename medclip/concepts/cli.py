@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
+from medclip.outputs import check_output_file
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def run_annotate(args) -> int:
             raise MedclipError(f"{src}: expected a .jsonl file or a .tar shard")
         log.info("%s: %s", src, stats.summary())
         total.add(stats)
-    print(json.dumps({"records": total.records, "annotated": total.annotated, "mentions": total.mentions,
-                      "negated": total.negated, "skipped": total.skipped}))
+    print(jsonio.dumps({"records": total.records, "annotated": total.annotated, "mentions": total.mentions,
+                        "negated": total.negated, "skipped": total.skipped}))
     return 0
 
 
@@ -84,6 +85,8 @@ def run_explain(args) -> int:
         if args.method == "prior" and not args.prior_from:
             raise MedclipError("--method prior needs --prior-from SHARDS (boxed samples to fit it on, "
                                "e.g. the training split)")
+        if args.output:
+            check_output_file(args.output, [*args.grounding, *(args.prior_from or [])], args.force)
         records = grounding_records_from_shards(args.grounding)
         if args.method in ("random", "centre"):
             result = baseline_grounding(records, args.method, tolerance=args.tolerance)
@@ -101,17 +104,18 @@ def run_explain(args) -> int:
     concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
     if not concepts:
         raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
+    output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
+    check_output_file(output, [args.image, args.concepts_file, args.vocab], args.force)
     encoder = _load_encoder(args)
     maps = explain(encoder, args.image, concepts)
     ranked = None
     if args.vocab:
         ranked = rank_concepts(encoder, args.image, _read_names(args.vocab), args.top_k)
-    output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
     maps.save_png(output, ranked or maps.ranked())
-    print(json.dumps({"png": str(output), "method": maps.method,
-                      "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
-                      **({"top_concepts": [{"name": n, "score": s} for n, s in ranked]} if ranked else {})},
-                     indent=2))
+    print(jsonio.dumps({"png": str(output), "method": maps.method,
+                        "concepts": [{"name": n, "score": s} for n, s in maps.ranked()],
+                        **({"top_concepts": [{"name": n, "score": s} for n, s in ranked]} if ranked else {})},
+                       indent=2))
     return 0
 
 
@@ -121,7 +125,7 @@ def _use_heads(method: str | None) -> bool | None:
 
 
 def _print_json(result: dict, output: str | None) -> int:
-    text = json.dumps(result, indent=2)
+    text = jsonio.dumps(result, indent=2)
     if output:
         Path(output).write_text(text + "\n")
     print(text)
@@ -132,6 +136,8 @@ def run_zero_shot(args) -> int:
     from medclip.concepts.explain import annotate_images
 
     concepts = _split(args.concepts) + (_read_names(args.concepts_file) if args.concepts_file else [])
+    if args.output:
+        check_output_file(args.output, [*args.images, *(args.shards or []), args.concepts_file], args.force)
     if args.shards:
         from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
 
@@ -145,7 +151,7 @@ def run_zero_shot(args) -> int:
     if not concepts:
         raise MedclipError("give --concepts 'a,b' and/or --concepts-file FILE")
     labels = annotate_images(_load_encoder(args), args.images, concepts, top_k=args.top_k, threshold=args.threshold)
-    lines = [json.dumps({"image": image, "concepts": row}) for image, row in zip(args.images, labels)]
+    lines = [jsonio.dumps({"image": image, "concepts": row}) for image, row in zip(args.images, labels)]
     if args.output:
         Path(args.output).write_text("\n".join(lines) + "\n")
     else:
@@ -198,6 +204,7 @@ def register(subparsers) -> None:
     zs.add_argument("--top-k", type=int, default=5)
     zs.add_argument("--threshold", type=float, help="keep scores above this (PC-Align logits: 0 = probability 0.5)")
     zs.add_argument("-o", "--output", help="JSONL output (default: stdout)")
+    zs.add_argument("--force", action="store_true", help="write -o even when it is one of the inputs")
     zs.set_defaults(func=run_zero_shot)
 
     exp = subparsers.add_parser("explain", help="concept heatmaps of an image, or grounding scores on boxed shards")
@@ -208,6 +215,7 @@ def register(subparsers) -> None:
     exp.add_argument("--vocab", help="rank the image's top concepts from these names (file)")
     exp.add_argument("--top-k", type=int, default=10)
     exp.add_argument("-o", "--output", help="PNG (explain) or JSON (grounding) output path")
+    exp.add_argument("--force", action="store_true", help="write -o even when it is one of the inputs")
     exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
                      help="shards or directories whose samples carry 'boxes': print pointing game and energy")
     exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")

@@ -93,7 +93,7 @@ def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | Non
     names = [c.strip() for c in ([concepts] if isinstance(concepts, str) else concepts)]
     # The encoder's default intensity window applies to 16-bit and DICOM inputs, as in encode_image.
     window = getattr(encoder.preprocess, "window", None)
-    source = image.convert("RGB") if isinstance(image, Image.Image) else load_image(image, window)
+    source = load_image(image, window)  # PIL images too: upright (EXIF) and RGB, as encode_image sees them
     tensor = encoder.preprocess(source)
     image_scores, patch = scorer.score(tensor[None], names)
     gh, gw = encoder.grid_size

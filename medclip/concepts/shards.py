@@ -15,8 +15,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from medclip import jsonio
 from medclip.concepts.annotator import ConceptAnnotator
 from medclip.errors import MedclipError
+from medclip.imaging import upright
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def annotate_jsonl(src: str | Path, dst: str | Path, annotator: ConceptAnnotator
                 stats.skip(f"without a '{field_name}' caption")
             else:
                 _annotate_record(record, captions, annotator, out_field, stats)
-            lines.append(json.dumps(record, ensure_ascii=False))
+            lines.append(jsonio.dumps(record, ensure_ascii=False))
     _replace_atomically(dst, lambda h: h.write(("\n".join(lines) + ("\n" if lines else "")).encode("utf-8")))
     return stats
 
@@ -155,7 +157,7 @@ def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> li
         stats.skip("without captions")
         return group
     _annotate_record(record, captions, annotator, out_field, stats)
-    payload = json.dumps(record, ensure_ascii=False).encode("utf-8")
+    payload = jsonio.dumps(record, ensure_ascii=False).encode("utf-8")
     new_info = tarfile.TarInfo(info.name)
     new_info.size, new_info.mtime, new_info.mode = len(payload), info.mtime, info.mode
     new_info.uname, new_info.gname, new_info.uid, new_info.gid = info.uname, info.gname, info.uid, info.gid
@@ -238,6 +240,6 @@ def expand_shards(paths) -> list[Path]:
 def sample_image(sample: dict, shard) -> Image.Image:
     """The RGB image of a sample read by :func:`iter_shard_samples`; a one-line error if it is broken."""
     try:
-        return Image.open(io.BytesIO(sample["image"])).convert("RGB")
+        return upright(Image.open(io.BytesIO(sample["image"]))).convert("RGB")
     except Exception as exc:  # PIL raises several types for broken images
         raise MedclipError(f"{shard}: image of {sample.get('key')} cannot be decoded: {exc}") from exc

@@ -21,6 +21,7 @@ from medclip.data.images import (
     split_transform,
     to_uint8_planes,
 )
+from medclip.imaging import upright
 
 
 class SampleImages:
@@ -37,6 +38,7 @@ class SampleImages:
         """The RGB image and, with the gray shortcut, its single band when R = G = B. Raises on bad bytes."""
         image = Image.open(io.BytesIO(data))  # in memory: nothing to close
         image.load()
+        image = upright(image)  # EXIF orientation, as a viewer shows the image
         plane = gray_plane(image) if self.gray is not None else None
         if plane is None and image.mode != "RGB":
             image = image.convert("RGB")

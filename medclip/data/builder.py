@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from medclip import jsonio
 from medclip.data import build_output
 from medclip.data.build_output import shard_brace_pattern, shard_name_pattern
 from medclip.data.manifest import write_manifest
@@ -278,7 +279,7 @@ def encode_record(args: tuple[int, SourceRecord | RecordError, BuildConfig]) -> 
     if scale != 1.0 and rec.boxes:
         rec.boxes = [{**b, "bbox": [round(v * scale, 2) for v in b["bbox"]]} for b in rec.boxes]
     meta = record_json(rec, captions, concepts)
-    members = {ext: data, "txt": captions[0].encode("utf-8"), "json": json.dumps(meta, sort_keys=True).encode()}
+    members = {ext: data, "txt": captions[0].encode("utf-8"), "json": jsonio.dumps(meta, sort_keys=True).encode()}
     return index, (members, dropped)
 
 

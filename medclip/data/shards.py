@@ -15,6 +15,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medclip import jsonio
+
 SUMMARY_FORMAT = "medclip-shards/1"
 
 
@@ -101,7 +103,7 @@ def write_summary(path: Path, shards: list[ShardInfo], **extra) -> Path:
         **extra,
     }
     tmp = path.with_suffix(path.suffix + ".partial")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(jsonio.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -20,7 +20,11 @@ def _common(p) -> None:
                    help="repeatable, one table across models: NAME=PATH for a named pretrained model and its "
                         "downloaded checkpoint (e.g. biomedclip=DIR, unimed-clip-b16=FILE.pt; see medclip info), "
                         "a medclip or open_clip name, an export directory, local-dir:DIR or a checkpoint")
-    p.add_argument("--out", default="eval_results", help="output directory (JSON per dataset, summary, plots)")
+    p.add_argument("--out", default="eval_results",
+                   help="output directory (JSON per dataset, summary, plots): new, empty or an earlier eval output, "
+                        "and not inside the data")
+    p.add_argument("--force", action="store_true",
+                   help="write into --out even when it is not empty or overlaps the data")
     p.add_argument("--device", default=None)
     p.add_argument("--precision", default=None)
     p.add_argument("--batch-size", type=int, default=128)
@@ -101,6 +105,34 @@ def _plan(args) -> tuple[str, Path | None, list]:
     return "", root, [_inline_spec(args, task)]
 
 
+def _data_paths(specs, root: Path | None) -> list[Path]:
+    """Files and folders the datasets are read from (a shard glob's fixed folder): eval must not write there."""
+    paths = []
+    for spec in specs:
+        for source in (spec.source, spec.train, spec.val):
+            for key in ("path", "image_root"):
+                value = source.args.get(key) if source is not None else None
+                if value:
+                    path = _fixed_part(str(value))
+                    paths.append(path if path.is_absolute() or root is None else root / path)
+    return paths
+
+
+def _fixed_part(pattern: str) -> Path:
+    """The folder a shard glob or brace pattern reads from (the path itself when it has no pattern)."""
+    cut = min((pattern.index(c) for c in "*?[{" if c in pattern), default=None)
+    if cut is None:
+        return Path(pattern)
+    return Path(pattern[:cut]) if pattern[:cut].endswith("/") else Path(pattern[:cut]).parent
+
+
+def _check_counts(args) -> None:
+    if args.batch_size < 1:
+        raise MedclipError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.workers < 0:
+        raise MedclipError(f"--workers must be 0 (preprocess in this process) or more, got {args.workers}")
+
+
 def run(args) -> int:
     from tqdm import tqdm
 
@@ -108,7 +140,9 @@ def run(args) -> int:
     from medclip.evaluation.model import EmbedOptions, resolve_model
     from medclip.evaluation.report import write_plots, write_result, write_summary
     from medclip.evaluation.runner import RunOptions, evaluate_dataset
+    from medclip.outputs import claim_output_dir
 
+    _check_counts(args)
     suite_name, root, specs = _plan(args)
     # Bars only on a terminal: in a file or a CI log each redraw would be another carriage-returned
     # fragment; the result lines below say what was done.
@@ -119,7 +153,7 @@ def run(args) -> int:
                           seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
         cache=FeatureCache(args.cache_dir),
     )
-    out = Path(args.out)
+    out = claim_output_dir(args.out, "eval", _data_paths(specs, root), args.force)
     for name in args.model:
         model = resolve_model(name, device=args.device, precision=args.precision)
         for spec in tqdm(specs, desc=f"{model.name}", disable=not progress):

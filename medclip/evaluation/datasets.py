@@ -35,6 +35,13 @@ class EvalData:
     captions: list[list[str]]
     keys: list[str]
     identity_parts: list[str] = field(default_factory=list)  # what the feature cache key hashes
+    # Bad samples met while reading, by reason: dropped ones, and kept ones with an unusable part.
+    bad_samples: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        """Samples left out while reading (an unusable caption keeps its sample: only retrieval needs it)."""
+        return sum(n for reason, n in self.bad_samples.items() if reason != "undecodable_txt")
 
     def __len__(self) -> int:
         return len(self.images)
@@ -189,6 +196,7 @@ def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
     if not shards:
         raise MedclipError(f"no webdataset shards match {pattern}")
     images, labels, captions, keys, ident = [], [], [], [], []
+    bad: dict[str, int] = {}
     for shard in shards:
         samples: dict[str, dict] = {}
         try:
@@ -203,16 +211,51 @@ def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
         for key, parts in samples.items():
             image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
             if image is None:
-                log.warning("shard %s: sample %s has no image; skipped", shard, key)
+                _count_bad(bad, "missing_image", f"shard {shard}: sample {key} has no image; skipped")
                 continue
-            meta = json.loads(parts["json"]) if "json" in parts else {}
-            row = dict(meta.get("labels") or {})
+            meta = _sample_meta(parts, shard, key, bad)
+            if meta is None:
+                continue
+            row = dict(meta["labels"])
             for extra in ("modality", "source"):
                 row.setdefault(extra, meta.get(extra))
-            caps = _as_captions(meta.get("captions")) or _as_captions(parts.get("txt", b"").decode("utf-8"))
+            # The .txt is decoded only when the JSON has no captions: a task that never reads it never fails on it.
+            caps = _as_captions(meta.get("captions")) or _txt_captions(parts, shard, key, bad)
             images.append(image)
             labels.append(row)
             captions.append(caps)
             keys.append(key)
             ident.append(f"{key}|{hashlib.sha256(image).hexdigest()}|{len(caps)}")
-    return EvalData(name or Path(shards[0]).parent.name, images, labels, captions, keys, ident)
+    return EvalData(name or Path(shards[0]).parent.name, images, labels, captions, keys, ident, bad)
+
+
+def _count_bad(bad: dict[str, int], reason: str, message: str) -> None:
+    """Count a bad sample by reason (as the training loader counts its skips) and log it by shard and key."""
+    bad[reason] = bad.get(reason, 0) + 1
+    log.warning(message)
+
+
+def _sample_meta(parts: dict, shard: str, key: str, bad: dict[str, int]) -> dict | None:
+    """The sample's JSON object with a ``labels`` object ({} without a .json); None (counted) if it is bad."""
+    if "json" not in parts:
+        return {"labels": {}}
+    try:
+        meta = json.loads(parts["json"])
+    except ValueError as exc:  # invalid JSON or not UTF-8
+        _count_bad(bad, "bad_json", f"shard {shard}: sample {key} has invalid JSON ({exc}); skipped")
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("labels") or {}, dict):
+        _count_bad(bad, "bad_json", f"shard {shard}: sample {key}: its JSON is not an object with a 'labels' "
+                                    f"object; skipped")
+        return None
+    return {**meta, "labels": meta.get("labels") or {}}
+
+
+def _txt_captions(parts: dict, shard: str, key: str, bad: dict[str, int]) -> list[str]:
+    """Captions from the sample's .txt; [] (counted, the sample kept) when it is not UTF-8."""
+    try:
+        return _as_captions(parts.get("txt", b"").decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        _count_bad(bad, "undecodable_txt", f"shard {shard}: sample {key}: .txt is not UTF-8 ({exc}); "
+                                           f"its caption is left out")
+        return []

@@ -8,6 +8,7 @@ import logging
 import re
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ def slug(text: str) -> str:
 def write_result(record: dict, out_dir: Path | str) -> Path:
     path = Path(out_dir) / slug(record["model"]) / f"{slug(record['dataset'])}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    path.write_text(jsonio.dumps(record, indent=2))
     return path
 
 

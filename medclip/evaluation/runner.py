@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
-import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 from medclip.evaluation.datasets import EvalData, read_dataset
 from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig, linear_probe
@@ -19,6 +20,15 @@ log = logging.getLogger(__name__)
 
 # Lists and matrices live beside the scalar metrics, so "metrics" stays a flat table row.
 DETAIL_KEYS = ("per_class_auc", "per_class_average_precision", "confusion_matrix")
+
+# Why a metric can be undefined (NaN in CLIP_benchmark); the record says it beside the null value.
+UNDEFINED_REASONS = {
+    "acc5": "fewer than 5 classes",
+    "lp_acc5": "fewer than 5 classes",
+    "auc": "no class has both positive and negative samples",
+    "per_class_auc": "the class needs both positive and negative samples (it is absent from the labels, "
+                     "or every sample has it)",
+}
 
 
 @dataclass
@@ -35,10 +45,17 @@ def _read(source: Source, root: Path | None, name: str) -> EvalData:
     return read_dataset(source.reader, root, name=name, **source.args)
 
 
-def _clean(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None  # JSON has no NaN; CLIP_benchmark's NaN acc5 is written as null
-    return value
+def undefined_metrics(record: dict) -> dict[str, str]:
+    """``{"metrics.acc5": reason, "details.per_class_auc.<class>": reason}`` for each NaN / inf value."""
+    names = record.get("classnames") or []
+    out = {}
+    for path in jsonio.non_finite_paths(record):
+        metric = re.sub(r"\[\d+\]$", "", path).rsplit(".", 1)[-1]
+        index = re.search(r"\[(\d+)\]$", path)
+        if index and metric in ("per_class_auc", "per_class_average_precision") and int(index[1]) < len(names):
+            path = f"{path[:index.start()]}.{names[int(index[1])]}"
+        out[path] = UNDEFINED_REASONS.get(metric, "not defined on this data")
+    return out
 
 
 def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, options: RunOptions,
@@ -67,6 +84,9 @@ def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, opt
         metrics, n, skipped = res.metrics, len(te.indices), te.skipped
         details["settings"] = {k: {"mean": v["mean"], "std": v["std"]} for k, v in res.settings.items()}
         details["n_train"] = len(tr.indices)
+    if data.bad_samples:
+        details["bad_samples"] = dict(data.bad_samples)  # met while reading the data files (the log names them)
+        skipped += data.dropped
     for key in DETAIL_KEYS:
         if key in metrics:
             details[key] = metrics.pop(key)
@@ -75,17 +95,19 @@ def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, opt
         "model": model.name,
         "pretrained": "",
         "task": spec.benchmark_task,
-        "metrics": {k: _clean(v) for k, v in metrics.items() if not isinstance(v, (dict, list))},
+        "metrics": {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))},
         "language": "en",
         "suite": suite,
         "headline_metric": spec.headline,
-        "headline": _clean(metrics.get(spec.headline)),
+        "headline": metrics.get(spec.headline),
         "n_samples": n,
         "n_skipped": skipped,
         "details": details,
     }
     if spec.classes is not None:
         record["classnames"] = spec.classes.names
-    return record
+    # JSON has no NaN: undefined values become null (CLIP_benchmark's NaN acc5 too), with the reason.
+    record["undefined"] = undefined_metrics(record)
+    return jsonio.finite(record)
 
 

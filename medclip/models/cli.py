@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 SRC_HELP = ("NAME=PATH for a named pretrained model and its downloaded file or snapshot (e.g. "
@@ -11,12 +10,15 @@ SRC_HELP = ("NAME=PATH for a named pretrained model and its downloaded file or s
 
 
 def run(args) -> int:
-    from medclip.models.export import BUNDLED, HUB_CONFIG, save
+    from medclip.models.export import BUNDLED, read_hub_config, save
     from medclip.models.loading import load_spec
+    from medclip.outputs import claim_output_dir
 
+    source = args.src.partition("=")[2] if "=" in args.src else args.src.removeprefix("local-dir:")
+    claim_output_dir(args.out, "convert", [source if Path(source).exists() else None, args.hf_text_dir], args.force)
     encoder = load_spec(args.src, device="cpu", hf_text_dir=args.hf_text_dir)
     out = save(encoder, args.out)
-    model_cfg = json.loads((out / HUB_CONFIG).read_text())["model_cfg"]
+    model_cfg = read_hub_config(out)["model_cfg"]
     names = [model_cfg.get("text_cfg", {}).get("hf_model_name"), model_cfg.get("vision_cfg", {}).get("timm_model_name")]
     relative = [n for n in names if n and (n == BUNDLED or n.startswith("local-dir:") and not Path(n[10:]).is_absolute())]
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()))
@@ -34,6 +36,8 @@ def run(args) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser("convert", help="write a model (any family medclip loads) in open_clip's hub format")
     parser.add_argument("src", help=SRC_HELP)
-    parser.add_argument("out", help="output directory")
+    parser.add_argument("out", help="output directory: new, empty or an earlier convert output, not the source")
+    parser.add_argument("--force", action="store_true",
+                        help="write into OUT even when it is not empty or overlaps the source")
     parser.add_argument("--hf-text-dir", default=None, help="local HF text tower directory (config + tokenizer)")
     parser.set_defaults(func=run)

@@ -16,6 +16,26 @@ from medclip.models.heads import ConceptHeads
 AMP_DTYPES = {"amp": torch.float16, "amp_bf16": torch.bfloat16, "amp_bfloat16": torch.bfloat16}
 
 
+def tensor_batch(images: torch.Tensor) -> torch.Tensor:
+    """A model-input tensor as [B, 3, H, W]: [H, W] is one single-channel image, [C, H, W] one image.
+
+    Tensors are taken as preprocessed pixels. One channel is repeated to the model's three, as a gray
+    image is converted to RGB before preprocessing.
+    """
+    if images.ndim == 2:
+        images = images.unsqueeze(0)
+    if images.ndim == 3:
+        images = images.unsqueeze(0)
+    if images.ndim != 4:
+        raise MedclipError(f"image tensor must be [B, C, H, W], [C, H, W] or [H, W], got {tuple(images.shape)}")
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    if images.shape[1] != 3:
+        raise MedclipError(f"image tensor has {images.shape[1]} channels (shape {tuple(images.shape)}): "
+                           f"give 3 (RGB) or 1 (gray) channels")
+    return images
+
+
 class Encoder:
     """Embeds images and text with an open_clip model.
 
@@ -77,17 +97,14 @@ class Encoder:
     def image_batches(self, images, batch_size: int) -> Iterator[torch.Tensor]:
         """Preprocessed image tensors on the model's device, ``batch_size`` at a time."""
         if isinstance(images, torch.Tensor):
-            if images.ndim == 3:
-                images = images.unsqueeze(0)
-            if images.ndim != 4:
-                raise MedclipError(f"image tensor must be [B, C, H, W] or [C, H, W], got {tuple(images.shape)}")
+            images = tensor_batch(images)
             for start in range(0, len(images), batch_size):
                 yield images[start:start + batch_size].to(self.device, self._input_dtype())
             return
         if not isinstance(images, Sequence) or isinstance(images, (str, bytes)):
             images = [images]
         for start in range(0, len(images), batch_size):
-            chunk = [self.preprocess(img) if not isinstance(img, torch.Tensor) else img
+            chunk = [tensor_batch(img)[0] if isinstance(img, torch.Tensor) else self.preprocess(img)
                      for img in images[start:start + batch_size]]
             yield torch.stack(chunk).to(self.device, self._input_dtype())
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
+from medclip import jsonio
+from medclip.errors import MedclipError
 from medclip.models import tower_dirs
 
 HUB_CONFIG = "open_clip_config.json"
@@ -55,6 +57,21 @@ def portable_model_cfg(encoder, out: Path) -> dict:
     return cfg
 
 
+def read_hub_config(directory: Path) -> dict:
+    """``DIR/open_clip_config.json`` as a dict holding a ``model_cfg`` object; a one-line error otherwise."""
+    path = Path(directory) / HUB_CONFIG
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise MedclipError(f"{path} is not a valid open_clip config: {exc}") from exc
+    if not isinstance(config, dict):
+        raise MedclipError(f"{path} is not a valid open_clip config: it holds a JSON {type(config).__name__}, "
+                           f"expected an object with 'model_cfg'")
+    if not isinstance(config.get("model_cfg"), dict):
+        raise MedclipError(f"{path} is not a valid open_clip config: no 'model_cfg' object")
+    return config
+
+
 def resolve_bundled(model_cfg: dict, directory: Path) -> dict:
     """The inverse at load time: tower files inside ``directory`` win over names that need a hub."""
     cfg = deepcopy(model_cfg)
@@ -81,8 +98,8 @@ def save(encoder, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(encoder.model.state_dict()), str(out / HUB_WEIGHTS))
     config = {"model_cfg": portable_model_cfg(encoder, out), "preprocess_cfg": encoder.preprocess_cfg}
-    (out / HUB_CONFIG).write_text(json.dumps(config, indent=2))
+    (out / HUB_CONFIG).write_text(jsonio.dumps(config, indent=2))
     if encoder.heads is not None:
         save_file(_contiguous(encoder.heads.state_dict()), str(out / HEADS_WEIGHTS))
-        (out / HEADS_CONFIG).write_text(json.dumps(encoder.heads.config.to_dict(), indent=2))
+        (out / HEADS_CONFIG).write_text(jsonio.dumps(encoder.heads.config.to_dict(), indent=2))
     return out

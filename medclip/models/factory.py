@@ -7,7 +7,6 @@ ConceptCLIP and MedSigLIP weights; :func:`medclip.load` returns the richer :clas
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from open_clip.tokenizer import HFTokenizer
@@ -17,7 +16,7 @@ from medclip.errors import MedclipError
 from medclip.imaging import MedicalPreprocess
 from medclip.models import pretrained as pretrained_models
 from medclip.models import registry
-from medclip.models.export import HUB_CONFIG, resolve_bundled
+from medclip.models.export import HUB_CONFIG, read_hub_config, resolve_bundled
 from medclip.models.loading import build_tokenizer, load, resolve_config
 
 
@@ -112,10 +111,9 @@ def get_tokenizer(model_name: str = "", context_length: int | None = None, hf_te
                                f"{str(exc).splitlines()[0]} (offline? pass hf_text_dir=DIR)") from exc
     ref = model_name[len("local-dir:"):] if model_name.startswith("local-dir:") else model_name
     if Path(ref).is_dir():
-        try:
-            model_cfg = json.loads((Path(ref) / HUB_CONFIG).read_text())["model_cfg"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise MedclipError(f"{ref} is not a model directory: {exc}") from exc
+        if not (Path(ref) / HUB_CONFIG).is_file():
+            raise MedclipError(f"{ref} is not a model directory: {HUB_CONFIG} is missing")
+        model_cfg = read_hub_config(Path(ref))["model_cfg"]
         return build_tokenizer(resolve_bundled(model_cfg, Path(ref)))
     cfg = resolve_config(model_name, hf_text_dir)
     if context_length is not None or kwargs:

@@ -323,11 +323,8 @@ def _load_hub_dir(directory: Path, name, device, precision, allow_mismatch, hf_t
     config_path = directory / HUB_CONFIG
     if not config_path.is_file():
         raise _not_open_clip_dir(directory)
-    try:
-        hub_cfg = json.loads(config_path.read_text())
-        model_cfg = hub_cfg["model_cfg"]
-    except (json.JSONDecodeError, KeyError) as exc:
-        raise MedclipError(f"{config_path} is not a valid open_clip config: {exc}") from exc
+    hub_cfg = export.read_hub_config(directory)
+    model_cfg = hub_cfg["model_cfg"]
     tower_name = hub_tower_name(model_cfg)
     model_cfg = with_text_dir(export.resolve_bundled(model_cfg, directory), hf_text_dir)
     weights = [directory / n for n in (HUB_WEIGHTS, "open_clip_pytorch_model.bin") if (directory / n).is_file()]

@@ -10,9 +10,9 @@ files beside the weights and name them relative to the export (see :func:`medcli
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.models.cache import cached_dir
 
 TIMM_PREFIX = "local-dir:"
@@ -32,7 +32,7 @@ def has_tokenizer(directory: str | Path) -> bool:
 
 def hf_tower_dir(config: dict, tokenizer_dir: str | Path | None = None) -> Path:
     """A directory holding ``config.json`` (and the tokenizer files of ``tokenizer_dir``, if given)."""
-    files = {"config.json": json.dumps(config, indent=2, sort_keys=True).encode()}
+    files = {"config.json": jsonio.dumps(config, indent=2, sort_keys=True).encode()}
     for path in tokenizer_files(tokenizer_dir) if tokenizer_dir else []:
         files[path.name] = path.read_bytes()
     return cached_dir("towers", files)
@@ -41,7 +41,7 @@ def hf_tower_dir(config: dict, tokenizer_dir: str | Path | None = None) -> Path:
 def timm_tower_name(architecture: str, model_args: dict) -> str:
     """``local-dir:DIR`` for timm: a registered architecture built with ``model_args`` overrides."""
     config = {"architecture": architecture, "model_args": model_args, "pretrained_cfg": {}}
-    return TIMM_PREFIX + str(cached_dir("timm", {"config.json": json.dumps(config, indent=2).encode()}))
+    return TIMM_PREFIX + str(cached_dir("timm", {"config.json": jsonio.dumps(config, indent=2).encode()}))
 
 
 def timm_local_dir(name: str) -> Path | None:

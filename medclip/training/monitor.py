@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from medclip import jsonio
+
 log = logging.getLogger(__name__)
 
 # Terms shown on the bar / in each line, in this order (when the step logged them).
@@ -66,7 +68,7 @@ class Monitor:
         if not self.enabled:
             return
         record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(jsonio.dumps(record) + "\n")
         self._jsonl.flush()
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
         shown = {k: numbers[k] for k in SHOWN if k in numbers}
@@ -141,7 +143,7 @@ def truncate_log(path: Path, start_step: int) -> None:
         return
     kept = [r for r in read_log(path) if r.get("step", 0) <= start_step]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    tmp.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
 
 

@@ -21,12 +21,12 @@ This module is imported by the CLI's argument parser: it imports nothing heavy a
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 
 MARKER = ".medclip-rehearsal"
@@ -153,5 +153,5 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
     report.timings["checks"] = time.monotonic() - checked
     report.seconds = time.monotonic() - started
     (work / "checklist.txt").write_text(report.text())
-    (work / "rehearsal.json").write_text(json.dumps(report.to_dict(), indent=2))
+    (work / "rehearsal.json").write_text(jsonio.dumps(report.to_dict(), indent=2))
     return report

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from medclip import resources
+from medclip import jsonio, resources
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def medclip_members(record, manifest) -> dict[str, bytes]:
     captions, concepts = meta.pop("captions"), meta.pop("concepts")
     meta[field] = captions
     meta[manifest.concept_field] = concepts
-    members["json"] = json.dumps(meta, sort_keys=True).encode()
+    members["json"] = jsonio.dumps(meta, sort_keys=True).encode()
     return members
 
 
@@ -108,7 +108,7 @@ def medconcept_members(record, manifest, work_dir: Path) -> dict[str, bytes]:
     row = {"image": str(image), "caption": caption, "umls_meta_info": spans, "pmid": "0", "pmc": "PMC0",
            "fig_id": record.origin, "fig_label": "Figure 1"}
     table = work_dir / "medconcept.jsonl"
-    table.write_text(json.dumps(row) + "\n")
+    table.write_text(jsonio.dumps(row) + "\n")
     (converted,) = list(read_medconcept(table))
     return medclip_members(converted, manifest)
 
@@ -211,7 +211,7 @@ def subset_table(src: Path, dst: Path, rows: int, image_field: str = "image") ->
             if isinstance(row, dict) and row.get(image_field):
                 row[image_field] = str((src.parent / str(row[image_field])).resolve())
             kept.append(row)
-    dst.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    dst.write_text("".join(jsonio.dumps(r) + "\n" for r in kept))
     return len(kept)
 
 
@@ -229,7 +229,7 @@ def stand_in_table(spec: dict, pool: list, dst: Path) -> int:
         for name in _template_fields(spec.get("label_captions") or []):
             row.setdefault(name, f"{name} {i % 3}")
         rows.append(row)
-    dst.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dst.write_text("".join(jsonio.dumps(r) + "\n" for r in rows))
     return len(rows)
 
 

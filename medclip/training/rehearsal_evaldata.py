@@ -12,11 +12,11 @@ from __future__ import annotations
 import csv
 import glob
 import io
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 
 IMAGES_PER_CLASS = 3
@@ -81,7 +81,7 @@ def _table(root: Path, args: dict, label: str | None, rows, default_image_field:
 
 def write_jsonl(root: Path, args: dict, label: str | None, rows) -> None:
     table = _table(root, args, label, rows, "image")
-    (root / args["path"]).write_text("".join(json.dumps(r) + "\n" for r in table))
+    (root / args["path"]).write_text("".join(jsonio.dumps(r) + "\n" for r in table))
 
 
 def write_csv(root: Path, args: dict, label: str | None, rows) -> None:
@@ -103,7 +103,7 @@ def write_wds(root: Path, args: dict, label: str | None, rows) -> None:
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         meta = {"captions": [caption], "labels": {label: value} if label and value is not None else {}}
-        sink.write(f"standin{i:06d}", {"png": buf.getvalue(), "json": json.dumps(meta).encode(),
+        sink.write(f"standin{i:06d}", {"png": buf.getvalue(), "json": jsonio.dumps(meta).encode(),
                                        "txt": caption.encode()})
     sink.close()
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import io
-import json
 import os
 import signal
 import socket
@@ -33,6 +32,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from medclip import jsonio
 
 LAUNCHERS = ("fork", "torchrun")
 
@@ -56,7 +57,7 @@ def _trainer_hooks(keys_file: Path, kill_at_checkpoint: int | None, fault_file: 
             _die(fault_file, {"when": "start of step", "step": self.step + 1})
         step = self.step + 1
         losses = train_step(self, batch)
-        out.write(json.dumps({"step": step, "keys": [str(k) for k in batch["keys"]]}) + "\n")
+        out.write(jsonio.dumps({"step": step, "keys": [str(k) for k in batch["keys"]]}) + "\n")
         return losses
 
     Pretrainer.train_step = recorded_step
@@ -88,7 +89,7 @@ def _trainer_hooks(keys_file: Path, kill_at_checkpoint: int | None, fault_file: 
 
 def _die(fault_file: Path | None, record: dict) -> None:
     if fault_file is not None:
-        fault_file.write_text(json.dumps({**record, "pid": os.getpid(), "signal": "SIGKILL"}))
+        fault_file.write_text(jsonio.dumps({**record, "pid": os.getpid(), "signal": "SIGKILL"}))
     os.kill(os.getpid(), signal.SIGKILL)
 
 

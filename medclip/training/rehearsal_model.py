@@ -26,6 +26,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 
 DEBUG_WIDTH = 64  # native towers: width of the debug transformer / ResNet stem
@@ -48,7 +49,7 @@ class DebugModel:
     def write(self, directory: Path) -> str:
         """Write ``open_clip_config.json`` into ``directory``; returns the model name to put in a recipe."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "open_clip_config.json").write_text(json.dumps({"model_cfg": self.config}, indent=2))
+        (directory / "open_clip_config.json").write_text(jsonio.dumps({"model_cfg": self.config}, indent=2))
         return f"local-dir:{directory.resolve()}"
 
 
