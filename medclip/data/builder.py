@@ -4,6 +4,14 @@ Images are decoded, optionally shrunk to a maximum side and re-encoded in a proc
 results are consumed in input order, so the output is identical for any number of processes.
 Bad inputs are skipped, counted by kind and listed in the summary; the build always finishes.
 
+Sample order: a table sorted by label (or a class folder, read class after class) written in input
+order gives shards of long one-label runs that the loader's shard shuffle and bounded sample buffer
+cannot mix, so batches come out of one label. By default (``shuffle_seed`` set) the records of a part
+are therefore read into memory (paths and captions, not images: about 1 KB each; use parts for tens
+of millions of rows), permuted exactly with the seed and dealt into shards in that order, and a small
+part is split into ``min_shards`` shards (of at least ``MIN_SHARD_SAMPLES``) so that the loader's
+shard shuffle has something to shuffle. ``shuffle_seed=None`` streams the input in its order.
+
 ``part=(i, n)`` builds a disjoint part: rows are grouped in blocks of ``PART_BLOCK`` and block
 ``b`` belongs to part ``b % n`` (works on a stream, no need to count rows first). Sample keys are
 the global row index, so parts never collide. Once every part is built, :func:`merge_parts`
@@ -17,6 +25,7 @@ import csv
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -36,12 +45,14 @@ from medclip.data.records import (
     validate_concepts,
 )
 from medclip.data.shards import ShardInfo, ShardSink, read_summary, write_summary
+from medclip.data.slots import seeded_rng
 from medclip.errors import MedclipError
 from medclip.imaging import Window, load_image
 
 log = logging.getLogger(__name__)
 
 PART_BLOCK = 1000
+MIN_SHARD_SAMPLES = 64  # a small source is not cut into shards smaller than this
 MAX_LISTED_SKIPS = 10_000
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
@@ -58,6 +69,8 @@ class BuildConfig:
     processes: int = 1
     part: tuple[int, int] = (0, 1)
     window: tuple[float, float] | None = None  # DICOM/16-bit window (center, width)
+    shuffle_seed: int | None = 0  # permute each part's records with this seed (None: keep the input order)
+    min_shards: int = 8  # shuffled builds: shards per part where the size allows (see the module doc)
 
     def __post_init__(self):
         if self.image_format not in ("jpg", "png"):
@@ -65,8 +78,8 @@ class BuildConfig:
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
             raise MedclipError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
-        if self.max_samples < 1 or self.max_bytes < 1:
-            raise MedclipError("max_samples and max_bytes must be positive")
+        if self.max_samples < 1 or self.max_bytes < 1 or self.min_shards < 1:
+            raise MedclipError("max_samples, max_bytes and min_shards must be positive")
         if self.max_side is not None and self.max_side < 8:
             raise MedclipError(f"max_side must be at least 8, got {self.max_side}")
 
@@ -305,6 +318,17 @@ def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, A
             yield index, rec
 
 
+def _ordered(records: Iterable, cfg: BuildConfig) -> tuple[Iterable[tuple[int, Any]], int]:
+    """This part's (index, record) pairs in the order they are written, and the samples per shard."""
+    selected = _selected(records, cfg.part)
+    if cfg.shuffle_seed is None:
+        return selected, cfg.max_samples
+    items = list(selected)
+    seeded_rng(cfg.shuffle_seed, *cfg.part, "build").shuffle(items)
+    spread = max(MIN_SHARD_SAMPLES, math.ceil(len(items) / cfg.min_shards))
+    return items, min(cfg.max_samples, spread)
+
+
 def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig) -> BuildReport:
     """Write ``records`` (this part of them) as shards plus ``PREFIX-summary[-PART].json``."""
     out = Path(cfg.out_dir)
@@ -312,10 +336,11 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
     i, n = cfg.part
     name_pattern = shard_name_pattern(cfg.prefix, cfg.part)
     summary_path = out / (f"{cfg.prefix}-summary.json" if n == 1 else f"{cfg.prefix}-summary-{i:03d}.json")
-    sink = ShardSink(out, name_pattern, cfg.max_samples, cfg.max_bytes)
+    ordered, shard_samples = _ordered(records, cfg)
+    sink = ShardSink(out, name_pattern, shard_samples, cfg.max_bytes)
     skipped: Counter[str] = Counter()
     skipped_items: list[dict] = []
-    work = ((index, rec, cfg) for index, rec in _selected(records, cfg.part))
+    work = ((index, rec, cfg) for index, rec in ordered)
     pool = mp.get_context("fork").Pool(cfg.processes) if cfg.processes > 1 else None
     results = pool.imap(encode_record, work, chunksize=16) if pool else map(encode_record, work)
     try:
