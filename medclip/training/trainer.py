@@ -322,11 +322,11 @@ class Pretrainer(TrainerCheckpoints):
                 monitor.log(step, {"eval_error": str(exc)})
 
     def _step_metrics(self, losses: dict, throughput: Throughput) -> dict:
-        samples_per_s = throughput.rate_and_reset()
+        samples_per_s, interval_s = throughput.rate_and_reset()
         metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "logit_scale": _full(self.module.model.logit_scale).exp().item(),
-                   "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
+                   "samples_per_s": samples_per_s, "interval_s": interval_s, "nonfinite_steps": self.guard.skipped,
                    **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
         if self.flops is not None:
             tflops = self.flops.per_sample * samples_per_s / self.env.world_size / 1e12
@@ -384,7 +384,10 @@ class Pretrainer(TrainerCheckpoints):
             return
         records = read_log(monitor.jsonl_path)
         plot_curves(records, self.output_dir / "curves.png")
-        summary = summary_text(records, wall_seconds, self.data.skip_counts())
+        objective = self.recipe.objective
+        two_stages = self.heads is not None and objective.pc_weight > 0 and objective.pc_start_step > 0
+        summary = summary_text(records, wall_seconds, self.data.skip_counts(),
+                               pc_start_step=objective.pc_start_step if two_stages else None)
         if self.guard.skipped:
             summary += f"non-finite steps skipped: {self.guard.skipped}\n"
         if failure is not None:
@@ -396,7 +399,7 @@ class Pretrainer(TrainerCheckpoints):
 
 
 class Throughput:
-    """Samples per second since the last reading."""
+    """Samples per second since the last reading, and the seconds that reading covers."""
 
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step
@@ -405,10 +408,11 @@ class Throughput:
     def add_step(self) -> None:
         self.samples += self.samples_per_step
 
-    def rate_and_reset(self) -> float:
-        rate = self.samples / max(time.time() - self.started, 1e-9)
+    def rate_and_reset(self) -> tuple[float, float]:
+        seconds = max(time.time() - self.started, 1e-9)
+        rate = self.samples / seconds
         self.started, self.samples = time.time(), 0
-        return rate
+        return rate, seconds
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
