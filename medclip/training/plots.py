@@ -49,8 +49,8 @@ CONCEPT_KINDS = ("concept_dropped",)
 
 def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_start_step: int | None = None) -> str:
     """The run in a few lines: steps and wall time, the loss per term and stage, the run's mean throughput
-    with the range of the logged intervals, evaluation results, and what was skipped (samples, shards and
-    concepts counted apart).
+    with the range of the logged intervals, the budget used (run.budget_seconds), evaluation results, and
+    what was skipped (samples, shards and concepts counted apart).
 
     ``pc_start_step``: the objective has two stages, IT-Align alone through this step, then IT + PC-Align
     (their losses are not comparable across the boundary); None: one stage.
@@ -61,6 +61,10 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
     lines += _loss_lines(train, pc_start_step)
     if (throughput := _throughput_line(train)) is not None:
         lines.append(throughput)
+    if budget := next((r for r in reversed(records) if "budget_s" in r), None):
+        used, total = budget["budget_used_s"], budget["budget_s"]
+        lines.append(f"budget: {used:.1f} of {total:.0f} s used ({100 * used / total:.0f}%) by training and the "
+                     f"final save (run.budget_seconds)")
     if evals:
         for key, value in evals[-1].items():
             if key.startswith("eval/") and isinstance(value, (int, float)):
