@@ -75,3 +75,15 @@ def test_the_plan_shrinks_when_the_machine_slows(monkeypatch):
         budget.step_done()
     assert plans[0] == plans[1] == 1000  # no step time measured yet: the recipe's run.steps
     assert plans[9] > 90 and plans[-1] < 60  # ~96 steps fit at 1 s a step, ~53 once they take 2 s
+
+
+def test_the_process_clock_counts_from_the_process_start():
+    """run.budget_from: process charges the budget from the process's start (a benchmark's whole command)."""
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(1.5); from medclip.training.budget import budget_clock_start; "
+            "print(time.monotonic() - budget_clock_start('process'))")
+    started = time.monotonic()
+    age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 1.5 <= age <= time.monotonic() - started + 0.1  # /proc's start time has 10 ms ticks

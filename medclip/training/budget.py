@@ -1,8 +1,8 @@
 """Training to a wall-clock budget (``run.budget_seconds``): how many steps fit, re-planned as the run goes.
 
-The clock starts when ``Pretrainer.run`` starts (after set-up: model, data build) and covers training,
-its checkpoints and evaluations, and the final checkpoint and export; the final evaluation comes after
-it. Before every step the plan is made again from the time the recent steps took (the last ``WINDOW``,
+The clock starts when ``Pretrainer.run`` starts (after set-up: model, data build), or with
+``run.budget_from: process`` when the process started (Linux), and covers training, its checkpoints and
+evaluations, and the final checkpoint and export; the final evaluation comes after it. Before every step the plan is made again from the time the recent steps took (the last ``WINDOW``,
 so a machine that slows down is noticed within a few steps) and what is left:
 
     steps left = (budget - elapsed - final save - margin) / step time
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from medclip.errors import MedclipError
 from medclip.training.distributed import broadcast_from_main
 from medclip.training.optim import replan_scheduler
 
@@ -31,6 +33,28 @@ WINDOW = 20  # recent steps whose mean time predicts the next ones
 MARGIN = 0.02  # of the budget, kept free for the step times' spread
 SAVE_FACTOR = 1.5  # the final save (checkpoint + export) against the last checkpoint write
 WRITE_BYTES_PER_S = 100e6  # before any checkpoint: assumed disk speed for the first estimate
+
+
+def process_started() -> float | None:
+    """``time.monotonic()`` at this process's start (Linux: from /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.monotonic() - (uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+
+
+def budget_clock_start(budget_from: str) -> float:
+    if budget_from == "training":
+        return time.monotonic()
+    started = process_started()
+    if started is None:
+        raise MedclipError("run.budget_from: process needs the process's start time from /proc (Linux); "
+                           "use run.budget_from: training")
+    return started
 
 
 @dataclass

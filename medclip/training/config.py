@@ -105,6 +105,9 @@ class RunConfig:
     # Wall-clock seconds for training and the final checkpoint + export (not set-up, not the final evaluation):
     # the run fits its number of steps to it as it measures its step time (run.steps is only the first plan).
     budget_seconds: float | None = None
+    # When the budget's clock starts: "training" (Pretrainer.run: set-up not counted) or "process" (the
+    # process's start on Linux: the whole command, as a benchmark holding every side to one budget charges it).
+    budget_from: str = "training"
 
 
 @dataclass
@@ -130,6 +133,7 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.strategy": ("ddp", "fsdp"),
+    "run.budget_from": ("training", "process"),
 }
 POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every", "optim.lr", "optim.eps",
             "run.keep_checkpoints", "run.checkpoint_every", "run.max_nonfinite_steps", "eval.batch_size",

@@ -35,7 +35,7 @@ from medclip.models.loading import (
 from medclip.training import checkpoint as ckpt
 from medclip.training import preflight
 from medclip.training.attention import set_attention_backend
-from medclip.training.budget import Budget, PlannedSteps
+from medclip.training.budget import Budget, PlannedSteps, budget_clock_start
 from medclip.training.components import (
     RandomState,
     TrainModule,
@@ -258,7 +258,8 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         """
         started = time.time()
         if self.recipe.run.budget_seconds:
-            self.budget = Budget(self.recipe.run.budget_seconds, used_before=self.budget_used_before)
+            self.budget = Budget(self.recipe.run.budget_seconds, used_before=self.budget_used_before,
+                                 started=budget_clock_start(self.recipe.run.budget_from))
         monitor = self._open_monitor()
         results, failure, export_dir = {}, None, None
         try:
