@@ -325,8 +325,9 @@ def _ordered(records: Iterable, cfg: BuildConfig) -> tuple[Iterable[tuple[int, A
         return selected, cfg.max_samples
     items = list(selected)
     seeded_rng(cfg.shuffle_seed, *cfg.part, "build").shuffle(items)
-    spread = max(MIN_SHARD_SAMPLES, math.ceil(len(items) / cfg.min_shards))
-    return items, min(cfg.max_samples, spread)
+    # min_shards where each holds MIN_SHARD_SAMPLES, more when max_samples says so; equal sizes.
+    shards = max(math.ceil(len(items) / cfg.max_samples), min(cfg.min_shards, len(items) // MIN_SHARD_SAMPLES), 1)
+    return items, math.ceil(len(items) / shards)
 
 
 def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig) -> BuildReport:
