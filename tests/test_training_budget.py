@@ -87,3 +87,27 @@ def test_the_process_clock_counts_from_the_process_start():
     started = time.monotonic()
     age = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert 1.5 <= age <= time.monotonic() - started + 0.1  # /proc's start time has 10 ms ticks
+
+
+def test_a_resumed_budgeted_run_continues_its_plan_and_its_clock(tmp_path):
+    """The checkpoint holds the plan and the budget used; the resumed run's schedule is the planned one."""
+    from engine_helpers import FixedStream, make_batch
+
+    from medclip.training.budget import Budget
+    from medclip.training.optim import lr_lambda
+
+    overrides = ["run.budget_seconds=600", "data.num_workers=0"]
+    first = Pretrainer(_recipe(tmp_path, *overrides), data=FixedStream(make_batch(8)))
+    first.budget = Budget(600.0, used_before=41.0)
+    first.set_planned_steps(57)  # as a re-plan would
+    for _ in range(3):
+        first.train_step(first.data.batch)
+    path = first.save_checkpoint()
+    saved = torch.load(path, weights_only=False)
+    assert saved["planned_steps"] == 57 and saved["budget_used"] >= 41.0
+
+    resumed = Pretrainer(_recipe(tmp_path, *overrides), resume=str(path), data=FixedStream(make_batch(8)))
+    assert resumed.step == 3 and resumed.planned_steps == 57 and resumed.budget_used_before == saved["budget_used"]
+    expected = resumed.recipe.optim.lr * lr_lambda(resumed.recipe.optim, 57)(3)
+    assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)
+    assert resumed.scheduler.lr_lambdas[0](57) == pytest.approx(1e-5 / 1e-3)  # decay ends at the planned step
