@@ -6,16 +6,19 @@ build (done once, before any timed run) or for evaluation (one common command at
 
 1. Shards: the recipe's ``data.build`` tables (../shared/data) are converted once, with concept
    annotation, into ``OUT/shards``; every medclip run reuses them (``data.build``'s build key).
-2. medclip: ``medclip pretrain --config pretrain/shared_real.yaml`` with ``eval.suites=[]`` and as many
-   steps as fit in the budget: a short calibration run (IT-Align steps, then IT + PC-Align steps) gives
-   the start-up cost and both per-step times from its ``log.jsonl``, and the run gets the steps that end
-   inside the budget, so its cosine schedule is complete (the recipe's ``run.steps`` is ignored).
+2. medclip: ``medclip pretrain --config pretrain/shared_real.yaml`` with ``eval.suites=[]``, held to the
+   budget by medclip itself: ``run.budget_seconds`` with ``run.budget_from=process`` (the clock starts with
+   the process, so start-up and data loading are charged as for the baseline); the run measures its step
+   time as it goes and plans the steps whose complete schedule, final checkpoint and export fit
+   (``medclip.training.budget``; the recipe's ``run.steps`` is only its first plan). Its log says how much
+   of the budget it used.
 3. open_clip_train (the reference): its own ``main`` on those shards, for each ``--baseline-model``
    (default ``medclip-small``, the 6-layer 256-wide ViT at 128 px the issue names; give the recipe's own
    model too to compare on the same architecture; names are registered with open_clip by importing
    medclip), with the recipe's batch size (or ``MODEL@BATCH``'s, with the warmup kept in samples),
-   learning rate, weight decay, Adam betas and eps, and warmup, fp32, one loader worker, calibrated the
-   same way (its own ``Batch (t)``). Each model is trained on two caption sets (``--baseline-data``):
+   learning rate, weight decay, Adam betas and eps, and warmup, fp32, one loader worker, given the steps
+   that fit in the budget by a short calibration run (its own ``Batch (t)``; open_clip_train cannot plan
+   its steps itself). Each model is trained on two caption sets (``--baseline-data``):
    - ``radiologist``: the shards as they are; open_clip_train reads the ``.txt`` member, the
      radiologist's caption, and nothing else;
    - ``pool``: data parity. medclip draws one caption per visit, uniformly from the sample's caption
@@ -40,7 +43,7 @@ Other uses:
     .venv/bin/python bench/shared_real_vs_open_clip.py --medclip-run runs/shared_real   # reuse a finished run
     .venv/bin/python bench/shared_real_vs_open_clip.py --baseline-data pool        # only the parity baseline
 
-Takes about seeds x budget x (1 + baselines x data sets) + 1.5 minutes per calibration + the shard build
+Takes about seeds x budget x (1 + baselines x data sets) + 1.5 minutes per baseline calibration + the shard build
 + the evaluation.
 """
 
@@ -64,7 +67,6 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 BATCH_TIME = re.compile(r"Batch \(t\): ([0-9.]+)")
 CALIBRATION_STEPS = 30
-MEDCLIP_CALIBRATION_STEPS = 40  # the second half with PC-Align on
 SELF = [sys.executable, str(Path(__file__).resolve()), "--open-clip-train"]
 BASELINE_DATA = {"radiologist": "radiologist caption", "pool": "caption pool"}
 
@@ -175,11 +177,14 @@ class BaselineShards:
 
 
 # ------------------------------------------------------------------------------------------- medclip
-def medclip_command(args, run_dir: Path, seed: int, steps: int, extra: list[str] = ()) -> list[str]:
-    """``medclip pretrain`` held to ``steps``, without in-run evaluation (all models are evaluated alike)."""
+def medclip_command(args, run_dir: Path, seed: int, steps: int | None, extra: list[str] = ()) -> list[str]:
+    """``medclip pretrain`` held to ``steps``, or (None) to ``--budget`` for its whole process, without in-run
+    evaluation (all models are evaluated alike)."""
+    held = [f"run.steps={steps}"] if steps else [f"run.budget_seconds={args.budget}", "run.budget_from=process"]
     cmd = [str(BIN / "medclip"), "pretrain", "--config", args.recipe, "--set", f"run.output_dir={run_dir}",
-           "--set", f"run.seed={seed}", "--set", f"run.steps={steps}", "--set", "eval.suites=[]",
-           "--set", "run.progress=false"]
+           "--set", f"run.seed={seed}", "--set", "eval.suites=[]", "--set", "run.progress=false"]
+    for item in held:
+        cmd += ["--set", item]
     for item in [*args.overrides, *extra]:
         cmd += ["--set", item]
     return cmd
@@ -193,56 +198,33 @@ def fresh_run_dir(run_dir: Path, shards_root: Path) -> None:
     (run_dir / "shards").symlink_to(shards_root.resolve(), target_is_directory=True)
 
 
-def medclip_steps_for_budget(budget: float, startup: float, it_step: float, pc_step: float, pc_start: int) -> int:
-    """Most steps whose time (start-up, IT-only steps up to ``pc_start``, then IT + PC steps) fits the budget."""
-    left = budget - startup
-    if left <= it_step * pc_start:
-        return max(math.floor(left / it_step), 0)
-    return pc_start + math.floor((left - it_step * pc_start) / pc_step)
-
-
-def window_times(log_jsonl: Path, batch: int) -> list[tuple[int, float]]:
-    """(step, seconds per step) of each logged window after the first (which holds the loader's start)."""
-    records = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()]
-    windows = [(r["step"], batch / r["samples_per_s"]) for r in records if r.get("samples_per_s")]
-    return windows[1:]
-
-
-def calibrate_medclip(args, recipe, shards_root: Path, out: Path) -> int:
-    """Steps of the recipe that fit in the budget, from a short timed run of IT-only then IT + PC steps."""
-    run_dir = out / "medclip-calibration"
-    fresh_run_dir(run_dir, shards_root)
-    n, half = MEDCLIP_CALIBRATION_STEPS, MEDCLIP_CALIBRATION_STEPS // 2
-    pc = recipe.objective.pc_weight > 0
-    extra = ["run.log_every=5", f"objective.pc_start_step={half if pc else 0}", f"run.checkpoint_every={n + 1}"]
-    total = run_timed(medclip_command(args, run_dir, recipe.run.seed, n, extra), out / "medclip-calibration.log")
-    windows = window_times(run_dir / "log.jsonl", recipe.data.batch_size)
-    it_step = statistics.median([t for step, t in windows if step <= half] or [t for _, t in windows])
-    pc_step = statistics.median([t for step, t in windows if step > half + 5] or [it_step]) if pc else it_step
-    it_steps = min(n, half) if pc else n
-    startup = max(total - it_step * it_steps - pc_step * (n - it_steps), 0.0)
-    pc_start = recipe.objective.pc_start_step if pc else 10**9
-    steps = medclip_steps_for_budget(args.budget, startup, it_step, pc_step, pc_start)
-    print(f"medclip calibration: {n} steps in {total:.1f}s, {it_step:.3f}s/step IT, {pc_step:.3f}s/step IT+PC, "
-          f"start-up {startup:.1f}s -> {steps} steps fit in {args.budget:.0f}s")
-    return at_least_one_step(steps, "medclip", args.budget)
-
-
 def at_least_one_step(steps: int, who: str, budget: float) -> int:
     if steps < 1:
         raise SystemExit(f"{who}: not one step fits in --budget {budget:.0f}s on this machine (busy?); "
-                         "give a larger budget, or --medclip-steps / --baseline-steps")
+                         "give a larger budget, or --baseline-steps")
     return steps
 
 
-def train_medclip(args, seed: int, steps: int, shards_root: Path, run_dir: Path, log_path: Path) -> float:
+def budget_used(log_jsonl: Path) -> tuple[int, float | None]:
+    """(steps trained, seconds of the budget used) from a medclip run's log."""
+    records = [json.loads(line) for line in log_jsonl.read_text().splitlines() if line.strip()]
+    steps = max((r["step"] for r in records if "loss" in r), default=0)
+    used = next((r["budget_used_s"] for r in reversed(records) if "budget_used_s" in r), None)
+    return steps, used
+
+
+def train_medclip(args, seed: int, steps: int | None, shards_root: Path, run_dir: Path,
+                  log_path: Path) -> tuple[float, int]:
+    """(wall seconds, steps trained) of one timed medclip run, held to ``steps`` or (None) to the budget."""
     fresh_run_dir(run_dir, shards_root)
     wall = run_timed(medclip_command(args, run_dir, seed, steps), log_path)
     if "building shards" in log_path.read_text():
         raise SystemExit(f"medclip rebuilt its shards in the timed run (see {log_path}): the build key did not match")
-    print(f"medclip pretrain ({args.recipe}) seed {seed}: {steps} steps in {wall:.1f}s wall "
-          f"(budget {args.budget:.0f}s; training and export, no shard build, no evaluation)")
-    return wall
+    trained, used = budget_used(run_dir / "log.jsonl")
+    held = f"{used:.1f}s of its {args.budget:.0f}s budget used" if used is not None else f"budget {args.budget:.0f}s"
+    print(f"medclip pretrain ({args.recipe}) seed {seed}: {trained} steps in {wall:.1f}s wall "
+          f"({held}; start-up, training and export, no shard build, no evaluation)")
+    return wall, trained
 
 
 # ----------------------------------------------------------------------------------- open_clip_train
@@ -379,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=600.0, help="wall-clock seconds for each side's training")
     parser.add_argument("--out", default="runs/compare_shared_real")
     parser.add_argument("--medclip-run", default=None, help="reuse this finished medclip run (not timed again)")
-    parser.add_argument("--medclip-steps", type=int, default=None, help="skip medclip's calibration: train this many steps")
+    parser.add_argument("--medclip-steps", type=int, default=None,
+                        help="train this many steps instead of holding medclip to --budget (run.budget_seconds)")
     parser.add_argument("--baseline-model", action="append", default=None, metavar="MODEL[@BATCH]",
                         help="architecture(s) open_clip_train trains, optionally at another batch size "
                              "(repeatable; default medclip-small at the recipe's batch size)")
@@ -404,24 +387,27 @@ def main(argv: list[str] | None = None) -> int:
         manifests = sorted((reused / "shards").glob("*/*.yaml"))
         if not manifests:
             raise SystemExit(f"no shard manifests under {reused / 'shards'}: is {reused} a finished shared_real run?")
-        steps = recipe.run.steps
+        medclip_steps = recipe.run.steps
     else:
         recipe = load_recipe(REPO / args.recipe, args.overrides)
         shards_root = out / "shards"
         start = time.perf_counter()
         manifests = build_shards(recipe, shards_root)
         print(f"shards: {shards_root} ready in {time.perf_counter() - start:.0f}s (charged to no side)")
-        steps = args.medclip_steps or calibrate_medclip(args, recipe, shards_root, out)
+        medclip_steps = args.medclip_steps  # None: medclip holds itself to the budget
     shards = BaselineShards(shard_urls(manifests), out / "caption_pool")
     seeds = args.seeds or [recipe.run.seed]
     ours = f"medclip {recipe.model.name}"
-    systems: dict[str, dict] = {ours: {"steps": steps, "wall_s": {}, "exports": {}}}
+    systems: dict[str, dict] = {ours: {"steps": medclip_steps, "wall_s": {}, "exports": {}}}
     for seed in seeds:
         if args.medclip_run:
             run_dir, wall = reused, None
         else:
             run_dir = out / f"medclip-s{seed}"
-            wall = train_medclip(args, seed, systems[ours]["steps"], shards_root, run_dir, out / f"medclip-s{seed}.log")
+            wall, trained = train_medclip(args, seed, medclip_steps, shards_root, run_dir,
+                                          out / f"medclip-s{seed}.log")
+            systems[ours].setdefault("steps_by_seed", {})[seed] = trained
+            systems[ours]["steps"] = ", ".join(str(n) for n in systems[ours]["steps_by_seed"].values())
         systems[ours]["wall_s"][seed] = wall
         systems[ours]["exports"][seed] = str(run_dir / "export")
         seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))

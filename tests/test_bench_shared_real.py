@@ -46,22 +46,25 @@ def test_baseline_batch_spec():
 
 
 def test_medclip_is_held_to_the_budget(tmp_path):
+    """medclip's side runs with run.budget_seconds on the process's clock (no calibration run), or a step count."""
     bench = _bench()
-    # 20 s start-up, 1 s per IT step up to step 200, then 1.5 s per IT + PC step: 200 + floor(380 / 1.5)
-    assert bench.medclip_steps_for_budget(600, 20, 1.0, 1.5, 200) == 453
-    assert bench.medclip_steps_for_budget(100, 10, 1.0, 2.0, 200) == 90  # PC-Align never starts
-    assert bench.medclip_steps_for_budget(10, 20, 1.0, 2.0, 200) == 0
-    args = bench.argparse.Namespace(recipe="pretrain/shared_real.yaml", overrides=["optim.lr=2e-3"])
-    cmd = bench.medclip_command(args, tmp_path / "run", seed=3, steps=123, extra=["run.log_every=5"])
-    overrides = [cmd[i + 1] for i, part in enumerate(cmd) if part == "--set"]
-    recipe = load_recipe(ROOT / "pretrain" / "shared_real.yaml", overrides)
-    assert recipe.run.steps == 123 and recipe.eval.suites == [] and recipe.run.seed == 3
+    args = bench.argparse.Namespace(recipe="pretrain/shared_real.yaml", overrides=["optim.lr=2e-3"], budget=600.0)
+
+    def recipe_of(cmd):
+        overrides = [cmd[i + 1] for i, part in enumerate(cmd) if part == "--set"]
+        return load_recipe(ROOT / "pretrain" / "shared_real.yaml", overrides)
+
+    recipe = recipe_of(bench.medclip_command(args, tmp_path / "run", seed=3, steps=None, extra=["run.log_every=5"]))
+    assert recipe.run.budget_seconds == 600.0 and recipe.run.budget_from == "process"
+    assert recipe.eval.suites == [] and recipe.run.seed == 3
     assert recipe.optim.lr == 2e-3 and recipe.run.log_every == 5 and recipe.run.output_dir == str(tmp_path / "run")
-    # the calibration's per-step times come from the run's log windows, the first (loader start) left out
+    recipe = recipe_of(bench.medclip_command(args, tmp_path / "run", seed=3, steps=123))
+    assert recipe.run.steps == 123 and recipe.run.budget_seconds is None
+    # what the run reports: its steps and the budget it used
     log = tmp_path / "log.jsonl"
-    log.write_text("".join(json.dumps({"step": s, "samples_per_s": 32 / t}) + "\n"
-                           for s, t in [(5, 9.0), (10, 1.0), (15, 1.0), (20, 2.0)]))
-    assert bench.window_times(log, 32) == [(10, 1.0), (15, 1.0), (20, 2.0)]
+    log.write_text("".join(json.dumps(r) + "\n" for r in [{"step": 1, "loss": 5.0}, {"step": 2, "loss": 4.0},
+                                                          {"step": 2, "budget_s": 600.0, "budget_used_s": 590.5}]))
+    assert bench.budget_used(log) == (2, 590.5)
 
 
 def test_caption_pool_shards_draw_one_caption_per_image_and_pass(tmp_path):
@@ -107,8 +110,8 @@ def test_caption_pool_shards_draw_one_caption_per_image_and_pass(tmp_path):
 
 
 def test_every_seed_and_caption_set_gets_its_steps_and_shards(tmp_path, monkeypatch, capsys):
-    """The comparison's plan, with the training runs replaced by recorders: medclip trains its calibrated
-    steps for every seed, each baseline model is calibrated once and trained on both caption sets."""
+    """The comparison's plan, with the training runs replaced by recorders: medclip trains to the budget
+    for every seed, each baseline model is calibrated once and trained on both caption sets."""
     from medclip.training.prepare import BuildSpec, build_source
 
     medpix = require_shared("medpix")
@@ -120,8 +123,8 @@ def test_every_seed_and_caption_set_gets_its_steps_and_shards(tmp_path, monkeypa
     bench = _bench()
     calls = {"medclip": [], "calibrations": [], "baselines": []}
     monkeypatch.setattr(bench, "build_shards", lambda recipe, root: [manifest])
-    monkeypatch.setattr(bench, "calibrate_medclip", lambda *a: 77)
-    monkeypatch.setattr(bench, "train_medclip", lambda args, seed, steps, *a: calls["medclip"].append((seed, steps)) or 1.0)
+    monkeypatch.setattr(bench, "train_medclip",
+                        lambda args, seed, steps, *a: calls["medclip"].append((seed, steps)) or (1.0, 70 + seed))
     monkeypatch.setattr(bench, "calibrate_baseline",
                         lambda settings, model, *a: calls["calibrations"].append(model) or 5)
 
@@ -141,7 +144,7 @@ def test_every_seed_and_caption_set_gets_its_steps_and_shards(tmp_path, monkeypa
     assert bench.main(["--seeds", "0", "1", "--out", str(tmp_path / "out"), "--baseline-model", "medclip-small",
                        "--baseline-model", "medclip-small-resnet18@16"]) == 0
 
-    assert calls["medclip"] == [(0, 77), (1, 77)]
+    assert calls["medclip"] == [(0, None), (1, None)]  # held to the budget by medclip itself
     assert calls["calibrations"] == ["medclip-small", "medclip-small-resnet18"]
     assert len(calls["baselines"]) == 2 * 2 * 2
     urls = bench.shard_urls([manifest])
@@ -154,3 +157,4 @@ def test_every_seed_and_caption_set_gets_its_steps_and_shards(tmp_path, monkeypa
             assert len(shards) >= math.ceil(5 * (16 if "resnet18" in model else 32) / 4) * len(urls)
     out = capsys.readouterr().out
     assert "what the engine adds (medclip - open_clip_train medclip-small (batch 32, caption pool))" in out
+    assert "(70, 71 steps)" in out  # each seed's steps, as its budgeted run planned them

@@ -90,8 +90,8 @@ def test_builder_is_deterministic_with_checksums_and_parts(tmp_path, monkeypatch
         stored = Image.open(io.BytesIO(tar.extractfile(names[0]).read()))
         text = tar.extractfile(names[2]).read().decode()
     assert names[0].endswith(".jpg") and names[1].endswith(".json") and names[2].endswith(".txt")
-    # the first sample is the first row with a caption: its labels, its caption, its image shrunk to 64 px
-    row = next(r for r in map(json.loads, src.read_text().splitlines()) if r["caption"].strip())
+    # the first sample is the row its key names (rows are permuted): its labels, caption, image shrunk to 64 px
+    row = json.loads(src.read_text().splitlines()[int(names[0].split(".")[0][len("cxr"):])])
     assert meta["captions"] == [row["caption"]] == [text] and meta["labels"]["finding"] == row["finding"]
     assert meta["modality"] == row["modality"] and meta["labels"]["view"] == row["view"]
     original = Image.open(row["image"]).convert("RGB")

@@ -26,8 +26,7 @@ def test_build_source_from_real_medpix_rows(tmp_path):
     manifest = load_manifest(manifest_path)
     assert manifest.samples == 12 and check_manifest(manifest) == []
 
-    with tarfile.open(manifest.urls[0]) as tar:
-        metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    metas = _shard_metas(manifest_path)  # in row order (the shards hold them permuted)
     assert len(metas) == 12
     for meta, row in zip(metas, rows):
         assert meta["captions"][0] == row["caption"].strip()
@@ -44,12 +43,14 @@ def test_build_source_from_real_medpix_rows(tmp_path):
 
 
 def _shard_metas(manifest_path):
+    """The samples' metadata in input row order (a sample's key ends in its row index)."""
     manifest = load_manifest(manifest_path)
-    metas = []
+    metas = {}
     for url in manifest.urls:
         with tarfile.open(url) as tar:
-            metas += [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
-    return metas
+            metas.update({m.name: json.loads(tar.extractfile(m).read()) for m in tar.getmembers()
+                          if m.name.endswith(".json")})
+    return [metas[k] for k in sorted(metas)]
 
 
 def _shard_image_sizes(manifest_path):
@@ -110,6 +111,12 @@ def test_build_source_rebuilds_when_its_spec_or_input_changes(tmp_path, caplog):
     metas = _shard_metas(build_source(labelled, out))
     assert sum(len(m["concepts"]) for m in metas) > before
     assert any(c["cui"] == "C0000002" for m in metas for c in m["concepts"])
+
+    # Another seed of the sample order: rebuilt (the key holds the order settings).
+    caplog.clear()
+    build_source(replace(labelled, seed=1), out)
+    assert any("rebuilding" in r.message and "shuffle_seed 0 -> 1" in r.message for r in caplog.records)
+    labelled = replace(labelled, seed=1)
 
     # Unchanged: reused as before.
     stamp = manifest_path.stat().st_mtime_ns

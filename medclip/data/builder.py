@@ -5,6 +5,14 @@ results are consumed in input order, so the output is identical for any number o
 Bad inputs are skipped, counted by kind and listed in the summary; a build that writes no sample
 fails. The shards replace an earlier build's only once complete (:mod:`medclip.data.build_output`).
 
+Sample order: a table sorted by label (or a class folder, read class after class) written in input
+order gives shards of long one-label runs that the loader's shard shuffle and bounded sample buffer
+cannot mix, so batches come out of one label. By default (``shuffle_seed`` set) the records of a part
+are therefore read into memory (paths and captions, not images: about 1 KB each; use parts for tens
+of millions of rows), permuted exactly with the seed and dealt into shards in that order, and a small
+part is split into ``min_shards`` shards (of at least ``MIN_SHARD_SAMPLES``) so that the loader's
+shard shuffle has something to shuffle. ``shuffle_seed=None`` streams the input in its order.
+
 ``part=(i, n)`` builds a disjoint part: rows are grouped in blocks of ``PART_BLOCK`` and block
 ``b`` belongs to part ``b % n`` (works on a stream, no need to count rows first). Sample keys are
 the global row index, so parts never collide. Once every part is built, :func:`merge_parts`
@@ -17,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import multiprocessing as mp
 import shutil
 from collections import Counter
@@ -40,6 +49,7 @@ from medclip.data.records import (
     validate_concepts,
 )
 from medclip.data.shards import ShardInfo, ShardSink, read_summary, write_summary
+from medclip.data.slots import seeded_rng
 from medclip.data.user_files import class_folders, csv_rows, folder_images, text_lines
 from medclip.errors import MedclipError
 from medclip.imaging import Window, load_image
@@ -47,6 +57,7 @@ from medclip.imaging import Window, load_image
 log = logging.getLogger(__name__)
 
 PART_BLOCK = 1000
+MIN_SHARD_SAMPLES = 64  # a small source is not cut into shards smaller than this
 MAX_LISTED_SKIPS = 10_000
 
 
@@ -62,6 +73,8 @@ class BuildConfig:
     processes: int = 1
     part: tuple[int, int] = (0, 1)
     window: tuple[float, float] | None = None  # DICOM/16-bit window (center, width)
+    shuffle_seed: int | None = 0  # permute each part's records with this seed (None: keep the input order)
+    min_shards: int = 8  # shuffled builds: shards per part where the size allows (see the module doc)
 
     def __post_init__(self):
         if self.image_format not in ("jpg", "png"):
@@ -69,8 +82,8 @@ class BuildConfig:
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
             raise MedclipError(f"part must be i/n with 0 <= i < n, got {i}/{n}")
-        if self.max_samples < 1 or self.max_bytes < 1:
-            raise MedclipError("max_samples and max_bytes must be positive")
+        if self.max_samples < 1 or self.max_bytes < 1 or self.min_shards < 1:
+            raise MedclipError("max_samples, max_bytes and min_shards must be positive")
         if self.max_side is not None and self.max_side < 8:
             raise MedclipError(f"max_side must be at least 8, got {self.max_side}")
 
@@ -290,6 +303,18 @@ def _selected(records: Iterable, part: tuple[int, int]) -> Iterator[tuple[int, A
             yield index, rec
 
 
+def _ordered(records: Iterable, cfg: BuildConfig) -> tuple[Iterable[tuple[int, Any]], int]:
+    """This part's (index, record) pairs in the order they are written, and the samples per shard."""
+    selected = _selected(records, cfg.part)
+    if cfg.shuffle_seed is None:
+        return selected, cfg.max_samples
+    items = list(selected)
+    seeded_rng(cfg.shuffle_seed, *cfg.part, "build").shuffle(items)
+    # min_shards where each holds MIN_SHARD_SAMPLES, more when max_samples says so; equal sizes.
+    shards = max(math.ceil(len(items) / cfg.max_samples), min(cfg.min_shards, len(items) // MIN_SHARD_SAMPLES), 1)
+    return items, math.ceil(len(items) / shards)
+
+
 def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig) -> BuildReport:
     """Write ``records`` (this part of them) as shards plus ``PREFIX-summary[-PART].json``.
 
@@ -301,11 +326,12 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
     i, n = cfg.part
     name_pattern = shard_name_pattern(cfg.prefix, cfg.part)
     summary_path = out / build_output.summary_name(cfg.prefix, cfg.part)
+    ordered, shard_samples = _ordered(records, cfg)  # a shuffled build reads its rows here, before staging
     staged = build_output.staging_dir(out, cfg.prefix, cfg.part)
-    sink = ShardSink(staged, name_pattern, cfg.max_samples, cfg.max_bytes)
+    sink = ShardSink(staged, name_pattern, shard_samples, cfg.max_bytes)
     skipped: Counter[str] = Counter()
     skipped_items: list[dict] = []
-    work = ((index, rec, cfg) for index, rec in _selected(records, cfg.part))
+    work = ((index, rec, cfg) for index, rec in ordered)
     pool = mp.get_context("fork").Pool(cfg.processes) if cfg.processes > 1 else None
     results = pool.imap(encode_record, work, chunksize=16) if pool else map(encode_record, work)
     try:

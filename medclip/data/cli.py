@@ -34,6 +34,12 @@ def register(subparsers) -> None:
     b.add_argument("--processes", type=int, default=1)
     b.add_argument("--part", default="0/1", help="build part i of n (e.g. one per node of a job array)")
     b.add_argument("--window", default=None, help="DICOM window CENTER,WIDTH (default: the file's own)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the sample order: each part's rows are permuted "
+                                                      "before they are dealt into shards")
+    b.add_argument("--no-shuffle", action="store_true",
+                   help="write the samples in input order (a table sorted by label gives one-label shards)")
+    b.add_argument("--min-shards", type=int, default=8,
+                   help="shuffled builds: split a small input into this many shards (of 64+ samples each)")
     b.set_defaults(func=run_build)
     g = shards_sub.add_parser("merge", help="join the summaries of a --part i/n build into one summary + manifest")
     g.add_argument("out", help="the folder all parts were built into")
@@ -48,7 +54,8 @@ def register(subparsers) -> None:
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_sub.required = True
     c = data_sub.add_parser("check", help="read a manifest's shards to their end: existence, integrity, counts, "
-                                          "checksums; list the shell commands it would run")
+                                          "checksums; list the shell commands it would run; warn about shards "
+                                          "whose samples run in long same-label blocks")
     c.add_argument("manifests", nargs="+")
     c.add_argument("--root", default=None, help="data root substituted for {root} in URLs")
     c.add_argument("--no-checksums", action="store_true")
@@ -81,6 +88,7 @@ def run_build(args: argparse.Namespace) -> int:
         out_dir=args.out, prefix=args.prefix, max_samples=args.max_samples, max_bytes=int(args.max_bytes),
         max_side=args.max_side, image_format=args.image_format, processes=args.processes,
         part=builder.parse_part(args.part), window=_window(args.window),
+        shuffle_seed=None if args.no_shuffle else args.seed, min_shards=args.min_shards,
     )
     if args.format == "folder":
         if not args.templates:
@@ -124,7 +132,11 @@ def run_check(args: argparse.Namespace) -> int:
         manifest = load_manifest(path, args.root)
         for pattern, count in command_patterns(manifest):
             print(f"RUNS {manifest.name}: {count} shell command(s): {pattern[5:]}")
-        problems = check_manifest(manifest, verify_checksums=not args.no_checksums, allow_pipe=args.allow_pipe)
+        warnings: list[str] = []
+        problems = check_manifest(manifest, verify_checksums=not args.no_checksums, allow_pipe=args.allow_pipe,
+                                  warnings=warnings)
+        for w in warnings:  # readable shards, in an order that hurts training: reported, not failed
+            print(f"WARN {w}")
         if problems:
             failed = True
             for p in problems:

@@ -33,6 +33,7 @@ import braceexpand
 import yaml
 
 from medclip import resources
+from medclip.data.order_check import order_warning, sample_labels
 from medclip.data.shard_reader import ShardErrors, is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
 from medclip.errors import MedclipError
@@ -202,11 +203,14 @@ def count_tar_samples(path: str | Path) -> int:
 MAX_LISTED = 20  # problems of one kind listed per manifest
 
 
-def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe: bool = False) -> list[str]:
+def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe: bool = False,
+                   warnings: list[str] | None = None) -> list[str]:
     """Problems found by reading every shard to its end (empty when everything agrees).
 
     Each shard is read as the training stream reads it (local, fsspec, http, and ``pipe:`` commands
     when ``allow_pipe``): a tar cut short fails even when no count says how long it should be.
+    ``warnings`` (when given) receives a line per shard whose samples run in long same-label blocks
+    (:mod:`medclip.data.order_check`).
     """
     m = manifest
     problems: list[str] = []
@@ -216,7 +220,7 @@ def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe
         problems.append(f"{m.name}: {len(m.commands)} shard(s) come from shell commands, not run: read them "
                         f"with --allow-pipe if you trust the manifest")
     summary = _read_summary(m, problems)
-    counted, failed = _walk_shards(m, allow_pipe, summary, verify_checksums, problems)
+    counted, failed = _walk_shards(m, allow_pipe, summary, verify_checksums, problems, warnings)
     for kind, urls in failed.items():
         problems += [f"{m.name}: {kind} {u}" for u in urls[:MAX_LISTED]]
         if len(urls) > MAX_LISTED:
@@ -233,7 +237,7 @@ def check_manifest(manifest: Manifest, verify_checksums: bool = True, allow_pipe
 
 
 def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_checksums: bool,
-                 problems: list[str]) -> tuple[int, dict[str, list[str]]]:
+                 problems: list[str], warnings: list[str] | None = None) -> tuple[int, dict[str, list[str]]]:
     """Read every shard it may; (samples in the whole shards, failure kind -> "shard URL: cause")."""
     by_name = {s["name"]: s for s in summary["shards"]} if summary else {}
     failed: dict[str, list[str]] = {}
@@ -244,7 +248,10 @@ def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_che
         if is_local(url) and not Path(urlparse(url).path if url.startswith("file:") else url).is_file():
             failed.setdefault("missing shard", []).append(url)
             continue
-        samples, failure = read_whole_shard(url, allow_pipe)
+        labels: list[dict[str, str]] | None = None if warnings is None else []
+        samples, failure = read_whole_shard(url, allow_pipe, labels)
+        if labels and (warning := order_warning(m.name, Path(url).name, labels)):
+            warnings.append(warning)
         if failure:
             kind, cause = failure
             failed.setdefault(kind.replace("_", " "), []).append(f"{url}: {cause}")
@@ -255,12 +262,15 @@ def _walk_shards(m: Manifest, allow_pipe: bool, summary: dict | None, verify_che
     return counted, failed
 
 
-def read_whole_shard(url: str, allow_pipe: bool) -> tuple[int, tuple[str, str] | None]:
+def read_whole_shard(url: str, allow_pipe: bool, labels: list | None = None) -> tuple[int, tuple[str, str] | None]:
     """(samples, (failure kind, its cause) or None) of one shard read to its end; nothing is logged (the
-    caller prints the failure once)."""
+    caller prints the failure once). ``labels`` (when given) receives each sample's categorical fields."""
     errors = ShardErrors()
-    samples = sum(1 for _ in read_shard(url, lambda i: True, Counter(), report=False, allow_commands=allow_pipe,
-                                        errors=errors))
+    samples = 0
+    for sample in read_shard(url, lambda i: True, Counter(), report=False, allow_commands=allow_pipe, errors=errors):
+        samples += 1
+        if labels is not None:
+            labels.append(sample_labels(sample))
     return samples, ((errors.kind(), errors.causes[errors.kind()]) if errors.causes else None)
 
 

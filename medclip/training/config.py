@@ -102,6 +102,12 @@ class RunConfig:
     # Divergence guard: a step whose loss or gradients are not finite is skipped (no update); after this
     # many such steps in a row the run stops, naming the last checkpoint with finite weights.
     max_nonfinite_steps: int = 10
+    # Wall-clock seconds for training and the final checkpoint + export (not set-up, not the final evaluation):
+    # the run fits its number of steps to it as it measures its step time (run.steps is only the first plan).
+    budget_seconds: float | None = None
+    # When the budget's clock starts: "training" (Pretrainer.run: set-up not counted) or "process" (the
+    # process's start on Linux: the whole command, as a benchmark holding every side to one budget charges it).
+    budget_from: str = "training"
 
 
 @dataclass
@@ -127,9 +133,11 @@ CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "run.device": ("auto", "cpu", "cuda"),
     "run.strategy": ("ddp", "fsdp"),
+    "run.budget_from": ("training", "process"),
 }
 POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every", "optim.lr", "optim.eps",
-            "run.keep_checkpoints", "run.checkpoint_every", "run.max_nonfinite_steps", "eval.batch_size")
+            "run.keep_checkpoints", "run.checkpoint_every", "run.max_nonfinite_steps", "eval.batch_size",
+            "run.budget_seconds")
 NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr",
                 "data.shuffle_buffer", "data.demo_train_samples", "data.demo_val_samples", "objective.pc_weight",
                 "objective.pc_start_step", "optim.grad_clip")  # grad_clip 0 or null: no clipping

@@ -60,6 +60,13 @@ class Monitor:
             except ImportError:
                 log.warning("wandb was asked for but is not installed; skipping it")
 
+    def set_total(self, total_steps: int) -> None:
+        """A re-planned run length (``run.budget_seconds``): progress and ETA count towards it."""
+        self.total_steps = total_steps
+        if self._bar is not None:
+            self._bar.total = total_steps
+            self._bar.refresh()
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             self._bar.update(steps)

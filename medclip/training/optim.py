@@ -47,6 +47,14 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
+def replan_scheduler(scheduler, cfg: OptimConfig, total_steps: int) -> None:
+    """The schedule over another total (``run.budget_seconds`` re-plans it): its decay ends at the new last
+    step, and the lr of the coming step follows at once."""
+    scheduler.lr_lambdas = [lr_lambda(cfg, total_steps)] * len(scheduler.lr_lambdas)
+    for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)
+
+
 def apply_recipe_settings(optimizer, scheduler, cfg: OptimConfig) -> dict:
     """After a checkpoint's optimiser and scheduler state is loaded: the recipe's lr, betas, eps and weight
     decay apply from here on (as open_clip's resume, whose schedule follows its --lr). Without this, a

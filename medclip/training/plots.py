@@ -42,21 +42,85 @@ def plot_curves(records: list[dict], out_path: Path) -> Path | None:
     return out_path
 
 
-def summary_text(records: list[dict], wall_seconds: float, skipped: dict) -> str:
+# Skip counts that are not samples: a shard failure counts shards, a dropped concept span counts concepts.
+SHARD_KINDS = ("truncated_tar", "unreadable_shard")
+CONCEPT_KINDS = ("concept_dropped",)
+
+
+def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_start_step: int | None = None) -> str:
+    """The run in a few lines: steps and wall time, the loss per term and stage, the run's mean throughput
+    with the range of the logged intervals, the budget used (run.budget_seconds), evaluation results, and
+    what was skipped (samples, shards and concepts counted apart).
+
+    ``pc_start_step``: the objective has two stages, IT-Align alone through this step, then IT + PC-Align
+    (their losses are not comparable across the boundary); None: one stage.
+    """
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if any(k.startswith("eval/") for k in r)]
     lines = [f"steps: {train[-1]['step'] if train else 0}, wall time: {wall_seconds / 60:.1f} min"]
-    if train:
-        first, last = train[0], train[-1]
-        lines.append(f"loss: {_number(first['loss'])} -> {_number(last['loss'])}")
-        if "samples_per_s" in last:
-            lines.append(f"throughput: {last['samples_per_s']:.1f} samples/s")
+    lines += _loss_lines(train, pc_start_step)
+    if (throughput := _throughput_line(train)) is not None:
+        lines.append(throughput)
+    if budget := next((r for r in reversed(records) if "budget_s" in r), None):
+        used, total = budget["budget_used_s"], budget["budget_s"]
+        lines.append(f"budget: {used:.1f} of {total:.0f} s used ({100 * used / total:.0f}%) by training and the "
+                     f"final save (run.budget_seconds)")
     if evals:
         for key, value in evals[-1].items():
             if key.startswith("eval/") and isinstance(value, (int, float)):
                 lines.append(f"{key[len('eval/'):]}: {value:.4f}")
-    lines.append("skipped samples: " + (", ".join(f"{k}={v}" for k, v in skipped.items() if v) or "none"))
+    lines += _skip_lines(skipped)
     return "\n".join(lines) + "\n"
+
+
+def _loss_lines(train: list[dict], pc_start_step: int | None) -> list[str]:
+    """``loss, stage 1, IT-Align (steps 10-200): it 7.6029 -> 3.1000``: each term's first and last logged value."""
+    if not train:
+        return []
+    if pc_start_step is None or not any(r["step"] > pc_start_step for r in train):
+        stages = [("", train)]
+    else:
+        stages = [("IT-Align", [r for r in train if r["step"] <= pc_start_step]),
+                  ("IT + PC-Align", [r for r in train if r["step"] > pc_start_step])]
+        stages = [(f", stage {i}, {name}", rows) for i, (name, rows) in enumerate(stages, 1) if rows]
+    lines = []
+    for name, rows in stages:
+        first, last = rows[0], rows[-1]
+        pc_on = any(isinstance(r.get("pc"), str) or (isinstance(r.get("pc"), (int, float)) and r["pc"] != 0)
+                    for r in rows)  # a string is a non-finite value
+        terms = [k for k in (("loss", "it", "pc") if pc_on else ("it",)) if k in first and k in last] or ["loss"]
+        changes = ", ".join(f"{'total' if k == 'loss' else k} {_number(first[k])} -> {_number(last[k])}"
+                            for k in terms)
+        lines.append(f"loss{name} (steps {first['step']}-{last['step']}): {changes}")
+    return lines
+
+
+def _throughput_line(train: list[dict]) -> str | None:
+    """The run's mean (samples over seconds of every logged interval) and the slowest and fastest interval."""
+    timed = [r for r in train if isinstance(r.get("samples_per_s"), (int, float))
+             and isinstance(r.get("interval_s"), (int, float)) and r["interval_s"] > 0]
+    if not timed:
+        return None
+    seconds = sum(r["interval_s"] for r in timed)
+    mean = sum(r["samples_per_s"] * r["interval_s"] for r in timed) / seconds
+    rates = [r["samples_per_s"] for r in timed]
+    return (f"throughput: {mean:.1f} samples/s (mean of the run's training time; logged intervals "
+            f"{min(rates):.1f}-{max(rates):.1f})")
+
+
+def _skip_lines(skipped: dict) -> list[str]:
+    def listed(kinds) -> str:
+        return ", ".join(f"{k}={v}" for k, v in kinds.items() if v) or "none"
+
+    samples = {k: v for k, v in skipped.items() if k not in SHARD_KINDS + CONCEPT_KINDS}
+    lines = [f"skipped samples: {listed(samples)}"]
+    shards = {k: skipped[k] for k in SHARD_KINDS if skipped.get(k)}
+    if shards:
+        lines.append(f"skipped shards: {listed(shards)}")
+    concepts = sum(skipped.get(k, 0) for k in CONCEPT_KINDS)
+    if concepts:
+        lines.append(f"concept spans dropped (truncated with their caption, or on no token): {concepts}")
+    return lines
 
 
 def _number(value) -> str:

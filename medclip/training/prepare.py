@@ -34,6 +34,7 @@ class BuildSpec:
     label_captions: list[str] = field(default_factory=list)
     vocab: list[str] = field(default_factory=list)  # concept vocabularies (MeSH TSV, CheXpert folder, ...)
     max_side: int | None = 256
+    seed: int = 0  # of the sample order in the shards (rows are permuted, not written in table order)
     weight: float = 1.0
     processes: int = 1
 
@@ -85,11 +86,19 @@ def _file_stamps(paths: list[str]) -> dict[str, list[int]]:
     return stamps
 
 
+def _order_settings(spec: BuildSpec) -> dict:
+    """How samples are ordered and dealt into shards (shards built in table order lack these: rebuilt)."""
+    from medclip.data.builder import BuildConfig
+
+    defaults = BuildConfig(".")
+    return {"shuffle_seed": spec.seed, "min_shards": defaults.min_shards, "max_samples": defaults.max_samples}
+
+
 def build_key(spec: BuildSpec) -> dict:
     """What the shards of ``spec`` depend on, with a digest of it (``weight`` and ``processes`` do not)."""
     settings = {"input": str(Path(spec.input).resolve()), "caption_fields": list(spec.caption_fields),
                 "label_captions": list(spec.label_captions), "vocab": [str(Path(v).resolve()) for v in spec.vocab],
-                "max_side": spec.max_side}
+                "max_side": spec.max_side, **_order_settings(spec)}
     files = _file_stamps([spec.input, *spec.vocab])
     digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True).encode()).hexdigest()
     return {"digest": digest, "settings": settings, "files": files}
@@ -154,7 +163,8 @@ def build_source(spec: BuildSpec, out_root: Path) -> Path:
     log.info("building shards for %s from %s", spec.name, spec.input)
     try:  # the new shards replace the stale build (its manifest included) only once they are complete
         report = build_shards(_records(spec, _annotator(spec.vocab)),
-                              BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes))
+                              BuildConfig(folder, prefix=spec.name, max_side=spec.max_side, processes=spec.processes,
+                                          shuffle_seed=spec.seed))
     except MedclipError as exc:
         raise MedclipError(f"data.build {spec.name} ({spec.input}): {exc}") from exc
     summary = read_summary(report.summary_path)

@@ -58,6 +58,8 @@ class TrainerCheckpoints:
                 "recipe": self.recipe.to_dict(),
                 "finite": ckpt.all_finite(model, heads),
                 "guard": self.guard.state_dict(),
+                "planned_steps": self.planned_steps,  # a budgeted run's plan and its clock: resumed as they were
+                "budget_used": self.budget.elapsed() if self.budget is not None else None,
             }
             if heads is not None:
                 obj["heads"], obj["heads_config"] = heads, self.heads.config.to_dict()
@@ -97,6 +99,9 @@ class TrainerCheckpoints:
             log.info("resume: optimiser %s is now %s (the checkpoint's run used %s)", name, new, old)
         self.scaler.load_state_dict(obj["scaler"])
         self.guard.load_state_dict(obj.get("guard", {}))
+        if self.recipe.run.budget_seconds and obj.get("planned_steps"):
+            self.set_planned_steps(int(obj["planned_steps"]))
+            self.budget_used_before = float(obj.get("budget_used") or 0.0)
         self.data.load_state_dict(obj["data"][self.env.rank])
         ckpt.set_rng_state(obj["rng"][self.env.rank])
         self.step = int(obj["step"])

@@ -35,6 +35,7 @@ from medclip.models.loading import (
 from medclip.training import checkpoint as ckpt
 from medclip.training import preflight
 from medclip.training.attention import set_attention_backend
+from medclip.training.budget import Budget, PlannedSteps, budget_clock_start
 from medclip.training.components import (
     RandomState,
     TrainModule,
@@ -82,7 +83,7 @@ class EvaluationFailed(MedclipError):
     """An evaluation raised; the run's checkpoint and export are already written."""
 
 
-class Pretrainer(TrainerCheckpoints):
+class Pretrainer(TrainerCheckpoints, PlannedSteps):
     def __init__(self, recipe: Recipe, resume: str | None = None, data=None):
         self.recipe = recipe
         self.env = detect_env()
@@ -256,6 +257,9 @@ class Pretrainer(TrainerCheckpoints):
         diverges), curves and summary are still written and the run ends with one line saying why.
         """
         started = time.time()
+        if self.recipe.run.budget_seconds:
+            self.budget = Budget(self.recipe.run.budget_seconds, used_before=self.budget_used_before,
+                                 started=budget_clock_start(self.recipe.run.budget_from))
         monitor = self._open_monitor()
         results, failure, export_dir = {}, None, None
         try:
@@ -264,6 +268,7 @@ class Pretrainer(TrainerCheckpoints):
             self.checkpoints.finish()
             encoder = self.snapshot_encoder()
             export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
+            self._log_budget(monitor)
             results = self._evaluate(monitor, encoder, gathered=True)
         except Diverged as exc:
             failure = exc
@@ -279,22 +284,27 @@ class Pretrainer(TrainerCheckpoints):
 
     def _open_monitor(self) -> Monitor:
         run = self.recipe.run
-        return Monitor(self.output_dir, run.steps, self.step, self.env.is_main, progress=run.progress,
+        return Monitor(self.output_dir, self.planned_steps, self.step, self.env.is_main, progress=run.progress,
                        tensorboard=run.tensorboard, wandb=run.wandb, wandb_project=run.wandb_project,
                        config=self.recipe.to_dict())
 
     def _train(self, monitor: Monitor) -> None:
-        """Steps until run.steps. A batch is fetched only when a step will use it, so the stream's
-        position after the last step (what the final checkpoint stores) is right after its batch."""
+        """Steps until the planned total (run.steps, or what fits in run.budget_seconds). A batch is fetched only
+        when a step will use it, so the stream's position after the last step (what the final checkpoint
+        stores) is right after its batch."""
         batches = batches_forever(self.data)
         throughput = Throughput(self.recipe.data.batch_size * self.env.world_size)
         try:
-            while self.step < self.recipe.run.steps:
+            while self.step < self.planned_steps:
+                if self.budget is not None:
+                    self._replan(monitor)
                 batch = next(batches)
                 if self.flops is not None and self.flops.per_sample is None:
                     first = split_batch(self._device_batch(batch), self.recipe.optim.accum_steps)[0]
                     self.flops.count(first, self._phase_step())
                 losses = self.train_step(batch)
+                if self.budget is not None:
+                    self.budget.step_done()
                 throughput.add_step()
                 monitor.advance()
                 self._after_step(monitor, losses, throughput)
@@ -302,19 +312,22 @@ class Pretrainer(TrainerCheckpoints):
             batches.close()  # stop the loader's workers now, not when the generator is collected
 
     def _after_step(self, monitor: Monitor, losses: dict, throughput: Throughput) -> None:
-        run, step, guard = self.recipe.run, self.step, self.guard
-        if step % run.log_every == 0 or step == run.steps or guard.diverged:
+        run, step, guard, last = self.recipe.run, self.step, self.guard, self.planned_steps
+        if step % run.log_every == 0 or step == last or guard.diverged:
             monitor.log(step, self._step_metrics(losses, throughput))
         self.checkpoints.after_step(step, finite=guard.in_a_row == 0)
         if guard.diverged:
             raise Diverged(self._divergence_message())
-        if step < run.steps and step % run.checkpoint_every == 0:
+        if step < last and step % run.checkpoint_every == 0:
             if guard.in_a_row:  # the weights have not moved since the last finite step
                 log.warning("step %d: no checkpoint during non-finite steps (%d in a row)", step, guard.in_a_row)
             else:
+                started = time.monotonic()
                 self.save_checkpoint()
+                if self.budget is not None:  # what the final save will take, roughly
+                    self.budget.save_seconds = time.monotonic() - started
         every = self.recipe.eval.every_steps
-        if step < run.steps and every and step % every == 0:
+        if step < last and every and step % every == 0:
             try:
                 self._evaluate(monitor)
             except EvaluationFailed as exc:  # a failed evaluation must not cost the training run
@@ -322,11 +335,11 @@ class Pretrainer(TrainerCheckpoints):
                 monitor.log(step, {"eval_error": str(exc)})
 
     def _step_metrics(self, losses: dict, throughput: Throughput) -> dict:
-        samples_per_s = throughput.rate_and_reset()
+        samples_per_s, interval_s = throughput.rate_and_reset()
         metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
                    "lr": self.optimizer.param_groups[0]["lr"],
                    "logit_scale": _full(self.module.model.logit_scale).exp().item(),
-                   "samples_per_s": samples_per_s, "nonfinite_steps": self.guard.skipped,
+                   "samples_per_s": samples_per_s, "interval_s": interval_s, "nonfinite_steps": self.guard.skipped,
                    **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
         if self.flops is not None:
             tflops = self.flops.per_sample * samples_per_s / self.env.world_size / 1e12
@@ -384,7 +397,10 @@ class Pretrainer(TrainerCheckpoints):
             return
         records = read_log(monitor.jsonl_path)
         plot_curves(records, self.output_dir / "curves.png")
-        summary = summary_text(records, wall_seconds, self.data.skip_counts())
+        objective = self.recipe.objective
+        two_stages = self.heads is not None and objective.pc_weight > 0 and objective.pc_start_step > 0
+        summary = summary_text(records, wall_seconds, self.data.skip_counts(),
+                               pc_start_step=objective.pc_start_step if two_stages else None)
         if self.guard.skipped:
             summary += f"non-finite steps skipped: {self.guard.skipped}\n"
         if failure is not None:
@@ -396,7 +412,7 @@ class Pretrainer(TrainerCheckpoints):
 
 
 class Throughput:
-    """Samples per second since the last reading."""
+    """Samples per second since the last reading, and the seconds that reading covers."""
 
     def __init__(self, samples_per_step: int):
         self.samples_per_step = samples_per_step
@@ -405,10 +421,11 @@ class Throughput:
     def add_step(self) -> None:
         self.samples += self.samples_per_step
 
-    def rate_and_reset(self) -> float:
-        rate = self.samples / max(time.time() - self.started, 1e-9)
+    def rate_and_reset(self) -> tuple[float, float]:
+        seconds = max(time.time() - self.started, 1e-9)
+        rate = self.samples / seconds
         self.started, self.samples = time.time(), 0
-        return rate
+        return rate, seconds
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
