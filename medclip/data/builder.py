@@ -346,6 +346,7 @@ def build_shards(records: Iterable[SourceRecord | RecordError], cfg: BuildConfig
                 skipped["bad_concept_span"] += dropped
             sink.write(f"{cfg.prefix}{index:09d}", members)
         shards = sink.close()
+        skipped_items.sort(key=lambda item: item["index"])  # input order, whatever order they were written in
         _check_not_empty(shards, skipped, skipped_items, cfg)
     except BaseException:
         sink.abort()
