@@ -45,7 +45,7 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe, overrides: dict | None = 
     return load_recipe(recipe, _override_strings(overrides or {}))
 
 
-def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None = None,
+def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None = None, overwrite: bool = False,
              **overrides) -> PretrainResult:
     """Pretrain a dual encoder from a recipe, as ``medclip pretrain --config RECIPE`` does.
 
@@ -54,6 +54,11 @@ def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None 
             shows them), the path of a recipe YAML file, or a ``medclip.training.config.Recipe``.
         resume: ``"latest"`` to continue from the newest checkpoint in the run's output directory
             (starting afresh if there is none), or the path of a checkpoint; None starts from step 0.
+            A checkpoint of another run (another run id), or of another model, raises
+            ``medclip.MedclipError`` before anything is written.
+        overwrite: start afresh even though the output directory holds another run's checkpoints or
+            export (they, its log, evaluation and report are removed first); without it such a
+            directory raises ``medclip.MedclipError``. A directory in use by a live run always does.
         **overrides: recipe values to change, per section as mappings
             (``run={"steps": 50, "output_dir": "runs/try"}``, ``optim={"lr": 1e-4}``) or as dotted
             keys (``**{"run.steps": 50}``). They are checked like ``--set`` on the command line: an
@@ -74,6 +79,6 @@ def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None 
     from medclip.training.trainer import pretrain as run_pretraining
 
     checked = resolve_recipe(recipe, overrides)
-    metrics = run_pretraining(checked, resume=resume)
+    metrics = run_pretraining(checked, resume=resume, overwrite=overwrite)
     export = checked.output_dir / "export"
     return PretrainResult(checked.output_dir, export if export.is_dir() else None, dict(metrics or {}))

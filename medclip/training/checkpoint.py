@@ -141,7 +141,7 @@ def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
     removed = []
     for path in folder.iterdir() if folder.is_dir() else ():
         m = TEMP_RE.match(path.name)
-        if m and not _process_alive(int(m.group(1))):
+        if m and not process_alive(int(m.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     if removed:
@@ -149,7 +149,7 @@ def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
     return removed
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # not writing yet: a leftover of an earlier process with our id
     try:
@@ -161,11 +161,12 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def rotate(output_dir: str | Path, keep: int, protect: Path | None = None) -> None:
-    """Keep the newest ``keep`` checkpoints, and ``protect`` (the newest one proven good) even when older."""
-    found = list_checkpoints(output_dir)
-    for old in found[:-keep]:
-        if protect is None or old.resolve() != Path(protect).resolve():
+def rotate(output_dir: str | Path, keep: int, protect: tuple[Path | None, ...] = ()) -> None:
+    """Keep the newest ``keep`` checkpoints, and those in ``protect`` (the run's newest one, the newest one
+    proven good) even when files of higher steps sort after them."""
+    kept = {Path(p).resolve() for p in protect if p is not None}
+    for old in list_checkpoints(output_dir)[:-keep]:
+        if old.resolve() not in kept:
             old.unlink(missing_ok=True)
 
 
@@ -230,9 +231,11 @@ class CheckpointKeeper:
         self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
         self.pending: tuple[int, Path] | None = None  # written (or resumed from), not yet proven
         self.good: Path | None = None
+        self.newest: Path | None = None  # this run's latest checkpoint: never rotated away
 
     def written(self, step: int, path: Path) -> None:
         self.pending = (step, path)
+        self.newest = path
 
     def after_step(self, step: int, finite: bool) -> None:
         if self.pending is None or step != self.pending[0] + 1:
@@ -240,13 +243,13 @@ class CheckpointKeeper:
         if finite:
             self.good = self.pending[1]
             if self.is_main:
-                rotate(self.output_dir, self.keep, protect=self.good)
+                rotate(self.output_dir, self.keep, protect=(self.good, self.newest))
         self.pending = None
 
     def finish(self) -> None:
         """After the final checkpoint: the newest ``keep`` stay, and the last proven-good one."""
         if self.is_main:
-            rotate(self.output_dir, self.keep, protect=self.good)
+            rotate(self.output_dir, self.keep, protect=(self.good, self.newest))
 
     def diverged(self, first_bad_step: int) -> Path | None:
         """Set aside the checkpoints the bad steps started from; the newest finite one left (rank 0)."""

@@ -1,4 +1,4 @@
-"""`medclip pretrain --config RECIPE [--set key=value ...] [--resume latest|PATH]`."""
+"""`medclip pretrain --config RECIPE [--set key=value ...] [--resume latest|PATH | --overwrite]`."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def run(args) -> int:
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    pretrain(recipe, resume=args.resume)
+    pretrain(recipe, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -28,6 +28,9 @@ def register(subparsers) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a recipe value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--resume", default=None, help="'latest' (newest checkpoint in output_dir) or a path")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an output_dir that holds another run: its checkpoints, log.jsonl, "
+                             "export, eval and report are removed first")
     parser.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     parser.add_argument("--allow-pipe", action="store_true",
                         help="let the data manifests run their pipe: shell commands (= --set data.allow_pipe=true)")

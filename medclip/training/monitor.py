@@ -28,8 +28,8 @@ SHOWN = ("loss", "it", "pc", "lr", "samples_per_s", "mfu")
 class Monitor:
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, enabled: bool,
                  progress: bool = True, tensorboard: bool = True, wandb: bool = False,
-                 wandb_project: str = "medclip", config: dict | None = None, stream=None):
-        self.enabled = enabled
+                 wandb_project: str = "medclip", config: dict | None = None, stream=None, run_id: str | None = None):
+        self.enabled, self.run_id = enabled, run_id
         self.jsonl_path = output_dir / "log.jsonl"
         self.total_steps, self.start_step = total_steps, start_step
         self._stream = stream if stream is not None else sys.stderr
@@ -74,7 +74,8 @@ class Monitor:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        record = {"step": step, **({"run_id": self.run_id} if self.run_id else {}),
+                  **{k: _plain(v) for k, v in metrics.items()}}
         self._jsonl.write(jsonio.dumps(record) + "\n")
         self._jsonl.flush()
         numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
@@ -117,6 +118,23 @@ class Monitor:
         if self._wandb is not None:
             self._wandb.finish()
         self._jsonl.close()
+
+
+class Throughput:
+    """Samples per second since the last reading, and the seconds that reading covers."""
+
+    def __init__(self, samples_per_step: int):
+        self.samples_per_step = samples_per_step
+        self.started, self.samples = time.time(), 0
+
+    def add_step(self) -> None:
+        self.samples += self.samples_per_step
+
+    def rate_and_reset(self) -> tuple[float, float]:
+        seconds = max(time.time() - self.started, 1e-9)
+        rate = self.samples / seconds
+        self.started, self.samples = time.time(), 0
+        return rate, seconds
 
 
 def _is_terminal(stream) -> bool:

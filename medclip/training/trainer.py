@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from medclip.concepts.tokens import pad_token_id
 from medclip.data.images import normalize_batch
@@ -55,7 +54,7 @@ from medclip.training.distributed import (
     wrap_model,
 )
 from medclip.training.flops import TrainFlops, device_peak_tflops
-from medclip.training.monitor import Monitor, read_log
+from medclip.training.monitor import Monitor, Throughput, read_log
 from medclip.training.optim import (
     Diverged,
     DivergenceGuard,
@@ -84,22 +83,33 @@ class EvaluationFailed(MedclipError):
 
 
 class Pretrainer(TrainerCheckpoints, PlannedSteps):
-    def __init__(self, recipe: Recipe, resume: str | None = None, data=None):
+    def __init__(self, recipe: Recipe, resume: str | None = None, data=None, overwrite: bool = False):
         self.recipe = recipe
         self.env = detect_env()
         self.device = pick_device(recipe.run.device, self.env)
         init_distributed(self.env, self.device)
         preflight.check(recipe, is_main=self.env.is_main)  # names, data, packages, disk: before anything is built
+        if resume and overwrite:
+            raise MedclipError("--overwrite starts a new run and --resume continues one: choose one of them")
         if recipe.run.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         seed_everything(recipe.run.seed)  # same init on every rank; DDP also broadcasts it
         self.output_dir = recipe.output_dir
-        self._prepare_output_dir()
+        self.lock = self._claim_output_dir(fresh=not resume, overwrite=overwrite)
+        try:
+            self._build(resume, data, overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
 
+    def _build(self, resume: str | None, data, overwrite: bool) -> None:
+        recipe = self.recipe
         self.model_cfg, self.model = self._build_model()
         self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
         name_pad = pad_token_id(build_tokenizer(self.model_cfg)) if recipe.objective.use_concept_names else None
         self.module = TrainModule(self.model, self.heads, recipe.objective, name_pad).to(self.device)
+        resumed = self._checked_resume(resume)  # (path, checkpoint) or None; nothing is written before this
+        self._accept_run(overwrite)
         # MFU needs the device's peak; the FLOPs are counted on a copy taken before DDP/FSDP wrap the module.
         self.peak_tflops = device_peak_tflops(self.device)
         self.flops = TrainFlops(self.module, self._autocast) if self.peak_tflops else None
@@ -120,21 +130,14 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
                                                              self.output_dir)
         if data is None:
             preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
-        resume_path = ckpt.resolve_resume(resume, self.output_dir) if resume else None
-        if resume_path is not None:
-            self._restore(resume_path)
+        if resumed is not None:
+            self._restore(*resumed)
         else:
             if resume:
                 log.info("no checkpoint to resume from in %s; starting from step 0", self.output_dir)
             self.module.objective.init_parameters(self.model)  # objective.sigmoid_init, fresh runs only
 
     # ------------------------------------------------------------------ setup
-    def _prepare_output_dir(self) -> None:
-        if self.env.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
-            ckpt.remove_stale_temporaries(self.output_dir)
-
     def _build_model(self):
         mc = self.recipe.model
         cfg = with_text_dir(resolve_config(mc.name), mc.hf_text_dir)
@@ -255,7 +258,14 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
 
         The export is written before the final evaluation; when that evaluation fails (or training
         diverges), curves and summary are still written and the run ends with one line saying why.
+        However the run ends, the output directory's lock is released.
         """
+        try:
+            return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> dict:
         started = time.time()
         if self.recipe.run.budget_seconds:
             self.budget = Budget(self.recipe.run.budget_seconds, used_before=self.budget_used_before,
@@ -286,7 +296,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         run = self.recipe.run
         return Monitor(self.output_dir, self.planned_steps, self.step, self.env.is_main, progress=run.progress,
                        tensorboard=run.tensorboard, wandb=run.wandb, wandb_project=run.wandb_project,
-                       config=self.recipe.to_dict())
+                       config=self.recipe.to_dict(), run_id=self.run_id)
 
     def _train(self, monitor: Monitor) -> None:
         """Steps until the planned total (run.steps, or what fits in run.budget_seconds). A batch is fetched only
@@ -411,23 +421,6 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             print(f"exported open_clip hub-format model: {export_dir}")
 
 
-class Throughput:
-    """Samples per second since the last reading, and the seconds that reading covers."""
-
-    def __init__(self, samples_per_step: int):
-        self.samples_per_step = samples_per_step
-        self.started, self.samples = time.time(), 0
-
-    def add_step(self) -> None:
-        self.samples += self.samples_per_step
-
-    def rate_and_reset(self) -> tuple[float, float]:
-        seconds = max(time.time() - self.started, 1e-9)
-        rate = self.samples / seconds
-        self.started, self.samples = time.time(), 0
-        return rate, seconds
-
-
 def _full(param: torch.Tensor) -> torch.Tensor:
     """A parameter's whole value; under FSDP2 its shards are gathered (a collective: every rank calls it)."""
     value = param.detach()
@@ -444,5 +437,5 @@ def _rng_untouched():
         ckpt.set_rng_state(state)
 
 
-def pretrain(recipe: Recipe, resume: str | None = None) -> dict:
-    return Pretrainer(recipe, resume).run()
+def pretrain(recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> dict:
+    return Pretrainer(recipe, resume, overwrite=overwrite).run()
