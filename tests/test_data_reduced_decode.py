@@ -27,6 +27,7 @@ from medclip.data.builder import BuildConfig, build_shards, read_table
 from medclip.data.images import seeded_augmentation
 from medclip.data.manifest import Manifest, write_manifest
 from medclip.data.stream import build_train_stream
+from medclip.imaging import Window, apply_window, gray_uint8
 from medclip.models.loading import build_model, resolve_config
 from medclip.training.components import build_data
 from medclip.training.config import load_recipe
@@ -175,3 +176,14 @@ def test_16_bit_png_is_windowed_not_saturated(tmp_path, tiny_encoder):
     pixels = images[0][0, 0]  # [H, W] of the first channel (R = G = B)
     expected = np.round((ramp - 1000.0) / 2000.0 * 255).astype(np.uint8)
     assert torch.equal(pixels, torch.from_numpy(expected))
+
+
+def test_16_bit_table_gives_the_float_window_values():
+    # gray_uint8's 65,536-entry table for 16-bit images against apply_window's float64 path, value for value.
+    rng = np.random.default_rng(0)
+    for lo, hi in ((0, 65535), (1000, 3000), (512, 513), (7, 7)):
+        pixels = rng.integers(lo, hi + 1, size=(40, 50)).astype(np.uint16)
+        for window in (None, Window(2000, 1500)):
+            expected = np.round(apply_window(pixels, window) * 255.0).astype(np.uint8)
+            assert np.array_equal(gray_uint8(pixels, window), expected)
+            assert np.array_equal(gray_uint8(pixels.astype(">u2"), window), expected)  # I;16B

@@ -26,7 +26,7 @@ from medclip.data.images import (
     to_uint8_planes,
 )
 from medclip.data.reduced_decode import CropBox, ReducedCrop
-from medclip.imaging import load_image
+from medclip.imaging import gray_uint8
 
 HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit PNGs etc.: PIL's convert("RGB") would clip them
 
@@ -75,8 +75,8 @@ class SampleImages:
         image = Image.open(io.BytesIO(data))  # in memory: nothing to close
         crop = self.crop.draw(image) if self.crop is not None else None
         image.load()
-        if image.mode in HIGH_BIT_MODES:
-            image = load_image(image)  # its own min..max to 8 bits, as the evaluator and shard builder do
+        if image.mode in HIGH_BIT_MODES:  # its own min..max to 8 bits, as the evaluator and shard builder do
+            image = Image.fromarray(gray_uint8(np.asarray(image)), mode="L")
         plane = gray_plane(image) if self.gray is not None else None
         if plane is None and image.mode != "RGB":
             image = image.convert("RGB")
