@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                                        else alternative_cpu_ms(m, blobs * args.passes, args.workers))
                 table[fmt, side] = {m: statistics.median(v) for m, v in runs.items()}
                 cells = "  ".join(f"{m} {v:6.2f}" for m, v in table[fmt, side].items())
-                print(f"{fmt:10s} {side:5d} px  cpu ms/sample: {cells}", flush=True)
+                table[fmt, side]["kb"] = sum(map(len, blobs)) / len(blobs) / 1000  # on disk, per image
+                print(f"{fmt:10s} {side:5d} px  {table[fmt, side]['kb']:7.1f} kB/image  cpu ms/sample: {cells}",
+                      flush=True)
     print_table(table, n_images * args.passes, rounds, args.workers)
     return 0
 
@@ -196,12 +198,12 @@ def print_table(table: dict, n_images: int, rounds: int, workers: int) -> None:
     methods = ["medclip", "medclip-full", "open_clip", "decode_jpeg", "pil-draft"]
     print(f"\n{n_images} samples per measurement, {rounds} rounds (median), {workers} processes, 224 px train transform; "
           f"CPU ms per sample (all processes) / samples/s per core / cores per GPU at {RATE_PER_GPU} samples/s")
-    print(f"| source | side | {' | '.join(methods)} | medclip / open_clip |")
-    print("|---|---|" + "---|" * (len(methods) + 1))
+    print(f"| source | side | kB/image | {' | '.join(methods)} | medclip / open_clip |")
+    print("|---|---|---|" + "---|" * (len(methods) + 1))
     for (fmt, side), row in table.items():
         cells = [f"{row[m]:.2f} / {1000 / row[m]:.0f} / {RATE_PER_GPU * row[m] / 1000:.2f}" if m in row else "-"
                  for m in methods]
-        print(f"| {fmt} | {side} | {' | '.join(cells)} | {row['medclip'] / row['open_clip']:.3f} |")
+        print(f"| {fmt} | {side} | {row['kb']:.0f} | {' | '.join(cells)} | {row['medclip'] / row['open_clip']:.3f} |")
     goals = [("1024 px JPEG: medclip / open_clip", 1024, "open_clip", 0.35),
              ("2048 px JPEG: medclip / open_clip", 2048, "open_clip", 0.2),
              ("256 px JPEG: medclip / medclip-full (today's loader; no worse = within 5% noise)", 256, "medclip-full", 1.05)]
