@@ -14,12 +14,15 @@
    (``train_one_epoch``) on the same model and batch, interleaved step by step by
    ``bench/train_throughput.py``. Printed: samples/s, peak memory, achieved TFLOP/s and MFU against
    the device's bf16 peak (``medclip.training.flops``).
+3. JPEG decode on the GPU: batches of 1024 / 2048 px JPEGs through torchvision's nvJPEG
+   (``decode_jpeg(device="cuda")``) and the 224 px random crop on the device: images/s and the host
+   CPU left per image, beside the loader's CPU figures (bench/loader_sizes.py).
 
 Without CUDA it runs a reduced form on CPU, so it cannot rot (tests/test_rehearsal_gpu_check.py runs
 it): the rehearsal of ``--recipes`` (default: demo) in 1 process through torchrun (gloo), and the timed
 step on the debug model of the UniMed recipe (the rehearsal's, same family) at a small batch; it says
 what it skipped and why (NCCL, all-GPU rehearsal, torch.compile unless --compile-on-cpu, xformers when
-absent, MFU without a known peak). Exit code 0 when every rehearsal passed and every step ran.
+absent, MFU without a known peak, the GPU JPEG decode). Exit code 0 when every rehearsal passed and every step ran.
 """
 
 from __future__ import annotations
@@ -203,6 +206,35 @@ def timed_steps(args, report: Report, gpus: int) -> None:
                "case alone; TFLOP/s from FLOPs per sample counted with torch's FlopCounterMode)")
 
 
+# ----------------------------------------------------------------------------- 3. JPEG decode on the GPU
+
+def gpu_jpeg_decode(args, report: Report, gpus: int) -> None:
+    """Batches of 1024 / 2048 px JPEGs through nvJPEG (``decode_jpeg(device="cuda")``) + the 224 px random
+    crop on the GPU, against the loader's CPU path (bench/loader_sizes.py) on the same bytes."""
+    if not gpus:
+        report.skip("GPU JPEG decode (nvJPEG)", "no CUDA device; the loader decodes on CPU (bench/loader_sizes.py "
+                    "measures that path)")
+        return
+    import torch
+    from loader_sizes import TENSOR_CROP, encode, source_images
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    originals = source_images(64)
+    report.say(f"\nGPU JPEG decode: {len(originals)} images per batch, nvJPEG + random crop to 224 px on the GPU")
+    for side in (1024, 2048):
+        data = [torch.frombuffer(encode(im, side, "jpeg-rgb"), dtype=torch.uint8) for im in originals]
+        decode_jpeg(data[:2], mode=ImageReadMode.RGB, device="cuda")  # warm-up: nvJPEG handle
+        torch.cuda.synchronize()
+        cpu, start = time.process_time(), time.perf_counter()
+        for _ in range(args.steps):
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device="cuda")
+            torch.stack([TENSOR_CROP(im) for im in images])
+        torch.cuda.synchronize()
+        n = args.steps * len(data)
+        report.say(f"  {side} px: {n / (time.perf_counter() - start):8.1f} images/s, "
+                   f"host CPU {1000 * (time.process_time() - cpu) / n:.2f} ms per image")
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             report.skip("timed step", "--skip-step")
         else:
             timed_steps(args, report, gpus)
+        gpu_jpeg_decode(args, report, gpus)
     report.say(f"\ngpu_check: {'FAILED: ' + '; '.join(report.failed) if report.failed else 'all ran'}"
                + (f"; skipped {len(report.skipped)}: " + "; ".join(report.skipped) if report.skipped else ""))
     return 1 if report.failed else 0

@@ -17,6 +17,7 @@ from PIL import Image
 from torchvision import transforms
 
 from medclip.cli import main
+from medclip.data.augment import SampleImages
 from medclip.data.manifest import Manifest
 from medclip.data.stream import build_train_stream
 from medclip.evaluation.images import decode
@@ -149,3 +150,21 @@ def test_training_loader_turns_images_of_foreign_shards_upright(tmp_path, tiny_e
         for key, img in zip(batch["keys"], pixels):
             seen[key] = upright_cells(img.permute(1, 2, 0).numpy())
     assert seen == {f"sample{o}": True for o in ORIENTATIONS}
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS)
+def test_fast_decode_draws_the_training_crop_on_the_upright_image(orientation):
+    """The loader's fast decode draws its random crop before decoding; for a turned image that draw must
+    not happen on the stored frame. The crop covers the whole upright image (scale 1, its aspect), so a
+    crop drawn on the stored, sideways frame would cut the pattern."""
+    big = Image.fromarray(np.ascontiguousarray(STORED[orientation](np.kron(UPRIGHT, np.ones((8, 8, 1), np.uint8)))))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())  # 256 x 384 upright: 4x the crop
+    crop = transforms.Compose([transforms.RandomResizedCrop((64, 96), scale=(1.0, 1.0), ratio=(1.5, 1.5)),
+                               transforms.PILToTensor()])
+    images = SampleImages(crop, uint8_images=False, gray_shortcut=False, fast_decode=True)
+    with images.seeded(0):
+        out = images.augment(images.decode(buf.getvalue()))
+    assert upright_cells(out.permute(1, 2, 0).numpy())

@@ -52,7 +52,7 @@ def test_gpu_check_runs_its_cpu_form_and_names_what_it_skipped(tmp_path):
     assert proc.returncode == 0, out[-6000:] + proc.stderr[-3000:]
     assert "reduced form on CPU" in out and "rehearsal demo on 1 cpu process(es) via torchrun: passed" in out
     for skipped in ("rehearsal on all visible GPUs with NCCL", "ViT-B/16 + BiomedBERT shape", "torch.compile",
-                    "MFU"):
+                    "MFU", "GPU JPEG decode (nvJPEG)"):
         assert f"SKIPPED {skipped}:" in out
     rows = [line for line in out.splitlines() if line.startswith("sdpa ")]
     assert len(rows) == 3  # medclip IT-only, IT+PC and open_clip_train, each with samples/s and TFLOP/s

@@ -1,17 +1,21 @@
 """A training sample's image: decoded from its bytes, then augmented under the sample's own seed.
 
 The seed comes from (seed, epoch, key, position), so the crop is replayed exactly after a resume and
-does not depend on which worker process decodes the sample or how the DataLoader seeded it.
+does not depend on which worker process decodes the sample or how the DataLoader seeded it. Both steps
+run under that seed (:meth:`SampleImages.seeded`): with the reduced decode (``fast_decode``) the random
+crop is drawn while opening the image, before the pixels are decoded (see medclip.data.reduced_decode).
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms
 
 from medclip.data.images import (
     SplitTransform,
@@ -21,35 +25,72 @@ from medclip.data.images import (
     split_transform,
     to_uint8_planes,
 )
-from medclip.imaging import upright
+from medclip.data.reduced_decode import CropBox, ReducedCrop
+from medclip.imaging import gray_uint8, is_turned, upright
+
+HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I", "F")  # 16-bit PNGs etc.: PIL's convert("RGB") would clip them
+
+
+@dataclass
+class OpenedImage:
+    image: Image.Image  # RGB, possibly decoded at a reduced scale
+    plane: Image.Image | None  # its single band when R = G = B (gray shortcut)
+    crop: CropBox | None  # the random crop, already drawn, in ``image``'s pixels (fast decode)
+
+
+def _tail(transform) -> transforms.Compose | None:
+    """``transform`` without its first step (the crop that :class:`ReducedCrop` runs instead)."""
+    return transforms.Compose(transform.transforms[1:]) if transform is not None else None
 
 
 class SampleImages:
     """Image bytes -> pixels: float [3, H, W] from ``transform``, or uint8 planes when it splits (see images)."""
 
-    def __init__(self, transform: Callable, uint8_images: bool = True, gray_shortcut: bool = True):
+    def __init__(self, transform: Callable, uint8_images: bool = True, gray_shortcut: bool = True,
+                 fast_decode: bool = True):
         self.transform = transform
         # PIL-space part of the transform when images are shipped as uint8 (else None: float images).
         self.split: SplitTransform | None = split_transform(transform) if uint8_images else None
         # The same PIL steps for one gray band (None: the transform or the config rules the shortcut out).
         self.gray = gray_transform(self.split.pil_transform) if self.split and gray_shortcut else None
+        rgb_steps = self.split.pil_transform if self.split else transform
+        # The leading random crop, drawn on the full size and applied to a reduced decode (None: full decode).
+        self.crop = ReducedCrop.leading(rgb_steps) if fast_decode else None
+        if self.gray is not None and ReducedCrop.leading(self.gray) is None:
+            self.crop = None  # both paths must start with the crop
+        self.rgb_after_crop = _tail(rgb_steps) if self.crop else None
+        self.gray_after_crop = _tail(self.gray) if self.crop else None
 
-    def decode(self, data: bytes) -> tuple[Image.Image, Image.Image | None]:
-        """The RGB image and, with the gray shortcut, its single band when R = G = B. Raises on bad bytes."""
+    @staticmethod
+    def seeded(seed: int):
+        """Context for :meth:`decode` and :meth:`augment` of one sample: the RNGs seeded by ``seed``."""
+        # In a worker process nothing else uses the global RNGs: no need to restore them per sample.
+        return seeded_augmentation(seed, restore=torch.utils.data.get_worker_info() is None)
+
+    def decode(self, data: bytes) -> OpenedImage:
+        """The image as RGB (and its gray band), the crop drawn and the JPEG reduced with fast decode.
+
+        Open -> draw the crop and set the reduction -> decode -> EXIF orientation -> mode. Raises on bad bytes.
+        An image stored turned (EXIF orientation) is decoded in full: its crop is drawn after turning it.
+        """
         image = Image.open(io.BytesIO(data))  # in memory: nothing to close
+        crop = self.crop.draw(image) if self.crop is not None and not is_turned(image) else None
         image.load()
         image = upright(image)  # EXIF orientation, as a viewer shows the image
+        if image.mode in HIGH_BIT_MODES:  # its own min..max to 8 bits, as the evaluator and shard builder do
+            image = Image.fromarray(gray_uint8(np.asarray(image)), mode="L")
         plane = gray_plane(image) if self.gray is not None else None
         if plane is None and image.mode != "RGB":
             image = image.convert("RGB")
-        return image, plane
+        return OpenedImage(image, plane, crop)
 
-    def augment(self, image: Image.Image, plane: Image.Image | None, seed: int) -> torch.Tensor | np.ndarray:
-        """The transform's output for ``image`` under ``seed`` (uint8 planes when split, else its own)."""
-        # In a worker process nothing else uses the global RNGs: no need to restore them per sample.
-        with seeded_augmentation(seed, restore=torch.utils.data.get_worker_info() is None):
-            if plane is not None:  # R = G = B: one band through the same steps (see gray_transform)
-                return to_uint8_planes(self.gray(plane))
-            if self.split is not None:
-                return to_uint8_planes(self.split.pil_transform(image))
-            return self.transform(image)
+    def augment(self, opened: OpenedImage) -> torch.Tensor | np.ndarray:
+        """The transform's output for the image (uint8 planes when split, else its own); run under :meth:`seeded`."""
+        source = opened.plane if opened.plane is not None else opened.image
+        if opened.crop is not None:
+            source = self.crop.apply(source, opened.crop)
+        if opened.plane is not None:  # R = G = B: one band through the same steps (see gray_transform)
+            return to_uint8_planes((self.gray_after_crop if opened.crop else self.gray)(source))
+        if self.split is not None:
+            return to_uint8_planes((self.rgb_after_crop if opened.crop else self.split.pil_transform)(source))
+        return (self.rgb_after_crop if opened.crop else self.transform)(source)

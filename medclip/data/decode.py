@@ -71,7 +71,7 @@ class SampleDecoder:
         self.sources = sources
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.images = SampleImages(transform, cfg.uint8_images, cfg.gray_shortcut)
+        self.images = SampleImages(transform, cfg.uint8_images, cfg.gray_shortcut, cfg.fast_decode)
         self.names = NameTokenizer(tokenizer, cfg.concept_name_length) if cfg.concept_name_length else None
 
     @property
@@ -120,16 +120,17 @@ class SampleDecoder:
         if ext is None:
             skips["missing_image"] += 1
             return None
-        try:
-            image, plane = self.images.decode(sample[ext])
-        except Exception:  # PIL raises many types for broken files
-            skips["corrupt_image"] += 1
-            return None
         # Augmentation seeded per sample, like the caption draw: replayed exactly after a resume.
         seed = seeded_rng(self.cfg.seed, epoch, sample["__key__"], position, "augment").getrandbits(63)
-        try:
-            return self.images.augment(image, plane, seed)
-        except Exception as exc:
-            log.warning("transform failed on %s: %s", sample["__key__"], exc)
-            skips["transform_error"] += 1
-            return None
+        with self.images.seeded(seed):  # decoding draws the random crop first when it is reduced (fast_decode)
+            try:
+                opened = self.images.decode(sample[ext])
+            except Exception:  # PIL raises many types for broken files
+                skips["corrupt_image"] += 1
+                return None
+            try:
+                return self.images.augment(opened)
+            except Exception as exc:
+                log.warning("transform failed on %s: %s", sample["__key__"], exc)
+                skips["transform_error"] += 1
+                return None

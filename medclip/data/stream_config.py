@@ -35,6 +35,10 @@ class StreamConfig:
     # uint8 images only: augment an image whose R = G = B on its single band (bit-identical pixels,
     # a third of the resampling; see medclip.data.images.gray_transform). False: always RGB.
     gray_shortcut: bool = True
+    # JPEGs at least twice the crop's output size are decoded at 1/2, 1/4 or 1/8 scale, the random crop
+    # drawn on the full size first (same distribution; pixels differ slightly, see
+    # medclip.data.reduced_decode). False: every image decoded at full size.
+    fast_decode: bool = True
     # Chance of drawing a sample's first caption (a table's own caption comes before its label captions,
     # see training.prepare); the others share the rest evenly. None: every caption equally likely.
     first_caption_share: float | None = None

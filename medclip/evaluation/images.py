@@ -30,6 +30,7 @@ from PIL import Image
 
 from medclip.data.batching import collate_images
 from medclip.data.images import normalize_images, split_transform, to_uint8_planes
+from medclip.data.reduced_decode import dct_scale, draft_jpeg
 from medclip.errors import MedclipError
 from medclip.imaging import DICOM_SUFFIXES, MedicalPreprocess, load_image
 
@@ -60,7 +61,7 @@ def _open_drafted(source, draft_size: int) -> Image.Image | None:
         with Image.open(fp) as img:
             if img.format != "JPEG":
                 return None
-            img.draft("RGB", (draft_size, draft_size))
+            draft_jpeg(img, dct_scale(min(img.size) / draft_size))
             img.load()
             return load_image(img)  # mode handling as the per-image path (L, CMYK -> RGB)
     except MedclipError:

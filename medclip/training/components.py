@@ -171,6 +171,7 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path)
                               num_workers=recipe.data.num_workers, shuffle_buffer=recipe.data.shuffle_buffer,
                               first_caption_share=recipe.data.first_caption_share,
                               epoch_samples=recipe.data.epoch_samples, allow_pipe=recipe.data.allow_pipe,
+                              fast_decode=recipe.data.fast_decode,
                               concept_name_length=CONCEPT_NAME_TOKENS if recipe.objective.use_concept_names else 0,
                               drop_last=True)  # ranks must hold equal batches for the gathered losses
 
