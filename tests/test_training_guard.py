@@ -48,7 +48,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["nonfinite_steps"] for r in records] == [0, 0, 0, 0, 1] and records[-1]["loss"] == "nan"
     summary = (out / "summary.txt").read_text()
-    assert "loss: " in summary and "-> nan" in summary and "non-finite steps skipped: 1" in summary
+    assert "loss (steps 1-5): total " in summary and "-> nan" in summary and "non-finite steps skipped: 1" in summary
 
 
 def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(tmp_path):
