@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from PIL import Image
 
 import medclip
 from medclip.errors import MedclipError
+from medclip.models import registry
 from medclip.models.registry import ASSETS_DIR
 
 TEXTS = ["axial CT of the chest with a right lower lobe nodule", "T2 weighted MRI of the brain"]
@@ -37,6 +39,21 @@ def test_configs_registered_with_open_clip():
     assert b16["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
     so400m = open_clip.get_model_config("medclip-siglip-so400m-pubmedbert")
     assert so400m["vision_cfg"]["timm_model_name"] == "vit_so400m_patch14_siglip_384"
+
+
+def test_registration_writes_nothing_and_survives_open_clip_rescans(tmp_path, monkeypatch):
+    """Pins registry.open_clip_table (open_clip's private architecture table) against the installed
+    open_clip: what it fills is what open_clip's public functions read, and open_clip's own
+    add_model_config (which rebuilds the table) keeps it."""
+    monkeypatch.setenv("MEDCLIP_CACHE", str(tmp_path / "cache"))
+    assert set(medclip.register_model_configs()) >= {"medclip-tiny", "medclip-tiny-bert"}
+    assert registry.open_clip_table() is open_clip.factory._MODEL_CONFIGS
+    (tmp_path / "user-arch.json").write_text(json.dumps(open_clip.get_model_config("medclip-tiny")))
+    open_clip.add_model_config(tmp_path / "user-arch.json")
+    assert {"medclip-tiny", "medclip-tiny-bert", "user-arch"} <= set(open_clip.list_models())
+    assert open_clip.get_model_config("medclip-tiny-bert")["text_cfg"]["hf_model_name"] == str(ASSETS_DIR / "tiny-bert")
+    assert open_clip.create_model("user-arch").visual.image_size == (64, 64)
+    assert not (tmp_path / "cache").exists()  # in memory: no config file written
 
 
 @pytest.mark.parametrize("name", ["medclip-tiny", "medclip-tiny-bert"])
