@@ -226,6 +226,31 @@ def test_text_token_states_align_with_ids(tiny_encoder, tiny_bert_encoder):
         assert states.shape[:2] == ids.shape
 
 
+@pytest.mark.parametrize("custom_text", [False, True], ids=["CLIP", "CustomTextCLIP"])
+def test_native_text_states_are_open_clips_own(custom_text):
+    """towers.text_tokens on open_clip's native text towers, pinned against the installed open_clip: the
+    pooled features are encode_text's, the states are the tokens its text forward returns (CustomTextCLIP's
+    output_tokens) and, for CLIP, the state at the end-of-text position projects to the pooled features."""
+    from medclip.models import towers
+
+    torch.manual_seed(0)
+    medclip.register_model_configs()
+    model = open_clip.create_model("medclip-tiny", force_custom_text=custom_text).eval()
+    ids = open_clip.get_tokenizer("medclip-tiny")(TEXTS)
+    with torch.no_grad():
+        pooled, states = towers.text_tokens(model, ids)
+        short_pooled, short_states = towers.text_tokens(model, ids[:, :20])  # names: fewer ids than the context
+        torch.testing.assert_close(pooled, model.encode_text(ids), atol=1e-6, rtol=0)
+        if custom_text:
+            model.text.output_tokens = True
+            torch.testing.assert_close(states, model.text(ids)[1], atol=1e-6, rtol=0)
+        else:
+            at_end = states[torch.arange(len(ids)), ids.argmax(dim=-1)]
+            torch.testing.assert_close(at_end @ model.text_projection, pooled, atol=1e-6, rtol=0)
+    assert states.shape == (len(TEXTS), ids.shape[1], towers.text_width(model))
+    torch.testing.assert_close(short_states, states[:, :20], atol=1e-6, rtol=0)  # causal: real positions unchanged
+
+
 def test_cli_info_lists_models():
     proc = subprocess.run([sys.executable, "-m", "medclip", "info"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
