@@ -19,13 +19,13 @@ from urllib.parse import urlparse
 from medclip._deps import require
 from medclip.errors import MedclipError
 
-wds = require("webdataset", "reading WebDataset shards")
-from webdataset.tariterators import group_by_keys, tar_file_expander  # noqa: E402
-
 log = logging.getLogger(__name__)
 
 SHARD_FAILURES = ("truncated_tar", "unreadable_shard")  # skip kinds counted per shard, not per sample
 FSSPEC_SCHEMES = ("s3", "gcs", "az", "abfs", "abfss", "oss", "r2", "webhdfs")
+# webdataset (the train extra) is imported when a shard is read: evaluation imports this module's
+# callers (manifests, the decoder) in a core install too.
+NEEDS_WEBDATASET = "reading WebDataset shards"
 
 
 def open_shard(url: str):
@@ -35,6 +35,7 @@ def open_shard(url: str):
         scheme = urlparse(url).scheme
     except ValueError:  # gopen cannot parse it either: it fails there as an unreadable shard
         scheme = ""
+    wds = require("webdataset", NEEDS_WEBDATASET)
     if scheme in FSSPEC_SCHEMES and scheme not in wds.gopen_schemes:
         import fsspec
 
@@ -124,6 +125,7 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
     """
     if is_command(url) and not allow_commands:
         raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
+    tariterators = require("webdataset.tariterators", NEEDS_WEBDATASET)
     errors = ShardErrors() if errors is None else errors
     try:
         stream = TailStream(open_shard(url))
@@ -131,8 +133,8 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
         errors(exn)
         stream = None
     if stream is not None:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=errors)
-        for index, sample in enumerate(group_by_keys(files, handler=errors)):
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=errors)
+        for index, sample in enumerate(tariterators.group_by_keys(files, handler=errors)):
             if keep(index):
                 yield sample
         try:
