@@ -148,6 +148,7 @@ def test_wrong_names_and_paths_give_one_clear_error(tmp_path):
         medclip.load("medclip-tiny", precision="fp8")
 
 
+@pytest.mark.integration
 def test_hf_tower_offline_from_local_dir_and_clear_error_without_it(tmp_path):
     script = (
         "import medclip, sys\n"

@@ -97,6 +97,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.integration
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "medclip").rglob("*.py")}
@@ -119,6 +120,7 @@ def test_wheel_contents(wheel):
     assert "pip install medclip-torch" in description and "make " not in description and "](docs/" not in description
 
 
+@pytest.mark.integration
 def test_wheel_works_outside_the_checkout(wheel, tmp_path):
     """The wheel alone (no checkout on the path), from an empty directory: names resolve, a run trains."""
     site = tmp_path / "site"
@@ -212,6 +214,7 @@ def test_a_missing_train_extra_is_one_line_naming_it(monkeypatch):
                               "pip install 'medclip-torch[train]'")
 
 
+@pytest.mark.integration
 def test_core_wheel_without_the_train_extra_loads_embeds_and_zero_shots(wheel, tmp_path):
     """The core wheel's dependencies, then the wheel alone (no checkout on the path) with the train extra's
     packages made unimportable: load + embed in Python, `medclip eval zero-shot` as the README writes it
