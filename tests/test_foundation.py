@@ -47,6 +47,7 @@ def test_registration_writes_nothing_and_survives_open_clip_rescans(tmp_path, mo
     add_model_config (which rebuilds the table) keeps it."""
     monkeypatch.setenv("MEDCLIP_CACHE", str(tmp_path / "cache"))
     assert set(medclip.register_model_configs()) >= {"medclip-tiny", "medclip-tiny-bert"}
+    assert registry.list_models() == sorted(registry.list_models())  # as open_clip lists its own
     assert registry.open_clip_table() is open_clip.factory._MODEL_CONFIGS
     (tmp_path / "user-arch.json").write_text(json.dumps(open_clip.get_model_config("medclip-tiny")))
     open_clip.add_model_config(tmp_path / "user-arch.json")

@@ -28,7 +28,8 @@ def _resolved_text(path: Path) -> str:
 @functools.cache
 def shipped_configs() -> dict[str, dict]:
     """{architecture name: config} of the configs medclip ships, placeholders resolved."""
-    return {f.stem: json.loads(_resolved_text(f)) for f in sorted(CONFIG_DIR.glob("*.json"))}
+    files = sorted(CONFIG_DIR.glob("*.json"), key=lambda f: f.stem)  # medclip-small before medclip-small-resnet18
+    return {f.stem: json.loads(_resolved_text(f)) for f in files}
 
 
 def open_clip_table() -> dict:
