@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 RECIPE ?= demo
 STAMP := $(VENV)/.medclip-installed
 
-.PHONY: test lint pretrain bench clean-venv
+.PHONY: test test-fast lint pretrain bench clean-venv
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -12,14 +12,19 @@ $(PY):
 
 # Reinstall when the package metadata changes.
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[dev,dicom]'
+	$(PY) -m pip install --quiet -e '.[train,dev,dicom]'
 	touch $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check medclip tests bench
 
+# Everything (CI runs this).
 test: lint
 	$(VENV)/bin/pytest -q tests
+
+# The unit tier, for the edit-test loop: the `integration` tests are left out.
+test-fast: lint
+	$(VENV)/bin/pytest -q -m "not integration" tests
 
 pretrain: $(STAMP)
 	$(VENV)/bin/medclip pretrain --config pretrain/$(RECIPE).yaml

@@ -155,8 +155,9 @@ def register_model_config(path: str | None) -> None:
     if path:
         import open_clip
 
-        import medclip  # noqa: F401  (registers medclip's own configs first)
+        import medclip
 
+        medclip.register_model_configs()  # medclip's own configs first
         open_clip.add_model_config(path)
 
 
@@ -198,7 +199,9 @@ def _build_open_clip(args, device):
     import torch
     from open_clip_train.scheduler import cosine_lr
 
-    import medclip  # noqa: F401  (registers the medclip-* architectures with open_clip)
+    import medclip
+
+    medclip.register_model_configs()  # the medclip-* architectures, for open_clip.create_model
 
     # Random weights on both sides: an HF text tower must not look for its base weights (medclip builds it from its config).
     model = open_clip.create_model(args.model, device=device, output_dict=True, pretrained_text=False)

@@ -1,14 +1,16 @@
 """medclip: contrastive medical vision-language pretraining and evaluation on top of open_clip.
 
 ``import medclip`` is cheap: the public functions load their modules (and torch) on first use, so
-the ``medclip`` command answers ``--help`` without importing torch. medclip's architectures are
-registered with open_clip as soon as open_clip is imported (before or after medclip), so
-``open_clip.create_model("medclip-tiny")`` works after ``import medclip``.
+the ``medclip`` command answers ``--help`` without importing torch. Importing medclip changes nothing
+outside it (no file written, no import hook, no other library's globals): medclip's architectures
+reach open_clip's table, in memory, when a medclip function needs them or on
+``medclip.register_model_configs()``, which code that then uses ``open_clip.create_model("medclip-tiny")``
+calls once.
 """
 
 from typing import TYPE_CHECKING
 
-from medclip import _lazy, _register
+from medclip import _lazy
 from medclip.errors import MedclipError
 
 __version__ = "0.1.0"
@@ -31,4 +33,3 @@ __all__ = ["Encoder", "MedclipError", "RandomWeightsWarning", "create_model", "c
            "save", "__version__"]
 
 _lazy.attach(__name__)
-_register.install()

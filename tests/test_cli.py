@@ -59,16 +59,34 @@ def test_help_version_and_every_subcommand_help_import_no_torch(tmp_path):
     assert {"pretrain --help", "eval suite --help", "data check --help", "list --help", "info --help"} <= set(outputs)
 
 
-def test_import_medclip_stays_light_but_registers_with_open_clip(tmp_path):
-    script = ("import sys, medclip; light = 'torch' not in sys.modules; import open_clip; "
-              "print(light, open_clip.get_model_config('medclip-tiny')['embed_dim'], "
-              "medclip.evaluation.retrieval.__name__)")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=600)
+IMPORT_SCRIPT = """
+import sys
+finders = list(sys.meta_path)
+import medclip
+light = "torch" not in sys.modules and "open_clip" not in sys.modules and sys.meta_path == finders
+import open_clip
+before = "medclip-tiny" in open_clip.list_models()
+medclip.register_model_configs()
+import webdataset
+schemes = dict(webdataset.gopen_schemes)
+import medclip.data.shard_reader
+print(light, before, open_clip.get_model_config("medclip-tiny")["embed_dim"],
+      open_clip.create_model("medclip-tiny").visual.image_size, medclip.evaluation.retrieval.__name__,
+      dict(webdataset.gopen_schemes) == schemes)
+"""
+
+
+def test_import_medclip_is_light_and_changes_nothing_outside_it(tmp_path):
+    env = {**os.environ, "MEDCLIP_CACHE": str(tmp_path / "cache"), "HOME": str(tmp_path / "home")}
+    env.pop("XDG_CACHE_HOME", None)
+    proc = subprocess.run([sys.executable, "-c", IMPORT_SCRIPT], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr
-    # light import; open_clip knows medclip-tiny after `import medclip`; a lazy package name that is also a
-    # submodule (medclip.evaluation.retrieval) is still the function, as with an eager import
-    assert proc.stdout.split() == ["True", "128", "retrieval"]
+    # light import and no import hook; open_clip learns medclip-tiny from register_model_configs(), in memory;
+    # a lazy package name that is also a submodule (medclip.evaluation.retrieval) is still the function, as
+    # with an eager import; reading shards leaves webdataset's global URL-scheme table as it was
+    assert proc.stdout.split() == ["True", "False", "128", "(64,", "64)", "retrieval", "True"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == []  # nothing written anywhere
 
 
 def test_list_shows_shipped_recipes_suites_and_manifests(capsys):

@@ -116,6 +116,7 @@ def test_resume_is_exact_at_every_batch_with_2_ranks_x_2_workers(sources, tiny_e
     assert figures["truncated_tar"] == 1  # the cut shard is read by one slot of one rank per epoch
 
 
+@pytest.mark.integration
 def test_resume_is_exact_with_8_workers_per_rank(sources, tiny_encoder):
     # 16 slots for 6 shards: slots share shards; workers end after different numbers of batches.
     figures = _check_resumes(sources, tiny_encoder.tokenizer, workers=8, batch_size=4,

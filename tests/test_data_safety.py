@@ -271,6 +271,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_loader_workers_exit_when_their_process_is_killed(tmp_path):
     out = tmp_path / "big"

@@ -53,6 +53,7 @@ def _labels(entry) -> str:
     return entry["label"] if isinstance(entry, dict) else entry
 
 
+@pytest.mark.integration
 def test_eval_suite_demo_scores_tiny_model(demo_root, tiny_encoder, tmp_path):
     """The suite's numbers equal an independent computation from the split's images, labels and the YAML."""
     import medclip

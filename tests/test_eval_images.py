@@ -30,6 +30,7 @@ def _jpeg_folder(root, sizes):
     return root
 
 
+@pytest.mark.integration
 def test_batched_transform_without_draft_is_bitwise_the_plain_preprocess(tiny_encoder, tmp_path):
     root = _jpeg_folder(tmp_path / "imgs", [(300, 260), (64, 80), (520, 512)])
     gray16 = np.arange(90 * 70, dtype=np.uint16).reshape(90, 70) * 9  # 16-bit PNG: windowed to 8-bit RGB
@@ -43,6 +44,7 @@ def test_batched_transform_without_draft_is_bitwise_the_plain_preprocess(tiny_en
     assert torch.allclose(feats, tiny_encoder.encode_image(data.images), atol=1e-5)
 
 
+@pytest.mark.integration
 def test_draft_decodes_large_jpegs_reduced_and_stays_close(tiny_encoder, tmp_path):
     root = _jpeg_folder(tmp_path / "imgs", [(512, 520), (600, 700)])  # >= 8x the 64 px input
     data = read_dataset("image_folder", root)

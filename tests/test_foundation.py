@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from PIL import Image
 
 import medclip
 from medclip.errors import MedclipError
+from medclip.models import registry
 from medclip.models.registry import ASSETS_DIR
 
 TEXTS = ["axial CT of the chest with a right lower lobe nodule", "T2 weighted MRI of the brain"]
@@ -37,6 +39,22 @@ def test_configs_registered_with_open_clip():
     assert b16["text_cfg"]["hf_pooler_type"] == "cls_last_hidden_state_pooler"
     so400m = open_clip.get_model_config("medclip-siglip-so400m-pubmedbert")
     assert so400m["vision_cfg"]["timm_model_name"] == "vit_so400m_patch14_siglip_384"
+
+
+def test_registration_writes_nothing_and_survives_open_clip_rescans(tmp_path, monkeypatch):
+    """Pins registry.open_clip_table (open_clip's private architecture table) against the installed
+    open_clip: what it fills is what open_clip's public functions read, and open_clip's own
+    add_model_config (which rebuilds the table) keeps it."""
+    monkeypatch.setenv("MEDCLIP_CACHE", str(tmp_path / "cache"))
+    assert set(medclip.register_model_configs()) >= {"medclip-tiny", "medclip-tiny-bert"}
+    assert registry.list_models() == sorted(registry.list_models())  # as open_clip lists its own
+    assert registry.open_clip_table() is open_clip.factory._MODEL_CONFIGS
+    (tmp_path / "user-arch.json").write_text(json.dumps(open_clip.get_model_config("medclip-tiny")))
+    open_clip.add_model_config(tmp_path / "user-arch.json")
+    assert {"medclip-tiny", "medclip-tiny-bert", "user-arch"} <= set(open_clip.list_models())
+    assert open_clip.get_model_config("medclip-tiny-bert")["text_cfg"]["hf_model_name"] == str(ASSETS_DIR / "tiny-bert")
+    assert open_clip.create_model("user-arch").visual.image_size == (64, 64)
+    assert not (tmp_path / "cache").exists()  # in memory: no config file written
 
 
 @pytest.mark.parametrize("name", ["medclip-tiny", "medclip-tiny-bert"])
@@ -131,6 +149,7 @@ def test_wrong_names_and_paths_give_one_clear_error(tmp_path):
         medclip.load("medclip-tiny", precision="fp8")
 
 
+@pytest.mark.integration
 def test_hf_tower_offline_from_local_dir_and_clear_error_without_it(tmp_path):
     script = (
         "import medclip, sys\n"
@@ -207,6 +226,31 @@ def test_text_token_states_align_with_ids(tiny_encoder, tiny_bert_encoder):
             pooled, states = towers.text_tokens(enc.model, ids)
             torch.testing.assert_close(pooled, enc.model.encode_text(ids))
         assert states.shape[:2] == ids.shape
+
+
+@pytest.mark.parametrize("custom_text", [False, True], ids=["CLIP", "CustomTextCLIP"])
+def test_native_text_states_are_open_clips_own(custom_text):
+    """towers.text_tokens on open_clip's native text towers, pinned against the installed open_clip: the
+    pooled features are encode_text's, the states are the tokens its text forward returns (CustomTextCLIP's
+    output_tokens) and, for CLIP, the state at the end-of-text position projects to the pooled features."""
+    from medclip.models import towers
+
+    torch.manual_seed(0)
+    medclip.register_model_configs()
+    model = open_clip.create_model("medclip-tiny", force_custom_text=custom_text).eval()
+    ids = open_clip.get_tokenizer("medclip-tiny")(TEXTS)
+    with torch.no_grad():
+        pooled, states = towers.text_tokens(model, ids)
+        short_pooled, short_states = towers.text_tokens(model, ids[:, :20])  # names: fewer ids than the context
+        torch.testing.assert_close(pooled, model.encode_text(ids), atol=1e-6, rtol=0)
+        if custom_text:
+            model.text.output_tokens = True
+            torch.testing.assert_close(states, model.text(ids)[1], atol=1e-6, rtol=0)
+        else:
+            at_end = states[torch.arange(len(ids)), ids.argmax(dim=-1)]
+            torch.testing.assert_close(at_end @ model.text_projection, pooled, atol=1e-6, rtol=0)
+    assert states.shape == (len(TEXTS), ids.shape[1], towers.text_width(model))
+    torch.testing.assert_close(short_states, states[:, :20], atol=1e-6, rtol=0)  # causal: real positions unchanged
 
 
 def test_cli_info_lists_models():

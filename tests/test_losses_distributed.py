@@ -202,6 +202,7 @@ CASES = ["it_infonce", "it_sigmoid", "it_sigmoid_same_caption", "pc_max_naive", 
          "pc_topk_chunked", "pc_lse_chunked"]
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", CASES)
 def test_world_size_two_equals_concatenated_batch(distributed_errors, case):
@@ -212,6 +213,7 @@ def test_world_size_two_equals_concatenated_batch(distributed_errors, case):
         assert not bad, f"rank {rank}: {bad}"
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 @pytest.mark.parametrize("case", ["infonce", "sigmoid", "sigmoid_same_caption"])
 def test_objective_world_size_two_equals_concatenated_batch(distributed_errors, case):
@@ -222,6 +224,7 @@ def test_objective_world_size_two_equals_concatenated_batch(distributed_errors, 
         assert not bad, f"rank {rank}: {bad}"
 
 
+@pytest.mark.integration
 @pytest.mark.distributed
 def test_losses_gather_through_no_deprecated_collective(distributed_errors):
     # torch.distributed.nn.all_gather is deprecated in torch 2.14 (a FutureWarning at every call site)

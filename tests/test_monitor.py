@@ -8,6 +8,8 @@ import io
 import logging
 import sys
 
+import pytest
+
 import medclip
 from medclip.training.monitor import Monitor, read_log
 
@@ -63,6 +65,7 @@ def test_tensorboard_off_is_said_once_when_not_installed(tmp_path, monkeypatch, 
     assert not (tmp_path / "tensorboard").exists() and len(read_log(tmp_path / "log.jsonl")) == 2
 
 
+@pytest.mark.integration
 def test_pretrain_api_and_log_jsonl_continuing_after_a_resume(tmp_path, capsys):
     """A run killed after step 4 was logged but before its checkpoint: the resume from step 2 rewrites 3 and 4."""
     doc = inspect.getdoc(medclip.pretrain)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import json
 import os
 import re
 import shlex
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import one_error_line  # tests/ is on sys.path under pytest
+from PIL import Image
 
 from medclip import __version__, resources
 from medclip.data.manifest import load_manifest
@@ -95,6 +97,7 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+@pytest.mark.integration
 def test_wheel_contents(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     sources = {p.relative_to(REPO).as_posix() for p in (REPO / "medclip").rglob("*.py")}
@@ -117,6 +120,7 @@ def test_wheel_contents(wheel):
     assert "pip install medclip-torch" in description and "make " not in description and "](docs/" not in description
 
 
+@pytest.mark.integration
 def test_wheel_works_outside_the_checkout(wheel, tmp_path):
     """The wheel alone (no checkout on the path), from an empty directory: names resolve, a run trains."""
     site = tmp_path / "site"
@@ -157,6 +161,102 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
     assert suite.returncode == 0, suite.stderr
     assert "runs/demo/export  demo_modality  acc1=" in suite.stdout and "(n=48, skipped=0)" in suite.stdout
     assert (work / "eval_results" / "summary.md").is_file() and "\r" not in suite.stderr
+
+
+# The core install: setup.cfg's install_requires, nothing of the `train` extra.
+CORE_REQUIRES = {"torch", "torchvision", "open-clip-torch", "timm", "transformers", "tokenizers", "scikit-learn",
+                 "safetensors", "pyyaml", "tqdm", "pillow", "numpy"}
+TRAIN_EXTRA = {"webdataset", "braceexpand", "matplotlib", "pyahocorasick"}
+# Run first in each process: the train extra's modules cannot be imported, as in a core-only install.
+WITHOUT_TRAIN_EXTRA = """
+import importlib.abc, sys
+class NotInstalled(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {"webdataset", "braceexpand", "matplotlib", "ahocorasick"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+"""
+CORE_API = WITHOUT_TRAIN_EXTRA + """
+import json, warnings
+import medclip
+from PIL import Image
+warnings.simplefilter("ignore", medclip.RandomWeightsWarning)
+encoder = medclip.load("medclip-tiny", device="cpu")
+images = [Image.new("RGB", (80, 70), colour) for colour in ("red", "blue", "gray")]
+similarity = encoder.encode_image(images) @ encoder.encode_text(["a red image", "a blue image"]).T
+print(json.dumps({"medclip": medclip.__file__, "similarity": list(similarity.shape)}))
+"""
+CORE_CLI = WITHOUT_TRAIN_EXTRA + "from medclip.cli import main\nsys.exit(main(sys.argv[1:]))"
+
+
+def _requires(wheel: Path) -> dict[str | None, set[str]]:
+    """{extra (None for the core): distribution names} from the wheel's Requires-Dist lines."""
+    with zipfile.ZipFile(wheel) as archive:
+        metadata = archive.read(next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    requires: dict[str | None, set[str]] = {}
+    for line in metadata.splitlines():
+        if line.startswith("Requires-Dist: "):
+            spec, _, marker = line[len("Requires-Dist: "):].partition(";")
+            extra = re.search(r"extra == \"([^\"]+)\"", marker)
+            name = re.match(r"[A-Za-z0-9._-]+", spec.strip()).group(0).lower().replace("_", "-")
+            requires.setdefault(extra.group(1) if extra else None, set()).add(name)
+    return requires
+
+
+def test_a_missing_train_extra_is_one_line_naming_it(monkeypatch):
+    from medclip.data.manifest import expand_urls
+
+    assert expand_urls("s-{0..1}.tar", "") == ["s-0.tar", "s-1.tar"]
+    monkeypatch.setitem(sys.modules, "braceexpand", None)  # what `import braceexpand` meets when not installed
+    with pytest.raises(MedclipError) as err:
+        expand_urls("s-{0..1}.tar", "")
+    assert str(err.value) == ("expanding shard URL patterns needs braceexpand, which is not installed: "
+                              "pip install 'medclip-torch[train]'")
+
+
+@pytest.mark.integration
+def test_core_wheel_without_the_train_extra_loads_embeds_and_zero_shots(wheel, tmp_path):
+    """The core wheel's dependencies, then the wheel alone (no checkout on the path) with the train extra's
+    packages made unimportable: load + embed in Python, `medclip eval zero-shot` as the README writes it
+    (2 loader workers); what needs the extra ends in one line naming it."""
+    requires = _requires(wheel)
+    assert requires[None] == CORE_REQUIRES
+    assert requires["train"] == TRAIN_EXTRA
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, timeout=600)
+    work = tmp_path / "empty"
+    for label, colour in (("red", (200, 20, 20)), ("blue", (20, 20, 200))):
+        (work / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (70 + i, 64), colour).save(work / "imgs" / label / f"{i}.png")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    api = subprocess.run([sys.executable, "-c", CORE_API], capture_output=True, text=True, cwd=work, env=env,
+                         timeout=900)
+    assert api.returncode == 0, api.stderr
+    report = json.loads(api.stdout.strip().splitlines()[-1])
+    assert report == {"medclip": str(site / "medclip" / "__init__.py"), "similarity": [3, 2]}
+
+    def medclip(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", CORE_CLI, *args], capture_output=True, text=True, cwd=work,
+                              env=env, timeout=900)
+
+    zero_shot = ["eval", "zero-shot", "--model", "medclip-tiny", "--reader", "image_folder", "--data", "imgs",
+                 "--classes", "red", "blue", "--template", "a {c} image.", "--workers", "2"]
+    run = medclip(*zero_shot, "--no-plots")
+    assert run.returncode == 0, run.stderr
+    assert "imgs  acc1=" in run.stdout and "(n=6, skipped=0)" in run.stdout
+    assert json.loads((work / "eval_results" / "medclip-tiny" / "imgs.json").read_text())["n_samples"] == 6
+    extra = "pip install 'medclip-torch[train]'"
+    plots = medclip(*zero_shot)
+    assert plots.returncode == 2 and "(n=6, skipped=0)" in plots.stdout  # the results first, then the line
+    assert one_error_line(plots.stderr) == ("medclip: error: plotting (pass --no-plots to skip it) needs matplotlib, "
+                                            f"which is not installed: {extra}")
+    train = medclip("pretrain", "--config", "demo", "--set", "run.steps=1")
+    assert train.returncode == 2 and one_error_line(train.stderr).endswith(f"is not installed: {extra}")
+    check = medclip("data", "check", "unimed-chexpert", "--root", str(work))
+    assert check.returncode == 2 and one_error_line(check.stderr).endswith(f"is not installed: {extra}")
 
 
 def _documented_commands(text: str) -> list[list[str]]:

@@ -22,6 +22,7 @@ def _medclip(*args: str, cwd=REPO_ROOT, timeout: int = 1800) -> subprocess.Compl
 
 # demo's rehearsal runs in test_gpu_check_runs_its_cpu_form... below (through torchrun); the 2-process
 # fork path is rehearsed by the other three.
+@pytest.mark.integration
 @pytest.mark.parametrize("recipe", ["shared_real", "unimed_vitb16", "medconcept_siglip"])
 def test_shipped_recipe_passes_its_rehearsal(recipe, tmp_path):
     """As README runs it: the recipe by name, from the user's directory, into the default (relative) work
@@ -44,6 +45,7 @@ def test_shipped_recipe_passes_its_rehearsal(recipe, tmp_path):
     assert "rehearsal: 8/8 items passed" in proc.stdout and "ready for GPUs" in proc.stdout
 
 
+@pytest.mark.integration
 def test_gpu_check_runs_its_cpu_form_and_names_what_it_skipped(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     proc = subprocess.run([sys.executable, "bench/gpu_check.py", "--work", str(tmp_path)], cwd=REPO_ROOT, env=env,

@@ -84,6 +84,7 @@ def one_process_runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["ddp", "ddp_accum"])
 def test_two_process_ddp_run_equals_one_process(name, two_process_runs, one_process_runs):
     two, one = two_process_runs / name, one_process_runs / f"steps{STEPS}"
@@ -98,6 +99,7 @@ def test_two_process_ddp_run_equals_one_process(name, two_process_runs, one_proc
     assert ckpt_two["world_size"] == 2 and len(ckpt_two["data"]) == 2
 
 
+@pytest.mark.integration
 def test_two_process_fsdp2_run_equals_one_process_and_exports_for_open_clip(two_process_runs, one_process_runs):
     import open_clip
 

@@ -134,6 +134,7 @@ def test_flop_counting_changes_no_weights_batchnorm_statistics_or_rng(tmp_path, 
     assert records[0]["tflops_per_device"] > 0 and 0 < records[0]["mfu"]
 
 
+@pytest.mark.integration
 def test_compiled_training_matches_eager_without_recompiling_each_step(tmp_path, monkeypatch):
     """`model.compile` wiring: the wrapped module goes through torch.compile, trains like eager mode, and a
     new step number does not recompile it. The backend here is dynamo's capture with eager kernels (the

@@ -34,6 +34,7 @@ class PoisonedStream(FixedStream):
             yield self.poisoned if self.position in self.bad else batch
 
 
+@pytest.mark.integration
 def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     out = tmp_path / "run"
     r = recipe(out, "run.steps=5", "run.checkpoint_every=1", "run.keep_checkpoints=10", "run.log_every=1")
@@ -51,6 +52,7 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     assert "loss (steps 1-5): total " in summary and "-> nan" in summary and "non-finite steps skipped: 1" in summary
 
 
+@pytest.mark.integration
 def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(tmp_path):
     """A sane run, continued with optim.lr=1e5: the first update ruins the weights (finite, huge), the
     gradients are non-finite from then on. The run stops after run.max_nonfinite_steps such steps and
@@ -78,6 +80,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(
     assert final["finite"] and final["guard"] == {"skipped": 0}  # the diverged run's skips died with it
 
 
+@pytest.mark.integration
 def test_fp16_overflow_is_the_grad_scalers_business_not_divergence(tmp_path):
     trainer = Pretrainer(recipe(tmp_path, "model.precision=amp"), data=FixedStream(make_batch(8)))
     batch = make_batch(8)
@@ -184,6 +187,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_pa
     assert [p.name for p in folder.iterdir()] == ["step_1.pt"]
 
 
+@pytest.mark.integration
 def test_a_failed_final_evaluation_leaves_checkpoint_export_curves_and_summary(tmp_path, monkeypatch):
     def broken(encoder, recipe, output_dir, step):
         raise RuntimeError(f"evaluation data unreadable at step {step}")

@@ -25,6 +25,7 @@ class Interrupted(Exception):
     pass
 
 
+@pytest.mark.integration
 def test_interrupted_run_resumed_from_latest_matches_uninterrupted(tmp_path, monkeypatch):
     straight = Pretrainer(demo_recipe(tmp_path / "straight"))
     straight.run()
@@ -78,6 +79,7 @@ def _tensors_equal(got: dict, expected: dict) -> None:
             torch.testing.assert_close(got[part][key], expected[part][key], atol=0, rtol=0, msg=key)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", [1, 2])  # the demo recipe's 1, and the default 2 (round robin over workers)
 def test_continuing_a_finished_run_equals_a_straight_run(tmp_path, workers):
     """`--set run.steps=N+k --resume latest` after a finished N-step run = a straight N+k-step run.

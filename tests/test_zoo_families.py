@@ -285,6 +285,7 @@ def test_shipped_conceptclip_shape_config_is_the_shape_conceptclip_loads_as(publ
 
     ref, path, kwargs = published["conceptclip"]
     read = families.get("conceptclip").read(path, pretrained.get("conceptclip"), kwargs["hf_text_dir"]).model_cfg
+    medclip.register_model_configs()
     shipped = open_clip.get_model_config("medclip-siglip-so400m-pubmedbert")
     for key in ("hf_proj_type", "hf_pooler_type", "context_length"):
         assert shipped["text_cfg"][key] == read["text_cfg"][key], key

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from medclip._deps import require
 from medclip.concepts.negation import NegationConfig, NegationDetector
 from medclip.concepts.normalize import Words, inflected_variants, normalize_term
 from medclip.concepts.vocab import RANK_VARIANT, Vocabulary
@@ -35,11 +36,7 @@ class AnnotatorConfig:
 
 
 def _automaton():
-    try:
-        import ahocorasick
-    except ImportError as exc:  # declared in install_requires; only a broken install gets here
-        raise MedclipError("the concept annotator needs pyahocorasick: pip install pyahocorasick") from exc
-    return ahocorasick.Automaton()
+    return require("ahocorasick", "the concept annotator").Automaton()
 
 
 class ConceptAnnotator:

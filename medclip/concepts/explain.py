@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from medclip._deps import require
 from medclip.concepts.scoring import ConceptScorer
 from medclip.errors import MedclipError
 from medclip.imaging import load_image
@@ -138,7 +139,7 @@ def annotate_images(encoder, images: Sequence, concepts: Sequence[str], top_k: i
 def render_heatmaps(maps: ConceptMaps, path: str | Path, ranked: list[tuple[str, float]] | None = None,
                     max_maps: int = 6, display_size: int = 256) -> Path:
     """PNG: the model's view of the image, each concept's map over it, and the ranked concepts."""
-    import matplotlib
+    matplotlib = require("matplotlib", "drawing concept heatmaps")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -15,6 +15,7 @@ import bisect
 import re
 from dataclasses import dataclass
 
+from medclip._deps import require
 from medclip.concepts.normalize import WORD_RE, Words, normalize_term
 
 PRE_TRIGGERS = ("no", "not", "without", "negative for", "free of", "absence of", "denies", "denied",
@@ -52,7 +53,7 @@ class NegationDetector:
     """
 
     def __init__(self, config: NegationConfig | None = None):
-        import ahocorasick
+        ahocorasick = require("ahocorasick", "negation detection")
 
         self.config = c = config or NegationConfig()
         self.automaton = ahocorasick.Automaton()

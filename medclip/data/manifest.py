@@ -29,16 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-import braceexpand
 import yaml
 
 from medclip import resources
+from medclip._deps import require
 from medclip.data.order_check import order_warning, sample_labels
 from medclip.data.shard_reader import ShardErrors, is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
+NEEDS_BRACEEXPAND = "expanding shard URL patterns"  # the train extra, imported at use (see shard_reader)
 
 KNOWN_FIELDS = {"name", "modality", "urls", "shards", "samples", "counts_exact", "weight", "caption_fields",
                 "caption_separator", "concept_field", "summary", "licence", "citation", "root", "description",
@@ -96,15 +97,17 @@ def insert_root(pattern: str, root: str) -> str:
 def expand_urls(patterns: str | list[str], root: str) -> list[str]:
     if isinstance(patterns, str):
         patterns = [patterns]
+    expand = require("braceexpand", NEEDS_BRACEEXPAND).braceexpand
     out: list[str] = []
     for p in patterns:
-        out.extend(braceexpand.braceexpand(insert_root(str(p), root)))
+        out.extend(expand(insert_root(str(p), root)))
     return out
 
 
 def command_patterns(m: Manifest) -> list[tuple[str, int]]:
     """The manifest's ``pipe:`` patterns (root inserted, braces kept) and how many commands each expands to."""
-    return [(p, sum(1 for _ in braceexpand.braceexpand(p))) for p in m.url_patterns or m.urls if is_command(p)]
+    expand = require("braceexpand", NEEDS_BRACEEXPAND).braceexpand
+    return [(p, sum(1 for _ in expand(p))) for p in m.url_patterns or m.urls if is_command(p)]
 
 
 def refuse_commands(sources: list[Manifest], allowed: bool) -> None:

@@ -1,7 +1,8 @@
 """Reading one tar shard into raw samples, with every failure of the shard counted as a skip.
 
 A shard URL is opened with webdataset's ``gopen`` (local paths, ``pipe:`` commands, ``http(s)://``
-through curl) or fsspec (``s3://``, ``gcs://``, ...). Whatever goes wrong with a shard — missing,
+through curl) or fsspec (``s3://``, ``gcs://``, ...: opened here, per call, unless the user gave webdataset
+a handler of their own; webdataset's global table is left as it is). Whatever goes wrong with a shard — missing,
 unreadable, a command that exits non-zero, a network read that breaks, a tar cut short — ends that
 shard and is counted by kind in the caller's ``skips``; the samples read before the failure are kept.
 """
@@ -15,25 +16,31 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
-import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_expander
-
+from medclip._deps import require
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
 
 SHARD_FAILURES = ("truncated_tar", "unreadable_shard")  # skip kinds counted per shard, not per sample
 FSSPEC_SCHEMES = ("s3", "gcs", "az", "abfs", "abfss", "oss", "r2", "webhdfs")
+# webdataset (the train extra) is imported when a shard is read: evaluation imports this module's
+# callers (manifests, the decoder) in a core install too.
+NEEDS_WEBDATASET = "reading WebDataset shards"
 
 
-def _gopen_fsspec(url, mode="rb", bufsize=8192, **kw):
-    import fsspec
+def open_shard(url: str):
+    """A readable binary stream of the shard: fsspec for its object-store schemes, else webdataset's
+    gopen (which also runs a handler the user put in ``webdataset.gopen_schemes``, s3 included)."""
+    try:
+        scheme = urlparse(url).scheme
+    except ValueError:  # gopen cannot parse it either: it fails there as an unreadable shard
+        scheme = ""
+    wds = require("webdataset", NEEDS_WEBDATASET)
+    if scheme in FSSPEC_SCHEMES and scheme not in wds.gopen_schemes:
+        import fsspec
 
-    return fsspec.open(url, mode).open()
-
-
-for _scheme in FSSPEC_SCHEMES:  # webdataset's documented dispatch table; keep any existing handler
-    wds.gopen_schemes.setdefault(_scheme, _gopen_fsspec)
+        return fsspec.open(url, "rb").open()
+    return wds.gopen(url)
 
 
 def is_command(url: str) -> bool:
@@ -118,15 +125,16 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
     """
     if is_command(url) and not allow_commands:
         raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
+    tariterators = require("webdataset.tariterators", NEEDS_WEBDATASET)
     errors = ShardErrors() if errors is None else errors
     try:
-        stream = TailStream(wds.gopen(url))
+        stream = TailStream(open_shard(url))
     except Exception as exn:
         errors(exn)
         stream = None
     if stream is not None:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=errors)
-        for index, sample in enumerate(group_by_keys(files, handler=errors)):
+        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=errors)
+        for index, sample in enumerate(tariterators.group_by_keys(files, handler=errors)):
             if keep(index):
                 yield sample
         try:

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 from medclip import jsonio
+from medclip._deps import require
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def write_summary(out_dir: Path | str) -> tuple[Path, Path]:
 
 def write_plots(out_dir: Path | str) -> list[Path]:
     """Per-dataset bar charts across models and a confusion matrix per (model, single-label dataset)."""
-    import matplotlib
+    matplotlib = require("matplotlib", "plotting (pass --no-plots to skip it)")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -157,20 +157,12 @@ def text_tokens(model, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 
 def _native_text_tokens(model, text, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if text is None:  # open_clip CLIP keeps the text tower's modules on the model itself
-        from open_clip.transformer import text_global_pool
-
-        cast = model.transformer.get_cast_dtype()
-        x = model.token_embedding(token_ids).to(cast) + model.positional_embedding.to(cast)
-        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask))
-        pooled = text_global_pool(x, token_ids, model.text_pool_type, eos_token_id=getattr(model, "text_eos_id", None))
-        proj = model.text_projection
-        if proj is not None:
-            pooled = proj(pooled) if isinstance(proj, torch.nn.Linear) else pooled @ proj
-        return pooled, x
-    was = text.output_tokens  # CustomTextCLIP's TextTransformer returns its states when asked
-    text.output_tokens = True
-    try:
-        return text(token_ids)
-    finally:
-        text.output_tokens = was
+    # open_clip's public forward_intermediates, as for images: the last block's states through ln_final
+    # (the tokens of open_clip's own forward) and the pooled, projected features, from one pass.
+    # CLIP keeps its text modules on the model itself, CustomTextCLIP on its TextTransformer.
+    if text is None:
+        out = model.forward_intermediates(text=token_ids, text_indices=1, normalize=False,
+                                          normalize_intermediates=True)
+    else:
+        out = text.forward_intermediates(token_ids, indices=1, normalize_intermediates=True, output_fmt="NLC")
+    return out["text_features"], out["text_intermediates"][-1]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from medclip._deps import require
 
+matplotlib = require("matplotlib", "plotting training curves")
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 

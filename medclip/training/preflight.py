@@ -17,9 +17,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-import braceexpand
-
+from medclip._deps import require
 from medclip.errors import MedclipError, os_error_line
+
+braceexpand = require("braceexpand", "expanding shard URL patterns")
 
 log = logging.getLogger(__name__)
 
