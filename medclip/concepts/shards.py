@@ -17,6 +17,7 @@ from PIL import Image
 
 from medclip import jsonio
 from medclip.concepts.annotator import ConceptAnnotator
+from medclip.data.tar_samples import Member, member_groups, sample_parts
 from medclip.errors import MedclipError
 from medclip.imaging import upright
 
@@ -111,37 +112,16 @@ def annotate_jsonl(src: str | Path, dst: str | Path, annotator: ConceptAnnotator
     return stats
 
 
-def sample_key(member_name: str) -> tuple[str, str]:
-    """WebDataset's (key, extension): the key is the path up to the first dot of the file name."""
-    directory, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext
-
-
-def _grouped_members(tar: tarfile.TarFile) -> Iterator[list[tuple[tarfile.TarInfo, bytes | None]]]:
-    """Consecutive members sharing a key (WebDataset writes a sample's files together)."""
-    group: list[tuple[tarfile.TarInfo, bytes | None]] = []
-    current = None
-    for info in tar:
-        data = tar.extractfile(info).read() if info.isfile() else None
-        key = sample_key(info.name)[0] if info.isfile() else None
-        if group and key != current:
-            yield group
-            group = []
-        current = key
-        group.append((info, data))
-    if group:
-        yield group
-
-
-def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> list:
-    files = {sample_key(info.name)[1]: (i, info, data) for i, (info, data) in enumerate(group) if data is not None}
+def _annotate_sample(group: list[Member], annotator, out_field, overwrite, stats, shard) -> list[Member]:
+    """The sample's members, its JSON member replaced by one with the concepts added."""
+    files = {m.ext: (i, m) for i, m in enumerate(group) if m.ext is not None}
     if "json" not in files:
         if files:
             stats.records += 1
             stats.skip("without a .json")
         return group
-    index, info, data = files["json"]
+    index, member = files["json"]
+    info, data = member.info, member.data
     stats.records += 1
     try:
         record = json.loads(data.decode("utf-8"))
@@ -152,7 +132,7 @@ def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> li
         return group
     captions = _captions(record.get("captions"))
     if not captions and "txt" in files:
-        captions = [files["txt"][2].decode("utf-8", errors="replace")]
+        captions = [files["txt"][1].data.decode("utf-8", errors="replace")]
     if not captions or not any(c.strip() for c in captions):
         stats.skip("without captions")
         return group
@@ -162,7 +142,7 @@ def _annotate_sample(group, annotator, out_field, overwrite, stats, shard) -> li
     new_info.size, new_info.mtime, new_info.mode = len(payload), info.mtime, info.mode
     new_info.uname, new_info.gname, new_info.uid, new_info.gid = info.uname, info.gname, info.uid, info.gid
     group = list(group)
-    group[index] = (new_info, payload)
+    group[index] = Member(new_info, "json", payload)
     return group
 
 
@@ -183,9 +163,9 @@ def annotate_shard(src: str | Path, annotator: ConceptAnnotator, dst: str | Path
     def write(handle) -> None:
         try:
             with tarfile.open(src, "r:*") as tar_in, tarfile.open(fileobj=handle, mode="w") as tar_out:
-                for group in _grouped_members(tar_in):
-                    for info, data in _annotate_sample(group, annotator, out_field, overwrite, stats, src):
-                        tar_out.addfile(info, io.BytesIO(data) if data is not None else None)
+                for _, group in member_groups(tar_in):
+                    for m in _annotate_sample(group, annotator, out_field, overwrite, stats, src):
+                        tar_out.addfile(m.info, io.BytesIO(m.data) if m.data is not None else None)
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise MedclipError(f"cannot read shard {src}: {exc}") from exc
 
@@ -200,24 +180,23 @@ def iter_shard_samples(path: str | Path) -> Iterator[dict]:
         raise MedclipError(f"shard not found: {path}")
     try:
         with tarfile.open(path, "r:*") as tar:
-            for group in _grouped_members(tar):
-                sample: dict = {}
-                for info, data in group:
-                    if data is None:
-                        continue
-                    key, ext = sample_key(info.name)
-                    sample["key"] = key
-                    if ext == "json":
-                        try:
-                            sample["json"] = json.loads(data.decode("utf-8"))
-                        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                            raise MedclipError(f"{path}: member {info.name} is not valid JSON ({exc})") from exc
-                    elif ext in IMAGE_EXTS:
-                        sample["image"], sample["image_ext"] = data, ext
-                    elif ext == "txt":
-                        sample["txt"] = data.decode("utf-8", errors="replace")
-                if sample:
-                    yield sample
+            for key, group in member_groups(tar):
+                if key is None:
+                    continue
+                parts = sample_parts(group, str(path))
+                sample: dict = {"key": key}
+                if "json" in parts:
+                    try:
+                        sample["json"] = json.loads(parts["json"].decode("utf-8"))
+                    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        name = next(m.info.name for m in group if m.ext == "json")
+                        raise MedclipError(f"{path}: member {name} is not valid JSON ({exc})") from exc
+                image_ext = next((ext for ext in IMAGE_EXTS if ext in parts), None)
+                if image_ext:
+                    sample["image"], sample["image_ext"] = parts[image_ext], image_ext
+                if "txt" in parts:
+                    sample["txt"] = parts["txt"].decode("utf-8", errors="replace")
+                yield sample
     except (tarfile.TarError, EOFError) as exc:
         raise MedclipError(f"cannot read shard {path}: {exc}") from exc
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from medclip.data.builder import BuildConfig, build_shards
 from medclip.data.records import SourceRecord
+from medclip.data.tar_samples import member_groups, sample_parts
 from medclip.errors import MedclipError
 
 MODALITIES = ("X-ray", "CT", "MRI", "ultrasound", "histology", "fundus")
@@ -341,11 +342,8 @@ def iter_demo_split(out_dir: str | Path, split: str = "val") -> Iterator[DemoSam
     if not shards:
         raise MedclipError(f"no demo shards for split {split!r} in {out_dir} (run build_demo first)")
     for shard in shards:
-        members: dict[str, dict[str, bytes]] = {}
         with tarfile.open(shard) as tar:
-            for info in tar:
-                key, ext = info.name.split(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(info).read()
+            members = {key: sample_parts(group, str(shard)) for key, group in member_groups(tar) if key is not None}
         for key in sorted(members):
             m = members[key]
             meta = json.loads(m["json"])

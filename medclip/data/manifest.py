@@ -36,6 +36,7 @@ from medclip._deps import require
 from medclip.data.order_check import order_warning, sample_labels
 from medclip.data.shard_reader import ShardErrors, is_command, read_shard
 from medclip.data.shards import read_summary, sha256_file
+from medclip.data.tar_samples import member_groups
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -187,20 +188,23 @@ def as_manifest(item: Manifest | str | Path, root: str | Path | None = None) -> 
 
 
 def count_tar_samples(path: str | Path) -> int:
-    """Distinct sample keys in a local tar (the part of the member name before the first dot).
+    """Distinct sample keys in a local tar (webdataset's rule, :mod:`medclip.data.tar_samples`).
 
     Reads the member headers only (seeking over the data); the members of a cut tar up to the cut.
     """
-    keys: set[str] = set()
+    keys: set[str | None] = set()
     try:
         with tarfile.open(path, "r:*") as tar:
-            for info in tar:
-                if info.isreg():
-                    base = info.name.rsplit("/", 1)[-1]
-                    keys.add(info.name[: len(info.name) - len(base)] + base.split(".", 1)[0])
+            keys.update(key for key, _ in member_groups(tar, read=False, on_error=_counted_up_to_damage))
     except (tarfile.TarError, EOFError):
         pass  # counted up to the damage; the stream skips and counts it when it reads the shard
+    keys.discard(None)
     return len(keys)
+
+
+def _counted_up_to_damage(exn: Exception) -> None:
+    if not isinstance(exn, (tarfile.TarError, EOFError)):
+        raise exn
 
 
 MAX_LISTED = 20  # problems of one kind listed per manifest

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from urllib.parse import urlparse
 
 from medclip._deps import require
+from medclip.data.tar_samples import member_groups
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,6 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
     """
     if is_command(url) and not allow_commands:
         raise MedclipError(f"refusing to run the shell command of shard {url!r}: pass --allow-pipe to allow it")
-    tariterators = require("webdataset.tariterators", NEEDS_WEBDATASET)
     errors = ShardErrors() if errors is None else errors
     try:
         stream = TailStream(open_shard(url))
@@ -133,8 +133,7 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
         errors(exn)
         stream = None
     if stream is not None:
-        files = tariterators.tar_file_expander([{"url": url, "stream": stream}], handler=errors)
-        for index, sample in enumerate(tariterators.group_by_keys(files, handler=errors)):
+        for index, sample in enumerate(_samples(stream, errors)):
             if keep(index):
                 yield sample
         try:
@@ -148,3 +147,24 @@ def read_shard(url: str, keep: Callable[[int], bool], skips: Counter, report: bo
             errors(exn)
     if report and errors.causes:
         skips[errors.report(url)] += 1
+
+
+def _samples(stream: TailStream, errors: ShardErrors) -> Iterator[dict]:
+    """The samples of a tar stream as webdataset makes them: ``__key__`` and extension -> bytes; a second
+    member with one extension is an error of the shard and left out (webdataset's group_by_keys)."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*")
+    except Exception as exn:
+        errors(exn)
+        return
+    for key, members in member_groups(tar, stream=True, on_error=errors):
+        sample: dict = {"__key__": key}
+        for m in members:
+            if m.ext is None:
+                continue
+            if m.ext in sample:
+                errors(ValueError(f"{m.info.name}: duplicate file name in tar file"))
+                continue
+            sample[m.ext] = m.data
+        if len(sample) > 1:
+            yield sample

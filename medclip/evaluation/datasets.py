@@ -13,21 +13,26 @@ import hashlib
 import io
 import json
 import logging
-from collections.abc import Callable
+import tarfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
+from medclip.data.tar_samples import ShardMember, member_groups, sample_parts
 from medclip.data.user_files import class_folders, csv_rows, folder_images, text_lines
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
 
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the image of a shard sample, the first one present
+
 
 @dataclass
 class EvalData:
-    """Images with their label fields and captions. ``images`` are paths or encoded bytes."""
+    """Images with their label fields and captions. ``images`` are paths, :class:`ShardMember` references
+    into uncompressed shards (read when embedded) or encoded bytes (compressed shards)."""
 
     name: str
     images: list
@@ -62,7 +67,9 @@ class EvalData:
 
 
 def open_image(source) -> Image.Image | str:
-    """What ``Encoder.preprocess`` accepts: a path stays a path, bytes become a PIL image."""
+    """What ``Encoder.preprocess`` accepts: a path stays a path, bytes (or a shard member) become a PIL image."""
+    if isinstance(source, ShardMember):
+        source = source.read()
     if isinstance(source, (bytes, bytearray)):
         with Image.open(io.BytesIO(source)) as img:
             img.load()
@@ -188,9 +195,12 @@ def read_jsonl(root: Path, name: str = "", path: str = "", image_field: str = "i
 
 @register_reader("wds")
 def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
-    """Shards ``KEY.jpg|png`` + ``KEY.json`` (labels dict, captions) + ``KEY.txt``; ``path`` is a glob."""
-    import tarfile
+    """Shards ``KEY.jpg|png`` + ``KEY.json`` (labels dict, captions) + ``KEY.txt``; ``path`` is a glob.
 
+    Samples are grouped by webdataset's key rule (:mod:`medclip.data.tar_samples`). Images of an
+    uncompressed tar are kept as references (:class:`ShardMember`) and read when embedded; a compressed
+    tar cannot be read by offset, so its image bytes are kept in memory.
+    """
     pattern = str(_resolve(root, path))
     shards = sorted(glob.glob(pattern))
     if not shards:
@@ -198,18 +208,7 @@ def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
     images, labels, captions, keys, ident = [], [], [], [], []
     bad: dict[str, int] = {}
     for shard in shards:
-        samples: dict[str, dict] = {}
-        try:
-            with tarfile.open(shard) as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    key, _, ext = member.name.partition(".")
-                    samples.setdefault(key, {})[ext.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError) as exc:
-            raise MedclipError(f"cannot read shard {shard}: {exc}") from exc
-        for key, parts in samples.items():
-            image = next((parts[e] for e in ("jpg", "jpeg", "png", "webp") if e in parts), None)
+        for key, parts, image_ext, image in _shard_samples(shard):
             if image is None:
                 _count_bad(bad, "missing_image", f"shard {shard}: sample {key} has no image; skipped")
                 continue
@@ -225,8 +224,28 @@ def read_webdataset(root: Path, name: str = "", path: str = "") -> EvalData:
             labels.append(row)
             captions.append(caps)
             keys.append(key)
-            ident.append(f"{key}|{hashlib.sha256(image).hexdigest()}|{len(caps)}")
+            ident.append(f"{key}|{hashlib.sha256(parts[image_ext]).hexdigest()}|{len(caps)}")
     return EvalData(name or Path(shards[0]).parent.name, images, labels, captions, keys, ident, bad)
+
+
+def _shard_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes], str | None, ShardMember | bytes | None]]:
+    """(key, extension -> bytes, image extension, image source) of each sample of one local shard; the
+    source is a :class:`ShardMember` in a plain tar, the bytes in a compressed one (no offsets there)."""
+    try:
+        with tarfile.open(shard) as tar:
+            by_offset = isinstance(tar.fileobj, io.BufferedReader)  # tarfile's own file: not gzip, bz2 or xz
+            for key, group in member_groups(tar):
+                if key is None:
+                    continue
+                parts = sample_parts(group, f"shard {shard}")
+                ext = next((e for e in IMAGE_EXTS if e in parts), None)
+                if ext is None:
+                    yield key, parts, None, None
+                    continue
+                member = next(m for m in group if m.ext == ext)
+                yield key, parts, ext, ShardMember.of(shard, member.info) if by_offset else parts[ext]
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise MedclipError(f"cannot read shard {shard}: {exc}") from exc
 
 
 def _count_bad(bad: dict[str, int], reason: str, message: str) -> None:

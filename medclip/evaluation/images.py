@@ -31,6 +31,7 @@ from PIL import Image
 from medclip.data.batching import collate_images
 from medclip.data.images import normalize_images, split_transform, to_uint8_planes
 from medclip.data.reduced_decode import dct_scale, draft_jpeg
+from medclip.data.tar_samples import ShardMember
 from medclip.errors import MedclipError
 from medclip.imaging import DICOM_SUFFIXES, MedicalPreprocess, load_image
 
@@ -107,6 +108,8 @@ class BatchedTransform:
         return self.split is not None
 
     def __call__(self, source):
+        if isinstance(source, ShardMember):  # an image of a shard is read here, in the loader's worker
+            source = source.read()
         if self.split is None:
             if isinstance(source, (bytes, bytearray)):
                 source = decode(source)

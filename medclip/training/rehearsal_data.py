@@ -288,6 +288,8 @@ def shard_keys(manifest) -> dict[str, str]:
     """Sample key -> source name, from the tar headers of a manifest's local shards."""
     import tarfile
 
+    from medclip.data.tar_samples import member_groups
+
     keys = {}
     for url in manifest.urls:
         path = local_path(url)
@@ -295,9 +297,7 @@ def shard_keys(manifest) -> dict[str, str]:
             continue
         try:
             with tarfile.open(path) as tar:
-                for name in tar.getnames():
-                    base = name.rsplit("/", 1)[-1]
-                    keys[name[: len(name) - len(base)] + base.split(".", 1)[0]] = manifest.name
+                keys.update((key, manifest.name) for key, _ in member_groups(tar, read=False) if key is not None)
         except (tarfile.TarError, OSError) as exc:
             log.warning("cannot list %s: %s", path, exc)
     return keys
