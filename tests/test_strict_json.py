@@ -67,3 +67,36 @@ def test_jsonio_never_writes_nan_or_infinity(tmp_path):
     assert jsonio.non_finite_paths(value) == ["a", "b[1]", "b[2].c", "d[0]"]
     with pytest.raises(ValueError):
         strict_loads(json.dumps(value))  # what the plain json module writes is not JSON
+
+
+# json.dumps calls that write no file a user reads: hash inputs, a subprocess argument, a grouping key.
+NOT_WRITTEN = {"medclip/training/prepare.py": 1, "medclip/models/cache.py": 1, "medclip/data/builder.py": 1,
+               "medclip/training/rehearsal_checks.py": 1}
+
+
+def test_every_json_medclip_writes_goes_through_jsonio():
+    """A new file or line written with the plain json module (NaN -> bare NaN) fails here."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    found = {}
+    for path in (root / "medclip").rglob("*.py"):
+        name = path.relative_to(root).as_posix()
+        count = len(re.findall(r"\bjson\.dumps?\(", path.read_text()))
+        if count and name != "medclip/jsonio.py":
+            found[name] = count
+    assert found == NOT_WRITTEN
+
+
+def test_shards_build_summary_and_manifest_are_strict_json(tmp_path, capsys):
+    data = _folder(tmp_path / "classes", ["CT", "MRI"])
+    templates = tmp_path / "t.json"
+    templates.write_text('["a scan showing {}"]')
+    out = tmp_path / "shards"
+    assert main(["shards", "build", str(data), "--format", "folder", "--templates", str(templates),
+                 "--out", str(out), "--prefix", "f"]) == 0, capsys.readouterr().err
+    written = sorted(out.rglob("*.json"))
+    assert written
+    for path in written:
+        strict_loads(path.read_text())

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from medclip import jsonio
 from medclip.errors import MedclipError
 from medclip.training import checkpoint as ckpt
 
@@ -124,7 +125,7 @@ class RunLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise one MedclipError naming the live process that holds it."""
-        text = json.dumps(self.owner)
+        text = jsonio.dumps(self.owner)
         for _ in range(TAKE_OVER_ATTEMPTS):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
