@@ -13,8 +13,8 @@ from conftest import REPO_ROOT  # tests/ is on sys.path under pytest
 from medclip.data.manifest import check_manifest, load_manifest
 from medclip.models.loading import build_model, resolve_config
 from medclip.training.config import load_recipe
-from medclip.training.rehearsal_data import prepare_source, shard_format, stand_in_pool
-from medclip.training.rehearsal_model import derive_debug_model
+from medclip.training.rehearsal.data import prepare_source, shard_format, stand_in_pool
+from medclip.training.rehearsal.model import derive_debug_model
 
 MANIFESTS = REPO_ROOT / "datasets_manifests"
 
@@ -125,7 +125,7 @@ def test_loss_check_judges_each_term_over_its_own_steps(tmp_path):
     and must still fail a term that does not fall."""
     from types import SimpleNamespace
 
-    from medclip.training.rehearsal_checks import Runs, loss_finite_and_falling
+    from medclip.training.rehearsal.checks import Runs, loss_finite_and_falling
 
     recipe = load_recipe("pretrain/shared_real.yaml", ["run.steps=8", "objective.pc_start_step=4"])
 

@@ -123,8 +123,8 @@ def _forked_rank(rank: int, world: int, port: int, argv: list[str], log_file: st
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point under torchrun: ``python -m medclip.training.rehearsal_launch --keys-dir D ... -- pretrain ...``."""
-    parser = argparse.ArgumentParser(prog="medclip.training.rehearsal_launch")
+    """Entry point under torchrun: ``python -m medclip.training.rehearsal.launch --keys-dir D ... -- pretrain ...``."""
+    parser = argparse.ArgumentParser(prog="medclip.training.rehearsal.launch")
     parser.add_argument("--keys-dir", required=True)
     parser.add_argument("--launch", required=True)
     parser.add_argument("--kill-at-checkpoint", type=int, default=None)
@@ -240,7 +240,7 @@ def _torchrun_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--log-dir", str(work / "logs" / name), "--redirects", "3",
-           "-m", "medclip.training.rehearsal_launch", "--keys-dir", str(work / "keys"), "--launch", name]
+           "-m", "medclip.training.rehearsal.launch", "--keys-dir", str(work / "keys"), "--launch", name]
     if kill_at is not None:
         cmd += ["--kill-at-checkpoint", str(kill_at), "--fault-file", str(fault_file)]
     cmd += ["--", *argv]
