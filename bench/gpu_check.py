@@ -111,7 +111,7 @@ def biomedbert_shaped(directory: Path) -> Path:
 def step_model(work: Path, reduced: bool) -> tuple[str, Path, dict]:
     """(name, config file, config) of the timed model: UniMed's shape, or its debug model on CPU."""
     from medclip.models.loading import resolve_config, with_text_dir
-    from medclip.training.rehearsal_model import derive_debug_model
+    from medclip.training.rehearsal.model import derive_debug_model
 
     full = resolve_config(FULL_MODEL)
     if reduced:

@@ -191,7 +191,7 @@ def _build_medclip(args, pc_weight: float, output_dir: str):
         f"objective.pc_weight={pc_weight}", f"optim.lr={LR}", f"optim.weight_decay={WD}", f"optim.beta1={BETA1}",
         f"optim.beta2={BETA2}", f"optim.eps={EPS}", f"optim.warmup_steps={WARMUP}", f"run.device={args.device}",
         f"model.precision={args.precision}", f"model.attention={args.attention}", f"model.compile={args.compile}"])
-    return Pretrainer(recipe, data=[])  # batches are fed to train_step directly
+    return Pretrainer.from_recipe(recipe, data=[])  # batches are fed to train_step directly
 
 
 def _build_open_clip(args, device):

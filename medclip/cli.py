@@ -62,7 +62,9 @@ def debug_requested(args: argparse.Namespace) -> bool:
     return args.debug or os.environ.get(DEBUG_ENV, "").lower() in ("1", "true", "yes")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, **command_options) -> int:
+    """Run ``medclip ARGV``; ``command_options`` go to the command's function as keyword arguments (what a
+    caller hands in that a command line cannot carry: the rehearsal gives `pretrain` its callbacks)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # `--debug` is accepted after the subcommand too (`medclip pretrain ... --debug`).
     debug = "--debug" in argv
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args, **command_options) or 0)
     except KeyboardInterrupt:
         print("medclip: interrupted", file=sys.stderr)
         return INTERRUPTED

@@ -1,4 +1,4 @@
-"""The rehearsal's parts: debug models by structure, stand-in data in each manifest's format."""
+"""The rehearsal's parts: debug models from the declared flavours, stand-in data in each manifest's format."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from conftest import REPO_ROOT  # tests/ is on sys.path under pytest
 
 from medclip.data.manifest import check_manifest, load_manifest
+from medclip.errors import MedclipError
 from medclip.models.loading import build_model, resolve_config
 from medclip.training.config import load_recipe
-from medclip.training.rehearsal_data import prepare_source, shard_format, stand_in_pool
-from medclip.training.rehearsal_model import derive_debug_model
+from medclip.training.rehearsal.data import prepare_source, shard_format, stand_in_pool
+from medclip.training.rehearsal.model import TIMM_DEBUG_FLAVOURS, derive_debug_model, trunk_family
 
 MANIFESTS = REPO_ROOT / "datasets_manifests"
 
@@ -41,6 +42,26 @@ def test_debug_timm_tower_follows_the_structure_not_the_name(name, pool, proj, d
     built = build_model(model.config)
     images = torch.zeros(2, 3, vision["image_size"], vision["image_size"])
     assert built.encode_image(images).shape == (2, model.config["embed_dim"])
+
+
+@pytest.mark.parametrize("family", sorted(TIMM_DEBUG_FLAVOURS), ids=lambda f: "-".join(f))
+def test_declared_timm_debug_flavours_are_what_timm_builds(family):
+    """Each declared flavour is a timm architecture of its family, with the declared input side and width."""
+    import timm
+
+    flavour = TIMM_DEBUG_FLAVOURS[family]
+    with torch.device("meta"):
+        trunk = timm.create_model(flavour.architecture, pretrained=False)
+    cls, pool = trunk_family(trunk)
+    assert cls == family[0] and family[1] in ("*", pool)
+    patch_embed = getattr(trunk, "patch_embed", None)
+    fixed = int(patch_embed.img_size[0]) if getattr(patch_embed, "strict_img_size", False) else 0
+    assert (fixed, trunk.num_features) == (flavour.image_size, flavour.width)
+
+
+def test_a_timm_family_without_a_declared_flavour_is_one_clear_error():
+    with pytest.raises(MedclipError, match="no debug flavour declared for timm Eva trunks .*TIMM_DEBUG_FLAVOURS"):
+        derive_debug_model(_timm_config("eva02_base_patch14_224", "token", "linear"))
 
 
 def test_debug_models_of_the_shipped_architectures_keep_their_kinds():
@@ -125,7 +146,7 @@ def test_loss_check_judges_each_term_over_its_own_steps(tmp_path):
     and must still fail a term that does not fall."""
     from types import SimpleNamespace
 
-    from medclip.training.rehearsal_checks import Runs, loss_finite_and_falling
+    from medclip.training.rehearsal.checks import Runs, loss_finite_and_falling
 
     recipe = load_recipe("pretrain/shared_real.yaml", ["run.steps=8", "objective.pc_start_step=4"])
 

@@ -71,7 +71,7 @@ def test_jsonio_never_writes_nan_or_infinity(tmp_path):
 
 # json.dumps calls that write no file a user reads: hash inputs, a subprocess argument, a grouping key.
 NOT_WRITTEN = {"medclip/training/prepare.py": 1, "medclip/models/cache.py": 1, "medclip/data/builder.py": 1,
-               "medclip/training/rehearsal_checks.py": 1}
+               "medclip/training/rehearsal/checks.py": 1}
 
 
 def test_every_json_medclip_writes_goes_through_jsonio():

@@ -22,7 +22,7 @@ from medclip.data.shard_reader import read_shard
 from medclip.data.tar_samples import ShardMember
 from medclip.errors import MedclipError
 from medclip.evaluation import EmbedOptions, EvalModel, read_dataset
-from medclip.training.rehearsal_data import shard_keys
+from medclip.training.rehearsal.data import shard_keys
 
 # DICOM study UIDs as directories: dots in the path, the sample key ends at the first dot of the file name.
 STUDIES = ["1.2.840.113619.2.55", "1.2.840.113619.2.56"]

@@ -25,7 +25,7 @@ def _recipe(out, *overrides: str):
 
 
 def test_a_budgeted_run_ends_inside_its_budget_with_a_complete_schedule(tmp_path, capsys):
-    trainer = Pretrainer(_recipe(tmp_path, f"run.budget_seconds={BUDGET}"))  # set-up (demo set) is not budgeted
+    trainer = Pretrainer.from_recipe(_recipe(tmp_path, f"run.budget_seconds={BUDGET}"))  # set-up (demo set) is not budgeted
     started = time.monotonic()
     trainer.run()
     took = time.monotonic() - started
@@ -97,7 +97,7 @@ def test_a_resumed_budgeted_run_continues_its_plan_and_its_clock(tmp_path):
     from medclip.training.optim import lr_lambda
 
     overrides = ["run.budget_seconds=600", "data.num_workers=0"]
-    first = Pretrainer(_recipe(tmp_path, *overrides), data=FixedStream(make_batch(8)))
+    first = Pretrainer.from_recipe(_recipe(tmp_path, *overrides), data=FixedStream(make_batch(8)))
     first.budget = Budget(600.0, used_before=41.0)
     first.set_planned_steps(57)  # as a re-plan would
     for _ in range(3):
@@ -106,7 +106,7 @@ def test_a_resumed_budgeted_run_continues_its_plan_and_its_clock(tmp_path):
     saved = torch.load(path, weights_only=False)
     assert saved["planned_steps"] == 57 and saved["budget_used"] >= 41.0
 
-    resumed = Pretrainer(_recipe(tmp_path, *overrides), resume=str(path), data=FixedStream(make_batch(8)))
+    resumed = Pretrainer.from_recipe(_recipe(tmp_path, *overrides), resume=str(path), data=FixedStream(make_batch(8)))
     assert resumed.step == 3 and resumed.planned_steps == 57 and resumed.budget_used_before == saved["budget_used"]
     expected = resumed.recipe.optim.lr * lr_lambda(resumed.recipe.optim, 57)(3)
     assert resumed.optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-9)

@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, root: str):
     batches = global_batches()
     for name, (overrides, steps) in RUNS.items():
         r = run_recipe(f"{root}/{name}", world, overrides, steps)
-        Pretrainer(r, data=ShardedStream(batches, rank, world)).run()
+        Pretrainer.from_recipe(r, data=ShardedStream(batches, rank, world)).run()
     torch.distributed.destroy_process_group()
 
 
@@ -80,7 +80,7 @@ def one_process_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     batches = global_batches()
     for steps in sorted({steps for _, steps in RUNS.values()}):
-        Pretrainer(run_recipe(root / f"steps{steps}", 1, [], steps), data=ShardedStream(batches)).run()
+        Pretrainer.from_recipe(run_recipe(root / f"steps{steps}", 1, [], steps), data=ShardedStream(batches)).run()
     return root
 
 

@@ -14,7 +14,7 @@ from medclip.training.config import load_recipe
 def _pretrainer(r, batch):
     from medclip.training.trainer import Pretrainer
 
-    return Pretrainer(r, data=FixedStream(batch))
+    return Pretrainer.from_recipe(r, data=FixedStream(batch))
 
 
 @pytest.mark.parametrize("it_kind", ["infonce", "sigmoid"])
@@ -73,7 +73,7 @@ def test_concept_names_flow_from_the_stream_into_pc_align(tmp_path):
                            "data.demo_val_samples=0", "data.batch_size=16", "data.num_workers=0",
                            "run.progress=false", "run.tensorboard=false", "objective.pc_weight=0.5",
                            "objective.use_concept_names=true"])
-    trainer = Pretrainer(r)
+    trainer = Pretrainer.from_recipe(r)
     batch = next(iter(trainer.data))
     names, mask = batch["concept_name_tokens"], batch["concept_mask"]
     assert names.shape[:2] == mask.shape and names.shape[2] == 16
@@ -93,7 +93,7 @@ def test_a_finished_run_draws_only_the_batches_it_trains_on(tmp_path):
     from medclip.training.trainer import Pretrainer
 
     stream = FixedStream(make_batch(8))
-    Pretrainer(recipe(tmp_path, "run.steps=3", "run.log_every=1"), data=stream).run()
+    Pretrainer.from_recipe(recipe(tmp_path, "run.steps=3", "run.log_every=1"), data=stream).run()
     assert stream.position == 3
     final = torch.load(tmp_path / "checkpoints" / "step_3.pt", weights_only=True)
     assert final["data"] == [{"position": 3}]
@@ -121,7 +121,7 @@ def test_flop_counting_changes_no_weights_batchnorm_statistics_or_rng(tmp_path, 
     def finished_run(name: str, peak: float | None) -> dict:
         monkeypatch.setattr(trainer_module, "device_peak_tflops", lambda device: peak)
         r = recipe(tmp_path / name, "model.name=medclip-test-resnet", "run.steps=2", "run.log_every=1")
-        trainer_module.Pretrainer(r, data=FixedStream(batch)).run()
+        trainer_module.Pretrainer.from_recipe(r, data=FixedStream(batch)).run()
         return torch.load(tmp_path / name / "checkpoints" / "step_2.pt", weights_only=True)
 
     plain, measured = finished_run("plain", None), finished_run("measured", 100.0)

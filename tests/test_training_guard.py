@@ -38,7 +38,7 @@ class PoisonedStream(FixedStream):
 def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     out = tmp_path / "run"
     r = recipe(out, "run.steps=5", "run.checkpoint_every=1", "run.keep_checkpoints=10", "run.log_every=1")
-    Pretrainer(r, data=PoisonedStream(make_batch(8), bad={5})).run()
+    Pretrainer.from_recipe(r, data=PoisonedStream(make_batch(8), bad={5})).run()
     before, after = (torch.load(out / "checkpoints" / f"step_{s}.pt", weights_only=True) for s in (4, 5))
     for part in ("model", "heads"):
         for key, value in before[part].items():
@@ -59,10 +59,10 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(
     names the last checkpoint whose next step was finite, which a sane lr continues from."""
     out, batch = tmp_path / "run", make_batch(8)
     sane = ("run.checkpoint_every=1", "run.keep_checkpoints=1", "run.log_every=1", "optim.schedule=constant")
-    Pretrainer(recipe(out, "run.steps=4", *sane), data=FixedStream(batch)).run()
+    Pretrainer.from_recipe(recipe(out, "run.steps=4", *sane), data=FixedStream(batch)).run()
     diverging = recipe(out, "run.steps=30", "optim.lr=1e5", "run.max_nonfinite_steps=3", *sane)
     with pytest.raises(Diverged) as info:
-        Pretrainer(diverging, data=FixedStream(batch), resume="latest").run()
+        Pretrainer.from_recipe(diverging, data=FixedStream(batch), resume="latest").run()
     message = str(info.value)
     good = ckpt.checkpoint_dir(out) / "step_4.pt"
     assert "\n" not in message and message.startswith("training diverged at step 8:")
@@ -73,7 +73,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(
     assert ckpt.resolve_resume("latest", out) == good
     assert "training diverged at step 8" in (out / "summary.txt").read_text()
 
-    resumed = Pretrainer(recipe(out, "run.steps=7", *sane), data=FixedStream(batch), resume="latest")
+    resumed = Pretrainer.from_recipe(recipe(out, "run.steps=7", *sane), data=FixedStream(batch), resume="latest")
     assert resumed.step == 4
     resumed.run()
     final = torch.load(ckpt.checkpoint_dir(out) / "step_7.pt", weights_only=True)
@@ -82,7 +82,7 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint_to_resume_from(
 
 @pytest.mark.integration
 def test_fp16_overflow_is_the_grad_scalers_business_not_divergence(tmp_path):
-    trainer = Pretrainer(recipe(tmp_path, "model.precision=amp"), data=FixedStream(make_batch(8)))
+    trainer = Pretrainer.from_recipe(recipe(tmp_path, "model.precision=amp"), data=FixedStream(make_batch(8)))
     batch = make_batch(8)
     weights = {k: v.clone() for k, v in trainer.module.state_dict().items()}
     scale = trainer.scaler.get_scale()
@@ -124,13 +124,13 @@ def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_path_is_one_line(
     and says why; no usable one left, or an explicit garbage path, is one line (was: torch's traceback)."""
     out, batch = tmp_path / "run", make_batch(8)
     steady = ("run.checkpoint_every=2", "run.keep_checkpoints=3", "optim.schedule=constant")
-    Pretrainer(recipe(out, "run.steps=4", *steady), data=FixedStream(batch)).run()
+    Pretrainer.from_recipe(recipe(out, "run.steps=4", *steady), data=FixedStream(batch)).run()
     newest = ckpt.checkpoint_dir(out) / "step_4.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     with caplog.at_level("WARNING"):
         assert ckpt.resolve_resume("latest", out).name == "step_2.pt"
     assert f"passing over {newest}: unreadable: its zip archive is incomplete (cut short or damaged)" in caplog.text
-    assert Pretrainer(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume="latest").step == 2
+    assert Pretrainer.from_recipe(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume="latest").step == 2
 
     (ckpt.checkpoint_dir(out) / "step_2.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MedclipError, match="no checkpoint in .* can be resumed") as info:
@@ -139,7 +139,7 @@ def test_resume_passes_over_a_damaged_checkpoint_and_a_garbage_path_is_one_line(
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x00" * 100)
     with pytest.raises(MedclipError, match=f"cannot read checkpoint {garbage}: not a PyTorch checkpoint") as info:
-        Pretrainer(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume=str(garbage))
+        Pretrainer.from_recipe(recipe(out, "run.steps=6", *steady), data=FixedStream(batch), resume=str(garbage))
     assert "\n" not in str(info.value)
 
 
@@ -150,7 +150,7 @@ def test_stale_partial_checkpoints_are_removed_at_the_next_start(tmp_path):
     alive = folder / f".step_7.pt.tmp-{os.getppid()}"  # another live writer: left alone
     for path in (dead, alive):
         path.write_bytes(b"partial")
-    Pretrainer(recipe(tmp_path), data=FixedStream(make_batch(8)))
+    Pretrainer.from_recipe(recipe(tmp_path), data=FixedStream(make_batch(8)))
     assert not dead.exists() and alive.exists()
 
 
@@ -197,7 +197,7 @@ def test_a_failed_final_evaluation_leaves_checkpoint_export_curves_and_summary(t
     r = recipe(out, "run.steps=3", "run.log_every=1", "eval.suites=[demo]", "eval.every_steps=2",
                f"eval.root={out}/demo_data")  # the demo recipe's own root: the run writes the set there
     with pytest.raises(EvaluationFailed) as info:
-        Pretrainer(r, data=FixedStream(make_batch(8))).run()  # the failure at step 2 does not stop training
+        Pretrainer.from_recipe(r, data=FixedStream(make_batch(8))).run()  # the failure at step 2 does not stop training
     message = str(info.value)
     assert "\n" not in message and isinstance(info.value, MedclipError)
     assert message.startswith("final evaluation failed: RuntimeError: evaluation data unreadable at step 3;")

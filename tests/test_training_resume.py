@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import medclip
+from medclip.training.callbacks import Callback
 from medclip.training.config import load_recipe
 from medclip.training.trainer import Pretrainer
 
@@ -25,25 +26,25 @@ class Interrupted(Exception):
     pass
 
 
+class InterruptAfterStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, batch, losses):
+        if trainer.step == self.step:
+            raise Interrupted
+
+
 @pytest.mark.integration
-def test_interrupted_run_resumed_from_latest_matches_uninterrupted(tmp_path, monkeypatch):
-    straight = Pretrainer(demo_recipe(tmp_path / "straight"))
+def test_interrupted_run_resumed_from_latest_matches_uninterrupted(tmp_path):
+    straight = Pretrainer.from_recipe(demo_recipe(tmp_path / "straight"))
     straight.run()
     expected = torch.load(tmp_path / "straight" / "checkpoints" / "step_8.pt", weights_only=True)
 
     # Same run, killed after step 4 (the checkpoint of step 3 is on disk), then resumed.
-    original = Pretrainer.train_step
-
-    def dying_step(self, batch):
-        if self.step == 4:
-            raise Interrupted
-        return original(self, batch)
-
-    monkeypatch.setattr(Pretrainer, "train_step", dying_step)
     with pytest.raises(Interrupted):
-        Pretrainer(demo_recipe(tmp_path / "resumed")).run()
-    monkeypatch.undo()
-    resumed = Pretrainer(demo_recipe(tmp_path / "resumed"), resume="latest")
+        Pretrainer.from_recipe(demo_recipe(tmp_path / "resumed"), callbacks=[InterruptAfterStep(4)]).run()
+    resumed = Pretrainer.from_recipe(demo_recipe(tmp_path / "resumed"), resume="latest")
     assert resumed.step == 3
     resumed.run()
     got = torch.load(tmp_path / "resumed" / "checkpoints" / "step_8.pt", weights_only=True)
@@ -89,15 +90,15 @@ def test_continuing_a_finished_run_equals_a_straight_run(tmp_path, workers):
     """
     settings = (f"data.num_workers={workers}", "data.demo_train_samples=160", "optim.schedule=constant",
                 "run.checkpoint_every=100")
-    straight = Pretrainer(demo_recipe(tmp_path / "straight", "run.steps=9", *settings))
+    straight = Pretrainer.from_recipe(demo_recipe(tmp_path / "straight", "run.steps=9", *settings))
     straight.run()
     expected = torch.load(tmp_path / "straight" / "checkpoints" / "step_9.pt", weights_only=True)
 
-    Pretrainer(demo_recipe(tmp_path / "continued", "run.steps=5", *settings)).run()
+    Pretrainer.from_recipe(demo_recipe(tmp_path / "continued", "run.steps=5", *settings)).run()
     first = torch.load(tmp_path / "continued" / "checkpoints" / "step_5.pt", weights_only=True)
     # The final checkpoint's stream position is right after the 5th batch: 5 x 16 samples drawn, no more.
     assert samples_drawn(first["data"][0]) == 5 * 16
-    continued = Pretrainer(demo_recipe(tmp_path / "continued", "run.steps=9", *settings), resume="latest")
+    continued = Pretrainer.from_recipe(demo_recipe(tmp_path / "continued", "run.steps=9", *settings), resume="latest")
     assert continued.step == 5
     continued.run()
     got = torch.load(tmp_path / "continued" / "checkpoints" / "step_9.pt", weights_only=True)

@@ -20,7 +20,7 @@ class SkippingStream(FixedStream):
 
 def test_summary_gives_the_runs_mean_throughput_and_the_loss_per_stage(tmp_path, capsys):
     steps = 4
-    Pretrainer(recipe(tmp_path, f"run.steps={steps}", "run.log_every=1", "objective.pc_start_step=2"),
+    Pretrainer.from_recipe(recipe(tmp_path, f"run.steps={steps}", "run.log_every=1", "objective.pc_start_step=2"),
                data=SkippingStream(make_batch(8))).run()
     summary = (tmp_path / "summary.txt").read_text()
     assert summary in capsys.readouterr().out
@@ -51,7 +51,7 @@ def test_summary_gives_the_runs_mean_throughput_and_the_loss_per_stage(tmp_path,
 
 
 def test_one_stage_objective_gives_one_loss_line(tmp_path):
-    Pretrainer(recipe(tmp_path, "run.steps=2", "run.log_every=1", "objective.pc_start_step=0"),
+    Pretrainer.from_recipe(recipe(tmp_path, "run.steps=2", "run.log_every=1", "objective.pc_start_step=0"),
                data=FixedStream(make_batch(8))).run()
     summary = (tmp_path / "summary.txt").read_text()
     assert re.search(r"^loss \(steps 1-2\): total \S+ -> \S+, it \S+ -> \S+, pc \S+ -> \S+$", summary, re.M), summary

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,7 +47,7 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe, overrides: dict | None = 
 
 
 def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None = None, overwrite: bool = False,
-             **overrides) -> PretrainResult:
+             callbacks: Sequence = (), checkpoint_writer: Callable | None = None, **overrides) -> PretrainResult:
     """Pretrain a dual encoder from a recipe, as ``medclip pretrain --config RECIPE`` does.
 
     Args:
@@ -59,6 +60,11 @@ def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None 
         overwrite: start afresh even though the output directory holds another run's checkpoints or
             export (they, its log, evaluation and report are removed first); without it such a
             directory raises ``medclip.MedclipError``. A directory in use by a live run always does.
+        callbacks: ``medclip.training.callbacks.Callback`` objects the trainer calls at named points of the
+            run (after each step with its batch and losses, around each checkpoint write, after each
+            evaluation, at the end), after the run's own log.
+        checkpoint_writer: ``writer(checkpoint, path)`` that writes each checkpoint file on rank 0 instead
+            of ``medclip.training.checkpoint.save_atomic`` (a test can make a write fail part-way).
         **overrides: recipe values to change, per section as mappings
             (``run={"steps": 50, "output_dir": "runs/try"}``, ``optim={"lr": 1e-4}``) or as dotted
             keys (``**{"run.steps": 50}``). They are checked like ``--set`` on the command line: an
@@ -79,6 +85,7 @@ def pretrain(recipe: str | os.PathLike | Recipe = "demo", *, resume: str | None 
     from medclip.training.trainer import pretrain as run_pretraining
 
     checked = resolve_recipe(recipe, overrides)
-    metrics = run_pretraining(checked, resume=resume, overwrite=overwrite)
+    metrics = run_pretraining(checked, resume=resume, overwrite=overwrite, callbacks=callbacks,
+                              checkpoint_writer=checkpoint_writer)
     export = checked.output_dir / "export"
     return PretrainResult(checked.output_dir, export if export.is_dir() else None, dict(metrics or {}))

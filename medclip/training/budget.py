@@ -113,16 +113,9 @@ class PlannedSteps:
         self._planned_steps = total
         replan_scheduler(self.scheduler, self.recipe.optim, total)
 
-    def _replan(self, monitor) -> None:
+    def _replan(self) -> None:
         """run.budget_seconds: the steps that fit in what is left of the budget (the same on every rank)."""
         params = sum(p.numel() * p.element_size() for p in self.module.parameters())
         total = broadcast_from_main(self.budget.plan(self.step, self.planned_steps, 4 * params))  # + Adam, export
         if total != self.planned_steps:
-            self.set_planned_steps(total)
-            monitor.set_total(total)
-
-    def _log_budget(self, monitor) -> None:
-        if self.budget is not None:
-            log.info(self.budget.report(self.step))
-            monitor.log(self.step, {"budget_s": self.budget.seconds, "budget_used_s": self.budget.elapsed()})
-
+            self.set_planned_steps(total)  # the run's log follows at the step's end (callbacks.MetricsLog)

@@ -104,8 +104,11 @@ def _size(n: float) -> str:
     return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
 
 
-def save_atomic(obj: dict, path: Path) -> None:
+def save_atomic(obj: dict, path: Path, serialize=None) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over the target.
+
+    ``serialize(obj, file)`` writes the object into the open temporary file (default ``torch.save``; the
+    rehearsal's fault injector stops half-way).
 
     A crash at any point leaves either the old file set or the new one, never a truncated file. A full
     disk (or any failed write) is one MedclipError that says how much space a checkpoint needs; the
@@ -120,7 +123,7 @@ def save_atomic(obj: dict, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            (serialize or torch.save)(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -227,8 +230,9 @@ class CheckpointKeeper:
     but ruined by a huge update, or non-finite) never costs the last good one.
     """
 
-    def __init__(self, output_dir: Path, keep: int, is_main: bool):
+    def __init__(self, output_dir: Path, keep: int, is_main: bool, write=save_atomic):
         self.output_dir, self.keep, self.is_main = output_dir, keep, is_main
+        self.write = write  # (checkpoint object, path) -> None on rank 0: ``save_atomic``, or a caller's writer
         self.pending: tuple[int, Path] | None = None  # written (or resumed from), not yet proven
         self.good: Path | None = None
         self.newest: Path | None = None  # this run's latest checkpoint: never rotated away

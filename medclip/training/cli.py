@@ -5,7 +5,8 @@ from __future__ import annotations
 from medclip.training import rehearsal  # light at import: the parser needs its arguments
 
 
-def run(args) -> int:
+def run(args, callbacks=(), checkpoint_writer=None) -> int:
+    """``callbacks`` and ``checkpoint_writer``: handed to the trainer (``Pretrainer.from_recipe``)."""
     from medclip.training.api import pretrain
     from medclip.training.config import load_recipe
 
@@ -17,7 +18,8 @@ def run(args) -> int:
 
         print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
         return 0
-    pretrain(recipe, resume=args.resume, overwrite=args.overwrite)
+    pretrain(recipe, resume=args.resume, overwrite=args.overwrite, callbacks=callbacks,
+             checkpoint_writer=checkpoint_writer)
     return 0
 
 

@@ -1,43 +1,32 @@
-"""The pretraining loop: one object that owns model, heads, optimiser, data stream and feedback.
+"""The pretraining loop: one object that trains its parts (model, heads and objective, optimiser and schedule,
+data, checkpoint store) and tells its callbacks what happens.
 
-``Pretrainer.run`` is the whole run: train to ``run.steps`` (logging, checkpoints and evaluation on
-their schedules), then the final checkpoint, the export, the final evaluation and the report (curves
-and summary). Each of those is one method below.
+``Pretrainer.from_recipe`` builds the parts from a recipe (``parts.py``) around the run's start
+(``start.py``: device, lock, resume checks); ``Pretrainer(recipe, parts, callbacks, start=...)`` takes
+parts built elsewhere. ``Pretrainer.run`` is the whole run: train to ``run.steps`` (checkpoints and
+evaluation on their schedules), then the final checkpoint, the export, the final evaluation and the
+report (curves and summary). Each of those is one method below; callbacks (``callbacks.py``: the run's
+log is one) are called at the named points in between.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from medclip.concepts.tokens import pad_token_id
 from medclip.data.images import normalize_batch
 from medclip.errors import MedclipError
-from medclip.models import towers
-from medclip.models.encoder import AMP_DTYPES
-from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
-from medclip.models.loading import (
-    build_model,
-    build_tokenizer,
-    extract_state_dict,
-    load_weights,
-    read_weights_file,
-    resolve_config,
-    with_text_dir,
-)
 from medclip.training import checkpoint as ckpt
 from medclip.training import preflight
-from medclip.training.attention import set_attention_backend
 from medclip.training.budget import Budget, PlannedSteps, budget_clock_start
+from medclip.training.callbacks import Callback, CallbackList, MetricsLog
 from medclip.training.components import (
     RandomState,
-    TrainModule,
     batches_forever,
     build_data,
     evaluate,
@@ -45,37 +34,23 @@ from medclip.training.components import (
     split_batch,
 )
 from medclip.training.config import Recipe
-from medclip.training.distributed import (
-    all_reduce_mean,
-    broadcast_from_main,
-    detect_env,
-    init_distributed,
-    pick_device,
-    wrap_model,
-)
+from medclip.training.distributed import all_reduce_mean, broadcast_from_main
 from medclip.training.flops import TrainFlops, device_peak_tflops
-from medclip.training.monitor import Monitor, Throughput, read_log
-from medclip.training.optim import (
-    Diverged,
-    DivergenceGuard,
-    apply_freezing,
-    build_optimizer,
-    build_scheduler,
-    grad_norm,
+from medclip.training.monitor import read_log
+from medclip.training.optim import Diverged, DivergenceGuard, grad_norm
+from medclip.training.parts import (
+    CheckpointWriter,
+    TrainParts,
+    autocast,
+    build_checkpoint_store,
+    build_module,
+    build_optimisation,
 )
 from medclip.training.plots import plot_curves, summary_text
+from medclip.training.start import RunStart
 from medclip.training.state import TrainerCheckpoints
 
 log = logging.getLogger(__name__)
-
-# Precisions that store the weights in low precision; the others keep fp32 weights (and may autocast).
-LOW_PRECISION_WEIGHTS = ("bf16", "pure_bf16", "fp16", "pure_fp16")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class EvaluationFailed(MedclipError):
@@ -83,89 +58,59 @@ class EvaluationFailed(MedclipError):
 
 
 class Pretrainer(TrainerCheckpoints, PlannedSteps):
-    def __init__(self, recipe: Recipe, resume: str | None = None, data=None, overwrite: bool = False):
-        self.recipe = recipe
-        self.env = detect_env()
-        self.device = pick_device(recipe.run.device, self.env)
-        init_distributed(self.env, self.device)
-        preflight.check(recipe, is_main=self.env.is_main)  # names, data, packages, disk: before anything is built
-        if resume and overwrite:
-            raise MedclipError("--overwrite starts a new run and --resume continues one: choose one of them")
-        if recipe.run.deterministic:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        seed_everything(recipe.run.seed)  # same init on every rank; DDP also broadcasts it
+    def __init__(self, recipe: Recipe, parts: TrainParts, callbacks: Iterable[Callback] = (), *, start: RunStart,
+                 resumed: tuple[Path, dict] | None = None):
+        """Train ``parts`` as ``recipe`` says, in the run ``start`` began and accepted (its lock is released when
+        the run ends); ``resumed``: the checkpoint (path, contents) to continue from, checked by
+        ``start.checked_resume``. ``callbacks`` are called after the run's log (``MetricsLog``), in order."""
+        self.recipe, self.start = recipe, start
+        self.env, self.device, self.lock, self.run_id = start.env, start.device, start.lock, start.run_id
         self.output_dir = recipe.output_dir
-        self.lock = self._claim_output_dir(fresh=not resume, overwrite=overwrite)
-        try:
-            self._build(resume, data, overwrite)
-        except BaseException:
-            self.lock.release()
-            raise
-
-    def _build(self, resume: str | None, data, overwrite: bool) -> None:
-        recipe = self.recipe
-        self.model_cfg, self.model = self._build_model()
-        self.heads = self._build_heads() if recipe.objective.pc_weight > 0 else None
-        name_pad = pad_token_id(build_tokenizer(self.model_cfg)) if recipe.objective.use_concept_names else None
-        self.module = TrainModule(self.model, self.heads, recipe.objective, name_pad).to(self.device)
-        resumed = self._checked_resume(resume)  # (path, checkpoint) or None; nothing is written before this
-        self._accept_run(overwrite)
-        # MFU needs the device's peak; the FLOPs are counted on a copy taken before DDP/FSDP wrap the module.
-        self.peak_tflops = device_peak_tflops(self.device)
-        self.flops = TrainFlops(self.module, self._autocast) if self.peak_tflops else None
-        self.wrapped = wrap_model(self.module, recipe.run.strategy, self.env, self.device,
-                                  find_unused=recipe.objective.pc_start_step > 0 and self.heads is not None)
-        sharded = recipe.run.strategy == "fsdp" and self.env.distributed
-        self.optimizer = build_optimizer(self.module.named_parameters(), recipe.optim, fused=not sharded)
-        self.scheduler = build_scheduler(self.optimizer, recipe.optim, recipe.run.steps)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=recipe.model.precision == "amp")
-        if recipe.model.compile:
-            self.wrapped = torch.compile(self.wrapped)
-
+        self.model_cfg, self.module, self.wrapped = parts.model_cfg, parts.module, parts.wrapped
+        self.model, self.heads = parts.module.model, parts.module.heads
+        self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
+        self.data, self.checkpoints = parts.data, parts.checkpoints
+        self.flops, self.peak_tflops = parts.flops, parts.peak_tflops
+        self.callbacks = CallbackList([MetricsLog(), *callbacks])
         self.step = 0
         self.guard = DivergenceGuard(recipe.run.max_nonfinite_steps)
-        self.checkpoints = ckpt.CheckpointKeeper(self.output_dir, recipe.run.keep_checkpoints, self.env.is_main)
-        # `data` may be injected (tests): any iterable of batches with state_dict/load_state_dict/skip_counts.
-        self.data = data if data is not None else build_data(recipe, self.model, self.model_cfg, self.env,
-                                                             self.output_dir)
-        if data is None:
-            preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
         if resumed is not None:
             self._restore(*resumed)
-        else:
-            if resume:
-                log.info("no checkpoint to resume from in %s; starting from step 0", self.output_dir)
-            self.module.objective.init_parameters(self.model)  # objective.sigmoid_init, fresh runs only
 
-    # ------------------------------------------------------------------ setup
-    def _build_model(self):
-        mc = self.recipe.model
-        cfg = with_text_dir(resolve_config(mc.name), mc.hf_text_dir)
-        if self.recipe.objective.it_kind == "sigmoid" and "init_logit_bias" not in cfg:
-            cfg["init_logit_bias"] = -10.0  # sigmoid IT-Align needs the model's own logit_bias
-        precision = mc.precision if mc.precision in LOW_PRECISION_WEIGHTS else "fp32"
-        model = build_model(cfg, self.device, precision)
-        if mc.checkpoint:
-            obj = read_weights_file(mc.checkpoint)
-            load_weights(model, extract_state_dict(obj), allow_mismatch="logit_bias" in cfg,
-                         source=mc.checkpoint)
-        set_attention_backend(model, mc.attention)
-        if mc.grad_checkpointing:
-            towers.set_grad_checkpointing(model)  # HF towers through transformers' current API
-        apply_freezing(model, mc)
-        return cfg, model.train()
+    @classmethod
+    def from_recipe(cls, recipe: Recipe, resume: str | None = None, overwrite: bool = False, data=None,
+                    callbacks: Iterable[Callback] = (), checkpoint_writer: CheckpointWriter | None = None):
+        """Build the recipe's parts and the trainer, in the order that writes nothing before the run is accepted:
+        device and checks, the output directory's lock, the model, the resume checks, then optimiser and data.
 
-    def _build_heads(self) -> ConceptHeads:
-        config = ConceptHeadsConfig(image_width=towers.image_width(self.model), text_width=towers.text_width(self.model),
-                                    embed_dim=int(self.model_cfg["embed_dim"]),
-                                    **self.recipe.objective.heads_options())
-        return ConceptHeads(config).to(self.device).train()
+        ``data`` (tests): any iterable of batches with state_dict/load_state_dict/skip_counts, instead of the
+        recipe's; ``checkpoint_writer``: writes each checkpoint file instead of ``checkpoint.save_atomic``.
+        """
+        start = RunStart.begin(recipe, resume, overwrite)
+        try:
+            model_cfg, module = build_module(recipe, start.device)
+            resumed = start.checked_resume(resume, module)  # (path, checkpoint) or None; nothing is written before
+            start.accept(overwrite)
+            # MFU needs the device's peak; the FLOPs are counted on a copy taken before DDP/FSDP wrap the module.
+            peak = device_peak_tflops(start.device)
+            flops = TrainFlops(module, lambda: autocast(recipe, start.device)) if peak else None
+            wrapped, optimizer, scheduler, scaler = build_optimisation(recipe, module, start.env, start.device)
+            if data is None:
+                data = build_data(recipe, module.model, model_cfg, start.env, recipe.output_dir)
+                preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
+            parts = TrainParts(model_cfg, module, wrapped, optimizer, scheduler, scaler, data,
+                               build_checkpoint_store(recipe, start.env, checkpoint_writer), flops, peak)
+            if resume and resumed is None:
+                log.info("no checkpoint to resume from in %s; starting from step 0", recipe.output_dir)
+            if resumed is None:
+                module.objective.init_parameters(module.model)  # objective.sigmoid_init, fresh runs only
+            return cls(recipe, parts, callbacks, start=start, resumed=resumed)
+        except BaseException:
+            start.lock.release()
+            raise
 
     def _autocast(self):
-        dtype = AMP_DTYPES.get(self.recipe.model.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return autocast(self.recipe, self.device)
 
     # ------------------------------------------------------------------ one optimisation step
     def train_step(self, batch: dict) -> dict:
@@ -270,44 +215,39 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         if self.recipe.run.budget_seconds:
             self.budget = Budget(self.recipe.run.budget_seconds, used_before=self.budget_used_before,
                                  started=budget_clock_start(self.recipe.run.budget_from))
-        monitor = self._open_monitor()
         results, failure, export_dir = {}, None, None
+        self.callbacks.call("on_run_start", self)
         try:
-            self._train(monitor)
+            self._train()
             self.save_checkpoint()
             self.checkpoints.finish()
             encoder = self.snapshot_encoder()
             export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
-            self._log_budget(monitor)
-            results = self._evaluate(monitor, encoder, gathered=True)
+            if self.budget is not None:
+                log.info(self.budget.report(self.step))
+            self.callbacks.call("on_train_end", self)
+            results = self._evaluate(encoder, gathered=True)
         except Diverged as exc:
             failure = exc
         except EvaluationFailed as exc:
             failure = EvaluationFailed(f"final evaluation failed: {exc}; the final checkpoint, the export, curves "
                                        f"and summary are in {self.output_dir}")
         finally:
-            monitor.close()
-        self._write_report(monitor, time.time() - started, export_dir, failure)
+            self.callbacks.call("on_run_end", self, results)
+        self._write_report(time.time() - started, export_dir, failure)
         if failure is not None:
             raise failure
         return results
 
-    def _open_monitor(self) -> Monitor:
-        run = self.recipe.run
-        return Monitor(self.output_dir, self.planned_steps, self.step, self.env.is_main, progress=run.progress,
-                       tensorboard=run.tensorboard, wandb=run.wandb, wandb_project=run.wandb_project,
-                       config=self.recipe.to_dict(), run_id=self.run_id)
-
-    def _train(self, monitor: Monitor) -> None:
+    def _train(self) -> None:
         """Steps until the planned total (run.steps, or what fits in run.budget_seconds). A batch is fetched only
         when a step will use it, so the stream's position after the last step (what the final checkpoint
         stores) is right after its batch."""
         batches = batches_forever(self.data)
-        throughput = Throughput(self.recipe.data.batch_size * self.env.world_size)
         try:
             while self.step < self.planned_steps:
                 if self.budget is not None:
-                    self._replan(monitor)
+                    self._replan()
                 batch = next(batches)
                 if self.flops is not None and self.flops.per_sample is None:
                     first = split_batch(self._device_batch(batch), self.recipe.optim.accum_steps)[0]
@@ -315,16 +255,15 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
                 losses = self.train_step(batch)
                 if self.budget is not None:
                     self.budget.step_done()
-                throughput.add_step()
-                monitor.advance()
-                self._after_step(monitor, losses, throughput)
+                self.callbacks.call("on_step_end", self, batch, losses)
+                self._after_step()
         finally:
             batches.close()  # stop the loader's workers now, not when the generator is collected
 
-    def _after_step(self, monitor: Monitor, losses: dict, throughput: Throughput) -> None:
+    def _after_step(self) -> None:
+        """The step's checkpoint bookkeeping, the divergence guard's verdict, and the scheduled checkpoint and
+        evaluation."""
         run, step, guard, last = self.recipe.run, self.step, self.guard, self.planned_steps
-        if step % run.log_every == 0 or step == last or guard.diverged:
-            monitor.log(step, self._step_metrics(losses, throughput))
         self.checkpoints.after_step(step, finite=guard.in_a_row == 0)
         if guard.diverged:
             raise Diverged(self._divergence_message())
@@ -339,22 +278,9 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         every = self.recipe.eval.every_steps
         if step < last and every and step % every == 0:
             try:
-                self._evaluate(monitor)
+                self._evaluate()
             except EvaluationFailed as exc:  # a failed evaluation must not cost the training run
                 log.warning("evaluation at step %d failed: %s; training continues", step, exc)
-                monitor.log(step, {"eval_error": str(exc)})
-
-    def _step_metrics(self, losses: dict, throughput: Throughput) -> dict:
-        samples_per_s, interval_s = throughput.rate_and_reset()
-        metrics = {"loss": losses["total"], **{k: v for k, v in losses.items() if k != "total"},
-                   "lr": self.optimizer.param_groups[0]["lr"],
-                   "logit_scale": _full(self.module.model.logit_scale).exp().item(),
-                   "samples_per_s": samples_per_s, "interval_s": interval_s, "nonfinite_steps": self.guard.skipped,
-                   **{f"skipped/{k}": v for k, v in self.data.skip_counts().items()}}
-        if self.flops is not None:
-            tflops = self.flops.per_sample * samples_per_s / self.env.world_size / 1e12
-            metrics.update(tflops_per_device=tflops, mfu=tflops / self.peak_tflops)
-        return metrics
 
     def _divergence_message(self) -> str:
         guard = self.guard
@@ -377,7 +303,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
                                       device=self.device, name=f"{self.output_dir.name}@{self.step}")
 
-    def _evaluate(self, monitor: Monitor, encoder=None, gathered: bool = False) -> dict:
+    def _evaluate(self, encoder=None, gathered: bool = False) -> dict:
         """The recipe's suites on rank 0; a failure there is raised on every rank as EvaluationFailed.
 
         ``gathered``: every rank already took part in ``snapshot_encoder`` (whose result is None off rank 0);
@@ -395,17 +321,15 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             except Exception as exc:  # noqa: BLE001 - reported in one line; the run's outputs stay
                 error = str(exc) if isinstance(exc, MedclipError) else f"{type(exc).__name__}: {exc}"
         error = broadcast_from_main(error)
+        self.callbacks.call("on_evaluate", self, results, error)
         if error:
             raise EvaluationFailed(error)
-        if results:
-            monitor.log(self.step, {f"eval/{k}": v for k, v in results.items()})
         return results
 
-    def _write_report(self, monitor: Monitor, wall_seconds: float, export_dir: Path | None,
-                      failure: Exception | None) -> None:
+    def _write_report(self, wall_seconds: float, export_dir: Path | None, failure: Exception | None) -> None:
         if not self.env.is_main:
             return
-        records = read_log(monitor.jsonl_path)
+        records = read_log(self.output_dir / "log.jsonl")  # what MetricsLog wrote
         plot_curves(records, self.output_dir / "curves.png")
         objective = self.recipe.objective
         two_stages = self.heads is not None and objective.pc_weight > 0 and objective.pc_start_step > 0
@@ -421,12 +345,6 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             print(f"exported open_clip hub-format model: {export_dir}")
 
 
-def _full(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's whole value; under FSDP2 its shards are gathered (a collective: every rank calls it)."""
-    value = param.detach()
-    return value.full_tensor() if hasattr(value, "full_tensor") else value
-
-
 @contextlib.contextmanager
 def _rng_untouched():
     """Work that draws random numbers (evaluation, building a model) leaves training's RNG states as they were."""
@@ -437,5 +355,7 @@ def _rng_untouched():
         ckpt.set_rng_state(state)
 
 
-def pretrain(recipe: Recipe, resume: str | None = None, overwrite: bool = False) -> dict:
-    return Pretrainer(recipe, resume, overwrite=overwrite).run()
+def pretrain(recipe: Recipe, resume: str | None = None, overwrite: bool = False, callbacks: Iterable[Callback] = (),
+             checkpoint_writer: CheckpointWriter | None = None) -> dict:
+    return Pretrainer.from_recipe(recipe, resume, overwrite, callbacks=callbacks,
+                                  checkpoint_writer=checkpoint_writer).run()

@@ -1,8 +1,8 @@
 """`medclip pretrain --config RECIPE --rehearse`: the whole recipe at debug scale, before booking GPUs.
 
-The rehearsal derives the rehearsed recipe (rehearsal_plan: debug model of the same family,
+The rehearsal derives the rehearsed recipe (plan: debug model of the same family,
 stand-in data in the manifests' formats when the real shards are not on disk, a 20-step
-schedule), then runs it three times in N processes (rehearsal_launch):
+schedule), then runs it three times in N processes (launch):
 
 1. ``straight``: uninterrupted, with the recipe's evaluations;
 2. ``killed``: the same recipe without evaluation in a second directory; rank 0 is SIGKILLed
@@ -10,7 +10,7 @@ schedule), then runs it three times in N processes (rehearsal_launch):
    agent does);
 3. ``resumed``: ``--resume latest`` in that directory, to the end.
 
-and prints a checklist (rehearsal_checks): manifests found and counted, sources mixed as
+and prints a checklist (checks): manifests found and counted, sources mixed as
 weighted, loss finite and falling, checkpoint written atomically, resume identical to the
 straight run (final weights bit for bit, sample keys, losses), export loads in plain open_clip
 with the same embeddings, eval ran. Everything lands in the work directory (default: the
@@ -111,9 +111,9 @@ def rehearse(config: str, overrides: list[str] | None = None, work_dir: str | Pa
              device: str = "cpu", launcher: str | None = None) -> RehearsalReport:
     """Rehearse the recipe ``config`` (with ``--set`` overrides); see the module doc."""
     from medclip.training.config import load_recipe
-    from medclip.training.rehearsal_checks import Runs, inspect_checkpoints, run_checks
-    from medclip.training.rehearsal_launch import launch
-    from medclip.training.rehearsal_plan import CHECKPOINT_EVERY, KILL_AT_CHECKPOINT, make_plan
+    from medclip.training.rehearsal.checks import Runs, inspect_checkpoints, run_checks
+    from medclip.training.rehearsal.launch import launch
+    from medclip.training.rehearsal.plan import CHECKPOINT_EVERY, KILL_AT_CHECKPOINT, make_plan
 
     started = time.monotonic()
     if nproc < 1:

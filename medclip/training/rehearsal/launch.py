@@ -1,7 +1,7 @@
 """Launching a rehearsal's runs: N processes of ``medclip pretrain``, observed and, once, killed.
 
-Each process runs the ordinary command (``medclip.cli.main(["pretrain", "--config", ...])``) with
-two observers installed first:
+Each process runs the ordinary command (``medclip.cli.main(["pretrain", "--config", ...])``) and hands
+the trainer two observers (``observers.py``), as callbacks and checkpoint writer:
 
 * a key recorder: after every optimisation step, the step number and the sample keys of the
   process's batch are appended to ``KEYS_DIR/LAUNCH-rankR.jsonl`` (flushed, so a kill keeps them);
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
-import io
 import os
 import signal
 import socket
@@ -33,72 +32,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medclip import jsonio
-
 LAUNCHERS = ("fork", "torchrun")
 
 
 # ----------------------------------------------------------------------------- inside a rank
 
-def _trainer_hooks(keys_file: Path, kill_at_checkpoint: int | None, fault_file: Path | None) -> None:
-    """Wrap Pretrainer.train_step (key recorder) and torch.save (fault injection) in this process."""
-    import torch
-
-    from medclip.training.trainer import Pretrainer
-
-    keys_file.parent.mkdir(parents=True, exist_ok=True)
-    out = open(keys_file, "a", buffering=1)
-    current: dict = {}
-    train_step = Pretrainer.train_step
-
-    def recorded_step(self, batch):
-        current["trainer"] = self
-        if kill_at_checkpoint is not None and self.step > kill_at_checkpoint:
-            _die(fault_file, {"when": "start of step", "step": self.step + 1})
-        step = self.step + 1
-        losses = train_step(self, batch)
-        out.write(jsonio.dumps({"step": step, "keys": [str(k) for k in batch["keys"]]}) + "\n")
-        return losses
-
-    Pretrainer.train_step = recorded_step
-    if kill_at_checkpoint is None:
-        return
-    save = torch.save
-
-    def save_then_die(obj, f, *args, **kwargs):
-        trainer = current.get("trainer")
-        if trainer is None or trainer.step != kill_at_checkpoint or not (isinstance(obj, dict) and "model" in obj):
-            return save(obj, f, *args, **kwargs)
-        buffer = io.BytesIO()
-        save(obj, buffer, *args, **kwargs)
-        data = buffer.getvalue()
-        half = data[: len(data) // 2]
-        if hasattr(f, "write"):
-            f.write(half)
-            f.flush()
-            os.fsync(f.fileno())
-            target = getattr(f, "name", "")
-        else:
-            Path(f).write_bytes(half)
-            target = str(f)
-        _die(fault_file, {"when": "writing checkpoint", "step": trainer.step, "file": str(target),
-                          "bytes_written": len(half), "bytes_total": len(data)})
-
-    torch.save = save_then_die
-
-
-def _die(fault_file: Path | None, record: dict) -> None:
-    if fault_file is not None:
-        fault_file.write_text(jsonio.dumps({**record, "pid": os.getpid(), "signal": "SIGKILL"}))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _run_rank(argv: list[str], keys_file: Path, kill_at_checkpoint: int | None, fault_file: Path | None) -> int:
-    rank = int(os.environ.get("RANK", "0"))
-    _trainer_hooks(keys_file, kill_at_checkpoint if rank == 0 else None, fault_file)
     from medclip.cli import main
+    from medclip.training.rehearsal.observers import FaultInjector, KeyRecorder
 
-    return main(argv)
+    callbacks, writer = [KeyRecorder(keys_file)], None
+    if kill_at_checkpoint is not None and int(os.environ.get("RANK", "0")) == 0:
+        injector = FaultInjector(kill_at_checkpoint, fault_file)
+        callbacks.append(injector)
+        writer = injector.write
+    return main(argv, callbacks=callbacks, checkpoint_writer=writer)
 
 
 def _forked_rank(rank: int, world: int, port: int, argv: list[str], log_file: str, keys_file: str,
@@ -123,8 +71,8 @@ def _forked_rank(rank: int, world: int, port: int, argv: list[str], log_file: st
 
 
 def main(args: list[str] | None = None) -> int:
-    """Entry point under torchrun: ``python -m medclip.training.rehearsal_launch --keys-dir D ... -- pretrain ...``."""
-    parser = argparse.ArgumentParser(prog="medclip.training.rehearsal_launch")
+    """Entry point under torchrun: ``python -m medclip.training.rehearsal.launch --keys-dir D ... -- pretrain ...``."""
+    parser = argparse.ArgumentParser(prog="medclip.training.rehearsal.launch")
     parser.add_argument("--keys-dir", required=True)
     parser.add_argument("--launch", required=True)
     parser.add_argument("--kill-at-checkpoint", type=int, default=None)
@@ -240,7 +188,7 @@ def _torchrun_launch(name: str, argv: list[str], nproc: int, work: Path, kill_at
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "--log-dir", str(work / "logs" / name), "--redirects", "3",
-           "-m", "medclip.training.rehearsal_launch", "--keys-dir", str(work / "keys"), "--launch", name]
+           "-m", "medclip.training.rehearsal.launch", "--keys-dir", str(work / "keys"), "--launch", name]
     if kill_at is not None:
         cmd += ["--kill-at-checkpoint", str(kill_at), "--fault-file", str(fault_file)]
     cmd += ["--", *argv]

@@ -4,8 +4,8 @@ Kept as they are: sources and their weights, the manifests (their files are read
 objective, optimiser, strategy (DDP / FSDP2), precision where the CPU has it, accumulation,
 gradient checkpointing, compile, attention kernel, freezing, eval suites, checkpoint rotation,
 export. Swapped, because they cannot fit on a laptop or in minutes: the model (a debug model of the
-same family, see rehearsal_model), the data when the shards are not on disk (stand-ins in the
-same format, see rehearsal_data / rehearsal_evaldata), and the schedule's length (steps, warmup,
+same family, see model), the data when the shards are not on disk (stand-ins in the
+same format, see data / evaldata), and the schedule's length (steps, warmup,
 PC-Align start, checkpoint and eval intervals scaled down together).
 """
 
@@ -48,8 +48,8 @@ class RehearsalPlan:
     values: dict
     swaps: list[Swap] = field(default_factory=list)
     model_notes: list[str] = field(default_factory=list)
-    sources: list = field(default_factory=list)  # rehearsal_data.SourceData
-    suites: list = field(default_factory=list)  # rehearsal_evaldata.SuiteData
+    sources: list = field(default_factory=list)  # data.SourceData
+    suites: list = field(default_factory=list)  # evaldata.SuiteData
     nproc: int = 2
     device: str = "cpu"
 
@@ -166,9 +166,9 @@ def _model(plan: RehearsalPlan, debug_name: str) -> None:
 def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str = "cpu") -> RehearsalPlan:
     """Derive the rehearsed recipe; writes the debug model config and any stand-in data under ``work_dir``."""
     from medclip.models.loading import resolve_config, with_text_dir
-    from medclip.training.rehearsal_data import prepare_training_data, stand_in_pool
-    from medclip.training.rehearsal_evaldata import prepare_eval_data
-    from medclip.training.rehearsal_model import derive_debug_model
+    from medclip.training.rehearsal.data import prepare_training_data, stand_in_pool
+    from medclip.training.rehearsal.evaldata import prepare_eval_data
+    from medclip.training.rehearsal.model import derive_debug_model
 
     plan = RehearsalPlan(config, recipe, copy.deepcopy(recipe.to_dict()), nproc=nproc, device=device)
     model_cfg = with_text_dir(resolve_config(recipe.model.name), recipe.model.hf_text_dir)

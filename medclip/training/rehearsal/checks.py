@@ -33,7 +33,7 @@ class Runs:
     recipe: object  # the rehearsed Recipe (straight run's)
     straight: Path
     resumed: Path
-    launches: dict  # name -> rehearsal_launch.Launch
+    launches: dict  # name -> launch.Launch
     kill_step: int
     resume_step: int
     after_kill: dict[str, str] = field(default_factory=dict)  # checkpoint folder right after the kill
@@ -87,7 +87,7 @@ def runs_completed(runs: Runs) -> Check:
 
 def manifests_found_and_counted(runs: Runs) -> Check:
     from medclip.data.manifest import check_manifest
-    from medclip.training.rehearsal_data import run_manifests
+    from medclip.training.rehearsal.data import run_manifests
 
     lines, ok = [], True
     try:
@@ -112,7 +112,7 @@ def manifests_found_and_counted(runs: Runs) -> Check:
 
 def _counted_samples(manifest) -> int:
     from medclip.data.manifest import count_tar_samples
-    from medclip.training.rehearsal_data import local_path
+    from medclip.training.rehearsal.data import local_path
 
     total = 0
     for url in manifest.urls:
@@ -142,7 +142,7 @@ def intended_shares(manifests, epoch_samples: int | None) -> dict[str, float]:
 
 
 def sources_mixed_as_weighted(runs: Runs) -> Check:
-    from medclip.training.rehearsal_data import run_manifests, shard_keys
+    from medclip.training.rehearsal.data import run_manifests, shard_keys
 
     manifests = run_manifests(runs.recipe, runs.straight)
     owner: dict[str, str] = {}

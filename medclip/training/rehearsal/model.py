@@ -1,16 +1,16 @@
 """The rehearsal's debug model: a tiny model of the same family as a recipe's model.
 
-Derived from the recipe's model config by structure, as torchtitan's "debug model" flavours: every
-key that says what KIND of model it is (tower types, pooling, projections, activations, logit
-bias, context length) is copied; only the keys that say how BIG it is are replaced.
+Made from the recipe's model config and the debug sizes and flavours declared below (as torchtitan
+declares its "debug model" flavours), not searched for: every key that says what KIND of model it is
+(tower types, pooling, projections, activations, logit bias, context length) is copied; only the
+keys that say how BIG it is are replaced by the declared debug sizes.
 
 * native open_clip towers (ViT, ModifiedResNet, text transformer): fewer, narrower layers;
-* a timm image tower: the recipe's trunk is instantiated on the meta device (no memory, no
-  weights) and compared with timm's own test architectures of the same timm module
-  (``timm.list_models("test_*", module=...)``,
-  e.g. ``test_vit3`` is a ViT with an attention-pool (MAP) head and no class token, like SigLIP);
-  the one with the most structural features in common (class, pooling, class token) and the
-  fewest parameters is used, with the recipe's ``timm_pool``/``timm_proj``;
+* a timm image tower: the debug flavour declared for its family in ``TIMM_DEBUG_FLAVOURS`` (one
+  of timm's own test architectures with the family's class, pooling and class token, e.g.
+  ``test_vit3`` is a ViT with an attention-pool (MAP) head and no class token, like SigLIP), with
+  the recipe's ``timm_pool``/``timm_proj``; the family is read from the recipe's trunk built on the
+  meta device (no memory, no weights);
 * a HuggingFace text tower: medclip's offline tiny BERT (``medclip/assets/tiny-bert``) with the
   recipe's pooler, projection and context length.
 
@@ -84,16 +84,36 @@ def _describe(cfg: dict) -> str:
     return "/".join(f"{k} {cfg[k]}" for k in ("layers", "width", "patch_size", "image_size") if k in cfg)
 
 
-def _trunk_features(model) -> dict:
-    """Structural features of a timm trunk that a debug stand-in should share."""
+@dataclass(frozen=True)
+class TimmDebugFlavour:
+    architecture: str  # one of timm's tiny test architectures
+    image_size: int  # the input side it is fixed to; 0: any (the debug image size is used)
+    width: int  # its feature width: what a 'none' projection passes on to the joint space
+
+
+# The debug flavour of each timm image-tower family, declared once: (timm class, global pooling) -> flavour;
+# pooling "*" covers the class's every pooling. A family without a line here cannot be rehearsed (add one:
+# test_rehearsal_parts checks each line against timm).
+TIMM_DEBUG_FLAVOURS = {
+    ("VisionTransformer", "map"): TimmDebugFlavour("test_vit3", 160, 96),  # SigLIP: MAP head, no class token
+    ("VisionTransformer", "token"): TimmDebugFlavour("test_vit", 0, 64),  # class token (CLIP, DINOv2)
+    ("VisionTransformer", "avg"): TimmDebugFlavour("test_vit2", 0, 64),  # mean of the patch tokens
+    ("VisionTransformerRelPos", "*"): TimmDebugFlavour("test_vit_relpos", 160, 96),
+    ("ResNet", "*"): TimmDebugFlavour("test_resnet", 0, 96),
+    ("ConvNeXt", "*"): TimmDebugFlavour("test_convnext", 0, 64),
+    ("EfficientNet", "*"): TimmDebugFlavour("test_efficientnet", 0, 256),
+    ("ByobNet", "*"): TimmDebugFlavour("test_byobnet", 0, 256),
+    ("MaxxVit", "*"): TimmDebugFlavour("test_coatnet", 0, 128),
+    ("NormFreeNet", "*"): TimmDebugFlavour("test_nfnet", 0, 192),
+    ("MambaOut", "*"): TimmDebugFlavour("test_mambaout", 0, 64),
+}
+
+
+def trunk_family(model) -> tuple[str, str]:
+    """(timm class, global pooling) of a timm trunk: the key of its debug flavour."""
     pool = getattr(model, "global_pool", None)
     pool = getattr(pool, "pool_type", pool)  # CNNs hold a pooling module, ViTs a string
-    return {
-        "class": type(model).__name__,
-        "global_pool": str(pool),
-        "attention_pool": type(getattr(model, "attn_pool", None)).__name__,
-        "class_token": getattr(model, "cls_token", None) is not None,
-    }
+    return type(model).__name__, str(pool)
 
 
 def _meta_trunk(name: str):
@@ -105,45 +125,31 @@ def _meta_trunk(name: str):
 
 
 @functools.cache
-def debug_timm_trunk(name: str) -> tuple[str, dict, int, int]:
-    """(debug timm architecture, its features, its fixed input side or 0, its feature width) for ``name``."""
+def debug_timm_trunk(name: str) -> tuple[TimmDebugFlavour, tuple[str, str]]:
+    """The declared debug flavour for timm architecture ``name``, and ``name``'s family."""
     import timm
 
     if not timm.is_model(name):
         raise MedclipError(f"timm has no architecture {name!r} (model config vision_cfg.timm_model_name)")
-    trunk = _meta_trunk(name)
-    target = _trunk_features(trunk)
-    module = type(trunk).__module__.rsplit(".", 1)[-1]  # timm's module of this family, e.g. vision_transformer
-    best = None
-    for candidate in timm.list_models("test_*", module=module):
-        model = _meta_trunk(candidate)
-        features = _trunk_features(model)
-        if features["class"] != target["class"]:
-            continue
-        shared = sum(features[k] == target[k] for k in target)
-        size = sum(p.numel() for p in model.parameters())
-        if best is None or (shared, -size) > (best[0], -best[1]):
-            fixed = 0
-            patch_embed = getattr(model, "patch_embed", None)
-            if patch_embed is not None and getattr(patch_embed, "strict_img_size", False):
-                fixed = int(patch_embed.img_size[0])
-            best = (shared, size, candidate, features, fixed, model.num_features)
-    if best is None:
-        raise MedclipError(f"no tiny timm architecture of class {target['class']} to rehearse {name!r} with; "
-                           f"rehearse with a model config whose image tower timm can shrink")
-    return best[2], best[3], best[4], best[5]
+    cls, pool = trunk_family(_meta_trunk(name))
+    flavour = TIMM_DEBUG_FLAVOURS.get((cls, pool)) or TIMM_DEBUG_FLAVOURS.get((cls, "*"))
+    if flavour is None:
+        raise MedclipError(f"no debug flavour declared for timm {cls} trunks with {pool} pooling (of {name!r}); "
+                           f"rehearse with a model config whose image tower has one (rehearsal/model.py "
+                           f"TIMM_DEBUG_FLAVOURS)")
+    return flavour, (cls, pool)
 
 
 def _timm_vision(cfg: dict, notes: list[str]) -> tuple[dict, int]:
     """Debug timm tower config and its feature width (what a 'none' projection passes on)."""
     name = cfg["timm_model_name"]
-    debug, features, fixed_size, width = debug_timm_trunk(name)
-    out = dict(cfg, timm_model_name=debug, timm_model_pretrained=False)
-    out["image_size"] = fixed_size or _shrink(cfg.get("image_size", 224), DEBUG_IMAGE_SIZE)
-    notes.append(f"image tower: timm {name} -> {debug} ({features['class']}, pool {features['global_pool']}, "
-                 f"class token {features['class_token']}), image {cfg.get('image_size')} -> {out['image_size']} px; "
+    flavour, (cls, pool) = debug_timm_trunk(name)
+    out = dict(cfg, timm_model_name=flavour.architecture, timm_model_pretrained=False)
+    out["image_size"] = flavour.image_size or _shrink(cfg.get("image_size", 224), DEBUG_IMAGE_SIZE)
+    notes.append(f"image tower: timm {name} -> {flavour.architecture} (the debug flavour of {cls} with {pool} "
+                 f"pooling), image {cfg.get('image_size')} -> {out['image_size']} px; "
                  f"kept timm_pool={cfg.get('timm_pool', 'avg')}, timm_proj={cfg.get('timm_proj', 'linear')}")
-    return out, width
+    return out, flavour.width
 
 
 # ----------------------------------------------------------------------------- text towers
