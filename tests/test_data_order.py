@@ -67,6 +67,7 @@ def _batch_statistics(sources: dict[str, tuple[list[str], Path]], tokenizer) -> 
     return {"batches": n, "no_mri": no_mri / n, "same_label_pairs": pairs / n}
 
 
+@pytest.mark.integration
 def test_a_label_sorted_table_gives_the_batches_of_a_shuffled_one(tmp_path, tiny_encoder):
     sorted_table, shuffled_table, rows = _tables(tmp_path)
     covid = require_shared("covid-cxr")
@@ -89,6 +90,7 @@ def test_a_label_sorted_table_gives_the_batches_of_a_shuffled_one(tmp_path, tiny
     assert abs(stats["sorted"]["same_label_pairs"] - stats["shuffled"]["same_label_pairs"]) < 0.03, stats
 
 
+@pytest.mark.integration
 def test_data_check_warns_about_shards_in_label_blocks(tmp_path, capsys):
     sorted_table, _, rows = _tables(tmp_path)
     for name, flags in (("in_order", ["--no-shuffle"]), ("shuffled", [])):

@@ -60,6 +60,7 @@ def copy_of(run, tmp_path, name: str = "run"):
     return shutil.copytree(run, tmp_path / name)
 
 
+@pytest.mark.integration
 def test_a_fresh_run_into_another_runs_directory_stops_and_overwrite_replaces_that_run(finished_run, tmp_path,
                                                                                      capsys):
     out = copy_of(finished_run, tmp_path)
@@ -97,6 +98,7 @@ def test_a_fresh_run_into_another_runs_directory_stops_and_overwrite_replaces_th
     assert line == "medclip: error: --overwrite starts a new run and --resume continues one: choose one of them"
 
 
+@pytest.mark.integration
 def test_a_rejected_resume_writes_nothing(finished_run, tmp_path, capsys):
     """Resuming a medclip-tiny run as medclip-tiny-bert: one line, exit 2 (was: exit 1 with 'unexpected
     RuntimeError ... (a bug?)', and recipe.yaml already rewritten to the rejected model)."""
@@ -110,6 +112,7 @@ def test_a_rejected_resume_writes_nothing(finished_run, tmp_path, capsys):
     assert snapshot(out) == before and not (out / rundir.LOCK_NAME).exists()
 
 
+@pytest.mark.integration
 def test_rotation_never_deletes_the_runs_newest_checkpoint(finished_run, tmp_path):
     """Back to step 2 of a run whose checkpoints go to step 4, one step on, keeping 1: step_3.pt (this run's
     final checkpoint) stays although step_4.pt sorts after it (was: rotated away at the end of the run)."""
@@ -119,6 +122,7 @@ def test_rotation_never_deletes_the_runs_newest_checkpoint(finished_run, tmp_pat
     assert "step_3.pt" in [p.name for p in list_checkpoints(out)]
 
 
+@pytest.mark.integration
 def test_checkpoints_of_earlier_versions_without_a_run_id_still_resume(finished_run, tmp_path, caplog):
     out = copy_of(finished_run, tmp_path)
     for path in list_checkpoints(out):  # as written before run ids existed
@@ -143,6 +147,7 @@ def _wait_for(condition, what: str, timeout: float = 600) -> None:
         time.sleep(0.5)
 
 
+@pytest.mark.integration
 def test_a_live_run_keeps_a_second_process_out_and_a_killed_runs_lock_is_taken_over(finished_run, tmp_path,
                                                                                   capsys, caplog):
     out = copy_of(finished_run, tmp_path)

@@ -24,6 +24,7 @@ def _recipe(out, *overrides: str):
                               "run.checkpoint_every=10", "run.steps=100000", *overrides])
 
 
+@pytest.mark.integration
 def test_a_budgeted_run_ends_inside_its_budget_with_a_complete_schedule(tmp_path, capsys):
     trainer = Pretrainer.from_recipe(_recipe(tmp_path, f"run.budget_seconds={BUDGET}"))  # set-up (demo set) is not budgeted
     started = time.monotonic()
@@ -89,6 +90,7 @@ def test_the_process_clock_counts_from_the_process_start():
     assert 1.5 <= age <= time.monotonic() - started + 0.1  # /proc's start time has 10 ms ticks
 
 
+@pytest.mark.integration
 def test_a_resumed_budgeted_run_continues_its_plan_and_its_clock(tmp_path):
     """The checkpoint holds the plan and the budget used; the resumed run's schedule is the planned one."""
     from engine_helpers import FixedStream, make_batch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ast
 
+import pytest
+
 import medclip
 from medclip.training import checkpoint as ckpt
 from medclip.training.callbacks import Callback
@@ -40,6 +42,7 @@ class Recorder(Callback):
         self.calls.append(("run_end", trainer.step, sorted(results)))
 
 
+@pytest.mark.integration
 def test_callbacks_and_checkpoint_writer_see_a_run_through_the_public_api(tmp_path):
     recorder, written = Recorder(), []
 
