@@ -1,9 +1,11 @@
-"""Synthetic training batches and injectable streams for the engine tests (no data set needed)."""
+"""Synthetic training batches, injectable streams and hand-written shards for the tests (no data set needed)."""
 
 from __future__ import annotations
 
 import functools
+import io
 import socket
+import tarfile
 
 import torch
 
@@ -88,3 +90,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_shard(path, samples: dict[str, dict[str, bytes]]):
+    """A tar shard with the members ``KEY.EXT`` of ``samples`` (key -> extension -> bytes), in that order."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples.items():
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path

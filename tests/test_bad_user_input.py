@@ -5,12 +5,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
 
 import numpy as np
 import pytest
 import torch
 from conftest import one_error_line  # tests/ is on sys.path under pytest
+from engine_helpers import write_shard
 from PIL import Image
 
 from medclip.cli import main
@@ -20,16 +20,6 @@ def _png(seed: int) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _shard(path, samples: dict[str, dict[str, bytes]]):
-    with tarfile.open(path, "w") as tar:
-        for key, members in samples.items():
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{key}.{ext}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    return path
 
 
 def _labels(finding: str) -> bytes:
@@ -43,7 +33,7 @@ def bad_shard(tmp_path):
     samples["latin1"] = {"png": _png(10), "json": _labels("a"), "txt": "épanchement pleural".encode("latin-1")}
     samples["brokenjson"] = {"png": _png(11), "json": b"{not json", "txt": b"a caption"}
     samples["listjson"] = {"png": _png(12), "json": b"[1, 2]", "txt": b"a caption"}
-    return _shard(tmp_path / "val-000000.tar", samples)
+    return write_shard(tmp_path / "val-000000.tar", samples)
 
 
 def _eval(task: str, shard, out, *extra) -> list[str]:

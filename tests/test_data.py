@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import require_shared  # tests/ is on sys.path under pytest
+from engine_helpers import write_shard
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision import transforms
@@ -221,13 +222,7 @@ def test_corruption_is_skipped_and_counted(tmp_path, demo_dir, tiny_encoder):
         by_key.setdefault(key, {})[ext] = data
     keys = sorted(by_key)
 
-    def write(path: Path, samples: dict[str, dict]):
-        with tarfile.open(path, "w") as tar:
-            for key, exts in samples.items():
-                for ext, data in exts.items():
-                    info = tarfile.TarInfo(f"{key}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+    write = write_shard
 
     bad = {k: dict(by_key[k]) for k in keys[:10]}
     bad[keys[0]]["jpg"] = b"\xff\xd8\xff corrupt"
