@@ -134,6 +134,13 @@ def hash_stream(refs: Iterator[ImageRef], workers: int) -> Iterator[Hashed]:
             yield from hashed
 
 
+def popcount(x: np.ndarray) -> np.ndarray:
+    """Set bits of each uint64 (numpy < 2.0 has no bitwise_count)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(x)
+    return np.unpackbits(x.view(np.uint8).reshape(-1, 8), axis=1).sum(1)
+
+
 class EvalIndex:
     """The evaluation side's hashes, compared with one training hash at a time."""
 
@@ -148,7 +155,7 @@ class EvalIndex:
         return len(self.keys)
 
     def match(self, h: Hashed, max_distance: int) -> Finding | None:
-        distances = np.bitwise_count(self.hashes ^ np.uint64(h.phash))
+        distances = popcount(self.hashes ^ np.uint64(h.phash))
         same = self.by_sha.get(h.sha256)
         nearest = int(distances.argmin()) if same is None else same
         within = int((distances <= max_distance).sum())
