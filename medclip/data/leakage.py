@@ -79,13 +79,13 @@ class LeakageReport:
 
     def summary(self) -> str:
         exact = sum(f.kind == "exact" for f in self.findings)
-        rate = self.train_images / self.seconds if self.seconds > 0 else float("inf")
+        rate = (self.train_images + self.eval_images) / self.seconds if self.seconds > 0 else float("inf")
         skipped = f"; {sum(self.skipped.values())} unreadable images skipped" if self.skipped else ""
         verdict = "no leakage found" if not self.findings else \
             f"{len(self.findings)} training images match evaluation images ({exact} exact, " \
             f"{len(self.findings) - exact} near)"
         return (f"{verdict}: {self.train_images} training images against {self.eval_images} evaluation images, "
-                f"max distance {self.max_distance} bits, {self.seconds:.1f} s ({rate:.0f} training images/s)"
+                f"max distance {self.max_distance} bits, {self.seconds:.1f} s ({rate:.0f} images hashed/s)"
                 f"{skipped}")
 
 
