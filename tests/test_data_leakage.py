@@ -124,3 +124,37 @@ run: {{output_dir: {tmp_path / 'run'}, steps: 1, tensorboard: false, progress: f
                     "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "training anyway" in proc.stderr
+
+
+def test_shards_against_a_suite(tmp_path, shared_data):
+    """Training shards (streamed, as `shards build` writes them) against a suite's scored split; a probe's
+    `train` split of the suite is not an evaluation image."""
+    dev = _rows(shared_data / "medpix" / "dev.jsonl", 3)
+    unrelated = _rows(shared_data / "medpix" / "train.jsonl", 3, skip=200)
+    images = tmp_path / "train"
+    images.mkdir()
+    rows = []
+    for i, path in enumerate(dev + unrelated):
+        img = Image.open(path).convert("RGB")
+        name = f"{'copy' if i < 3 else 'other'}{i}.jpg"
+        (img.resize((img.width // 2, img.height // 2)) if i < 3 else img).save(images / name, quality=85)
+        rows.append(json.dumps({"image": name, "caption": "an image."}) + "\n")
+    (images / "train.jsonl").write_text("".join(rows))
+    build = _medclip("shards", "build", str(images / "train.jsonl"), "--out", str(tmp_path / "shards"),
+                     "--prefix", "planted", "--no-shuffle")
+    assert build.returncode == 0, build.stderr
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(f"""suite: s
+root: {shared_data}
+datasets:
+  - {{name: modality, reader: jsonl, args: {{path: medpix/dev.jsonl}}, label: modality, classes: [CT, MRI],
+     templates: ["a {{c}}."]}}
+  - {{name: probe, task: linear-probe, reader: jsonl, args: {{path: medpix/dev.jsonl}}, label: modality,
+     classes: [CT, MRI], train: {{reader: jsonl, args: {{path: medpix/train.jsonl}}}}}}
+""")
+    proc = _medclip("data", "leakage", str(tmp_path / "shards" / "planted-*.tar"), "--against", str(suite),
+                    "--workers", "1")
+    assert proc.returncode == 1, proc.stderr
+    found = sorted(LEAK.match(line)[4] for line in proc.stdout.splitlines()[:-1])
+    assert found == sorted(f"medpix/dev.jsonl:{p.relative_to(p.parent.parent)}" for p in dev)
+    assert "6 training images against 197 evaluation images" in proc.stdout.splitlines()[-1]
