@@ -19,6 +19,7 @@ DISTRIBUTIONS = {
     "braceexpand": "braceexpand",
     "matplotlib": "matplotlib",
     "ahocorasick": "pyahocorasick",
+    "imagehash": "imagehash",
 }
 
 

@@ -166,13 +166,13 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
 # The core install: setup.cfg's install_requires, nothing of the `train` extra.
 CORE_REQUIRES = {"torch", "torchvision", "open-clip-torch", "timm", "transformers", "tokenizers", "scikit-learn",
                  "safetensors", "pyyaml", "tqdm", "pillow", "numpy"}
-TRAIN_EXTRA = {"webdataset", "braceexpand", "matplotlib", "pyahocorasick"}
+TRAIN_EXTRA = {"webdataset", "braceexpand", "matplotlib", "pyahocorasick", "imagehash"}
 # Run first in each process: the train extra's modules cannot be imported, as in a core-only install.
 WITHOUT_TRAIN_EXTRA = """
 import importlib.abc, sys
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"webdataset", "braceexpand", "matplotlib", "ahocorasick"}:
+        if name.split(".")[0] in {"webdataset", "braceexpand", "matplotlib", "ahocorasick", "imagehash"}:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 """

@@ -1,4 +1,4 @@
-"""CLI: ``medclip shards build|merge`` and ``medclip data check`` (and ``medclip data demo``)."""
+"""CLI: ``medclip shards build|merge`` and ``medclip data check|leakage`` (and ``medclip data demo``)."""
 
 from __future__ import annotations
 
@@ -61,6 +61,21 @@ def register(subparsers) -> None:
     c.add_argument("--no-checksums", action="store_true")
     c.add_argument("--allow-pipe", action="store_true", help="run the manifests' pipe: commands to read their shards")
     c.set_defaults(func=run_check)
+    lk = data_sub.add_parser("leakage", help="find training images that are exact or near copies of evaluation "
+                                              "images (perceptual hashes); exit 1 when any is found")
+    lk.add_argument("train", nargs="+", help="training side: manifest name or path, shard glob, folder, "
+                                              "JSONL/CSV table")
+    lk.add_argument("--against", nargs="+", required=True,
+                    help="evaluation side: suite name or YAML (the split each dataset is scored on), folder, "
+                         "JSONL/CSV table, shard glob or manifest")
+    lk.add_argument("--root", default=None, help="data root of the suites and manifests")
+    lk.add_argument("--max-distance", type=int, default=None,
+                    help="near copy: at most this many differing bits of the 64-bit pHash (default 8)")
+    lk.add_argument("--workers", type=int, default=1, help="hashing processes (0: in this process)")
+    lk.add_argument("--allow-pipe", action="store_true", help="run the manifests' pipe: commands to read their shards")
+    lk.add_argument("--no-progress", action="store_true",
+                    help="no progress bars (they are drawn only when stderr is a terminal)")
+    lk.set_defaults(func=run_leakage)
     d = data_sub.add_parser("demo", help="generate the synthetic demo set")
     d.add_argument("--out", required=True)
     d.add_argument("--n-train", type=int, default=1800)
@@ -145,6 +160,21 @@ def run_check(args: argparse.Namespace) -> int:
             counts = f"{manifest.samples} samples" if manifest.samples is not None else "no sample count stated"
             print(f"OK   {manifest.name}: {len(manifest.urls)} shards read to their end, {counts}")
     return 1 if failed else 0
+
+
+def run_leakage(args: argparse.Namespace) -> int:
+    import sys
+
+    from medclip.data.leakage import DEFAULT_MAX_DISTANCE, check_leakage
+    from medclip.data.leakage_sources import open_side
+
+    train = [open_side(s, args.root, args.allow_pipe) for s in args.train]
+    against = [open_side(s, args.root, args.allow_pipe) for s in args.against]
+    report = check_leakage(train, against, DEFAULT_MAX_DISTANCE if args.max_distance is None else args.max_distance,
+                           workers=args.workers, progress=not args.no_progress and sys.stderr.isatty(),
+                           on_finding=lambda f: print(f.line(), flush=True))
+    print(report.summary())
+    return 1 if report.findings else 0
 
 
 def run_demo(args: argparse.Namespace) -> int:

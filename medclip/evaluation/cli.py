@@ -37,9 +37,11 @@ def _common(p) -> None:
     p.add_argument("--fractions", type=float, nargs="*", default=[1.0],
                    help="linear probe: fractions of the training set (e.g. 0.01 0.1 1)")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--probe-method", default="sklearn",
-                   help="linear probe: sklearn (scikit-learn logistic regression with a C search) or clip_benchmark "
-                        "(CLIP_benchmark's AdamW linear layer with its weight-decay search)")
+    p.add_argument("--probe-method", default=None,
+                   help="linear probe: sklearn (default; scikit-learn logistic regression with a C search), "
+                        "clip_benchmark (CLIP_benchmark's AdamW linear layer with its weight-decay search) or "
+                        "tip-adapter (training-free cache of the shots on the zero-shot classifier; needs the "
+                        "classes' prompts); overrides a suite dataset's `method`")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are drawn only when stderr is a terminal)")
 
@@ -149,9 +151,10 @@ def run(args) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     options = RunOptions(
         embed=EmbedOptions(args.batch_size, args.workers, progress=progress, draft=not args.no_draft),
-        probe=ProbeConfig(method=args.probe_method, shots=tuple(args.shots), fractions=tuple(args.fractions),
-                          seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
+        probe=ProbeConfig(method=args.probe_method or "sklearn", shots=tuple(args.shots),
+                          fractions=tuple(args.fractions), seeds=tuple(args.seeds), sgd_device=args.device or "cpu"),
         cache=FeatureCache(args.cache_dir),
+        probe_method_given=args.probe_method is not None,
     )
     out = claim_output_dir(args.out, "eval", _data_paths(specs, root), args.force)
     for name in args.model:

@@ -4,12 +4,15 @@ Features are cached on disk under a key that hashes the model weights and prepro
 data identity (file paths + sizes + mtimes, or content hashes of shard bytes) and the split
 name, so any change to one of them computes fresh features instead of reusing stale ones.
 
-Two methods (``ProbeConfig.method``, a registry):
+Methods (``ProbeConfig.method``, a registry):
 
 - ``sklearn`` (default): scikit-learn's L-BFGS logistic regression; C chosen by balanced accuracy on
   the validation split;
 - ``clip_benchmark``: CLIP_benchmark's own procedure (AdamW-trained linear layer, weight decay
-  searched by validation top-1), see :mod:`medclip.evaluation.probe_clip_benchmark`.
+  searched by validation top-1), see :mod:`medclip.evaluation.probe_clip_benchmark`;
+- ``tip-adapter``: no training, a cache of the shots added to the zero-shot classifier (it needs the
+  classes' prompts), see :mod:`medclip.evaluation.tip_adapter`. Its records also carry the zero-shot
+  classifier's scores on the same test samples (``zs_*``).
 
 The validation split is given, or a stratified part of the training set. The probe is then refit on
 train + validation for the full training set; k-shot and fraction subsets are fit on the subset only,
@@ -32,7 +35,7 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.model_selection import train_test_split
 
 from medclip.errors import MedclipError
-from medclip.evaluation import probe_clip_benchmark
+from medclip.evaluation import probe_clip_benchmark, tip_adapter
 from medclip.evaluation.datasets import EvalData
 from medclip.evaluation.metrics import topk_accuracy
 from medclip.evaluation.model import EmbedOptions, EvalModel
@@ -175,17 +178,29 @@ def sklearn_probe_scores(x_train, y_train, x_val, y_val, x_test, num_classes: in
         "val_mean_per_class_recall_by_c": {str(c): v for c, v in per_c.items()}}
 
 
-PROBE_METHODS = {"sklearn": sklearn_probe_scores, "clip_benchmark": probe_clip_benchmark.probe_scores}
-SEED_FREE_METHODS = {"sklearn"}  # same data -> same probe (L-BFGS); the SGD probe depends on the seed
+PROBE_METHODS = {"sklearn": sklearn_probe_scores, "clip_benchmark": probe_clip_benchmark.probe_scores,
+                 "tip-adapter": tip_adapter.tip_adapter_scores}
+# same data -> same probe (L-BFGS, the cache); the SGD probe depends on the seed
+SEED_FREE_METHODS = {"sklearn", "tip-adapter"}
+TEXT_METHODS = {"tip-adapter"}  # methods that start from the zero-shot classifier: they take text_weights
+# methods that choose their settings on the training samples themselves (leave-one-out) when there is no
+# validation split, instead of on a part held out of them
+SELF_VALIDATING_METHODS = {"tip-adapter"}
 
 
 def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: ProbeConfig, seed: int,
-                    x_val=None, y_val=None, refit_with_val: bool = True) -> dict:
+                    x_val=None, y_val=None, refit_with_val: bool = True, text_weights=None) -> dict:
     """Choose the regularisation on validation, refit (on train + validation if ``refit_with_val``), score
-    the test split. Without a validation split, one is held out of the training data (and always refit on)."""
+    the test split. Without a validation split, one is held out of the training data (and always refit on).
+    ``text_weights`` ([C, D] class text embeddings): the zero-shot classifier, for the methods that need it."""
     if len(np.unique(y_train)) < 2:
         raise MedclipError("linear probe needs at least two classes in the training data")
-    if x_val is None:
+    extra = {}
+    if cfg.method in TEXT_METHODS:
+        if text_weights is None:
+            raise MedclipError(f"probe method {cfg.method} needs the classes' text embeddings (their prompts)")
+        extra["text_weights"] = text_weights
+    if x_val is None and cfg.method not in SELF_VALIDATING_METHODS:
         refit_with_val = True  # the validation part is the training data's own
         counts = np.bincount(y_train)
         n_classes = int((counts > 0).sum())
@@ -194,8 +209,12 @@ def train_and_score(x_train, y_train, x_test, y_test, num_classes: int, cfg: Pro
             x_train, x_val, y_train, y_val = train_test_split(x_train, y_train, test_size=n_val,
                                                               random_state=seed, stratify=y_train)
     scores, details = PROBE_METHODS[cfg.method](x_train, y_train, x_val, y_val, x_test, num_classes, cfg, seed,
-                                                refit_with_val)
-    return {**probe_metrics(scores, y_test, num_classes), "method": cfg.method, **details}
+                                                refit_with_val, **extra)
+    result = {**probe_metrics(scores, y_test, num_classes), "method": cfg.method, **details}
+    if text_weights is not None:  # the zero-shot classifier on the same test samples, beside the method
+        zs = probe_metrics(tip_adapter.zero_shot_scores(x_test, text_weights), y_test, num_classes)
+        result.update({"zs" + k[2:]: v for k, v in zs.items()})
+    return result
 
 
 @dataclass
@@ -205,7 +224,8 @@ class ProbeResult:
 
 
 def _mean_std(runs: list[dict]) -> tuple[dict, dict]:
-    keys = [k for k in ("lp_acc1", "lp_acc5", "lp_mean_per_class_recall") if k in runs[0]]
+    keys = [k for p in ("lp", "zs") for k in (f"{p}_acc1", f"{p}_acc5", f"{p}_mean_per_class_recall")
+            if k in runs[0]]
     mean = {k: float(np.mean([r[k] for r in runs])) for k in keys}
     std = {k: float(np.std([r[k] for r in runs])) for k in keys}
     return mean, std
@@ -213,8 +233,10 @@ def _mean_std(runs: list[dict]) -> tuple[dict, dict]:
 
 def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
                           num_classes: int, cfg: ProbeConfig | None = None,
-                          x_val: np.ndarray | None = None, y_val: np.ndarray | None = None) -> ProbeResult:
-    """All configured settings on precomputed features. Few-shot subsets are drawn from the training split."""
+                          x_val: np.ndarray | None = None, y_val: np.ndarray | None = None,
+                          text_weights: np.ndarray | None = None) -> ProbeResult:
+    """All configured settings on precomputed features. Few-shot subsets are drawn from the training split
+    with the same generator per seed whatever the method, so every method of a seed sees the same shots."""
     cfg = cfg or ProbeConfig()
     settings = {}
     plans = [(f"{k}-shot", k, None) for k in cfg.shots] + \
@@ -226,8 +248,9 @@ def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
             whole = fraction == 1.0
             idx = np.arange(len(y_train)) if whole else subsample(y_train, rng, shots, fraction)
             runs.append(train_and_score(x_train[idx], y_train[idx], x_test, y_test, num_classes, cfg, seed,
-                                        x_val, y_val, refit_with_val=whole))
-            if whole and x_val is not None and cfg.method in SEED_FREE_METHODS:
+                                        x_val, y_val, refit_with_val=whole, text_weights=text_weights))
+            validated_without_draws = x_val is not None or cfg.method in SELF_VALIDATING_METHODS
+            if whole and validated_without_draws and cfg.method in SEED_FREE_METHODS:
                 break  # nothing random left: same data, deterministic solver
         mean, std = _mean_std(runs)
         settings[name] = {"mean": mean, "std": std, "runs": runs}
@@ -240,10 +263,10 @@ def linear_probe_features(x_train: np.ndarray, y_train: np.ndarray, x_test: np.n
 def linear_probe(model: EvalModel, train: EvalData, y_train: np.ndarray, test: EvalData, y_test: np.ndarray,
                  num_classes: int, cfg: ProbeConfig | None = None, cache: FeatureCache | None = None,
                  val: EvalData | None = None, y_val: np.ndarray | None = None,
-                 options: EmbedOptions | None = None) -> ProbeResult:
+                 options: EmbedOptions | None = None, text_weights: np.ndarray | None = None) -> ProbeResult:
     """Frozen features (cached) of each split, then :func:`linear_probe_features`."""
     cache = cache or FeatureCache()
     f_train = cache.features(model, train, "train", options).numpy()
     f_test = cache.features(model, test, "test", options).numpy()
     f_val = cache.features(model, val, "val", options).numpy() if val is not None else None
-    return linear_probe_features(f_train, y_train, f_test, y_test, num_classes, cfg, f_val, y_val)
+    return linear_probe_features(f_train, y_train, f_test, y_test, num_classes, cfg, f_val, y_val, text_weights)

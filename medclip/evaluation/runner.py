@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -10,11 +11,11 @@ from pathlib import Path
 from medclip import jsonio
 from medclip.errors import MedclipError
 from medclip.evaluation.datasets import EvalData, read_dataset
-from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig, linear_probe
+from medclip.evaluation.linear_probe import TEXT_METHODS, FeatureCache, ProbeConfig, linear_probe
 from medclip.evaluation.model import EmbedOptions, EvalModel
 from medclip.evaluation.retrieval import retrieval
 from medclip.evaluation.suites import DatasetSpec, Source
-from medclip.evaluation.zeroshot import build_targets, zero_shot
+from medclip.evaluation.zeroshot import build_targets, class_embeddings, zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,10 @@ class RunOptions:
     probe: ProbeConfig
     cache: FeatureCache | None = None
     recall_ks: tuple[int, ...] = (1, 5, 10)
+    probe_method_given: bool = False  # the command line named the probe method: it wins over a suite's `method`
+
+# What each probe run chose (its regularisation, Tip-Adapter's alpha and beta), kept per run in the record.
+RUN_CHOICES = ("best_c", "c_selection", "alpha", "beta", "alpha_beta_selection", "cache_size")
 
 
 def _read(source: Source, root: Path | None, name: str) -> EvalData:
@@ -58,6 +63,24 @@ def undefined_metrics(record: dict) -> dict[str, str]:
     return out
 
 
+def probe_config(spec: DatasetSpec, options: RunOptions) -> ProbeConfig:
+    """The run's probe settings, with the dataset's own `method` unless the command line chose one."""
+    if spec.probe_method and not options.probe_method_given:
+        return dataclasses.replace(options.probe, method=spec.probe_method)
+    return options.probe
+
+
+def probe_text_weights(model: EvalModel, spec: DatasetSpec, method: str):
+    """[C, D] class text embeddings for a method that starts from the zero-shot classifier, else None."""
+    if method not in TEXT_METHODS:
+        return None
+    try:
+        return class_embeddings(model, spec.classes).numpy()
+    except MedclipError as exc:
+        raise MedclipError(f"dataset {spec.name}: probe method {method} needs prompts for its classes "
+                           f"(`templates` or per-class `prompts` in the suite): {exc}") from None
+
+
 def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, options: RunOptions,
                      suite: str = "") -> dict:
     """One dataset, one model -> a result record (CLIP_benchmark keys plus headline and details)."""
@@ -77,12 +100,16 @@ def evaluate_dataset(model: EvalModel, spec: DatasetSpec, root: Path | None, opt
         tr = build_targets(train, spec.label, spec.classes)
         te = build_targets(data, spec.label, spec.classes)
         va = build_targets(val, spec.label, spec.classes) if val is not None else None
+        cfg = probe_config(spec, options)
         res = linear_probe(model, train.subset(tr.indices), tr.target.numpy(), data.subset(te.indices),
-                           te.target.numpy(), len(spec.classes.labels), options.probe, options.cache,
+                           te.target.numpy(), len(spec.classes.labels), cfg, options.cache,
                            val.subset(va.indices) if va else None, va.target.numpy() if va else None,
-                           options.embed)
+                           options.embed, probe_text_weights(model, spec, cfg.method))
         metrics, n, skipped = res.metrics, len(te.indices), te.skipped
-        details["settings"] = {k: {"mean": v["mean"], "std": v["std"]} for k, v in res.settings.items()}
+        details["method"] = cfg.method
+        details["settings"] = {k: {"mean": v["mean"], "std": v["std"],
+                                   "runs": [{c: r[c] for c in RUN_CHOICES if c in r} for r in v["runs"]]}
+                               for k, v in res.settings.items()}
         details["n_train"] = len(tr.indices)
     if data.bad_samples:
         details["bad_samples"] = dict(data.bad_samples)  # met while reading the data files (the log names them)

@@ -13,6 +13,7 @@ Schema (one file = one suite)::
         args: {path: medpix/dev.jsonl}
         train: {reader: jsonl, args: {path: medpix/train.jsonl}}   # linear-probe only
         val:   {reader: ..., args: ...}                            # optional
+        method: tip-adapter         # linear-probe only: a probe method (`--probe-method` overrides it)
         label: modality             # label field
         classes:                    # a label, or {label, name, prompts}
           - {label: CT, name: computed tomography, prompts: ["a CT scan."]}
@@ -65,6 +66,7 @@ class DatasetSpec:
     separator: str | None = None
     train: Source | None = None
     val: Source | None = None
+    probe_method: str | None = None  # linear-probe: the suite's method (None: the command line's)
 
     def __post_init__(self):
         if self.task not in TASKS:
@@ -77,6 +79,14 @@ class DatasetSpec:
             raise MedclipError(f"dataset {self.name}: task {self.task} needs `label` and `classes`")
         if self.task == "linear-probe" and self.train is None:
             raise MedclipError(f"dataset {self.name}: linear-probe needs a `train` source")
+        if self.probe_method is not None:
+            from medclip.evaluation.linear_probe import PROBE_METHODS
+
+            if self.task != "linear-probe":
+                raise MedclipError(f"dataset {self.name}: `method` is a linear-probe setting, not {self.task}")
+            if self.probe_method not in PROBE_METHODS:
+                raise MedclipError(f"dataset {self.name}: unknown probe method {self.probe_method!r}; "
+                                   f"known: {', '.join(sorted(PROBE_METHODS))}")
         if self.task == "zero-shot" and self.headline == "acc5" and len(self.classes.labels) < 5:
             raise MedclipError(f"dataset {self.name}: acc5 needs at least 5 classes")
 
@@ -144,6 +154,7 @@ def parse_dataset(raw: dict, suite_templates: list[str]) -> DatasetSpec:
         separator=raw.get("separator"),
         train=_source(raw["train"], where + " train") if raw.get("train") else None,
         val=_source(raw["val"], where + " val") if raw.get("val") else None,
+        probe_method=str(raw["method"]) if raw.get("method") else None,
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from medclip import resources
+from medclip.data.leakage import LeakageCheckConfig
 from medclip.data.stream import check_first_caption_share
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
@@ -62,6 +63,9 @@ class DataConfig:
     epoch_samples: int | None = None
     # Let manifests run the shell commands of their pipe: URLs (only for manifests you trust; --allow-pipe).
     allow_pipe: bool = False
+    # Before step 1: training images against these evaluation sides (suites, folders, tables, shards); the run
+    # refuses to start on an exact or near copy unless allow_leakage (README, "Leakage check").
+    leakage_check: LeakageCheckConfig = field(default_factory=LeakageCheckConfig)
 
 
 @dataclass
@@ -258,6 +262,9 @@ def validate(recipe: Recipe) -> Recipe:
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
+    if not 0 <= recipe.data.leakage_check.max_distance < 64:
+        raise MedclipError(f"recipe key data.leakage_check.max_distance must be 0-63 (bits of a 64-bit hash), got "
+                           f"{recipe.data.leakage_check.max_distance}")
     if recipe.data.epoch_samples is not None and recipe.data.epoch_samples < 1:
         raise MedclipError(f"recipe key data.epoch_samples must be positive (or null), got {recipe.data.epoch_samples}")
     if recipe.data.batch_size % recipe.optim.accum_steps:

@@ -54,8 +54,10 @@ def check(recipe, is_main: bool = True) -> None:
 
 
 def check_made_data(recipe) -> None:
-    """After data preparation: the evaluation data the run was to write itself is there."""
-    _raise(check_eval_data(recipe, made_by_run=True))
+    """After data preparation: the evaluation data the run was to write itself is there, and no training
+    image is a copy of an evaluation image (``data.leakage_check``)."""
+    problems = check_eval_data(recipe, made_by_run=True)
+    _raise(problems or check_leakage(recipe))
 
 
 def _raise(problems: list[str]) -> None:
@@ -147,6 +149,43 @@ def check_eval_data(recipe, made_by_run: bool) -> list[str]:
                             f"under {root} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}; first "
                             f"missing: {missing[0][1]}); set eval.root to the folder holding them")
     return problems
+
+
+# ------------------------------------------------------------------ leakage
+
+def training_manifests(recipe) -> list[str]:
+    """The manifests the run trains on, once its data is prepared (built tables, the demo set, sources)."""
+    from medclip.training.components import demo_dir
+
+    out = Path(recipe.output_dir)
+    paths = [str(demo_dir(out) / "demo-train.yaml")] if recipe.data.demo else []
+    paths += [str(out / "shards" / spec.name / f"{spec.name}.yaml") for spec in recipe.data.build]
+    return paths + [_expand(source.manifest, out) for source in recipe.data.sources]
+
+
+def check_leakage(recipe) -> list[str]:
+    """``data.leakage_check``: the training images against its evaluation sides; a problem unless allowed."""
+    from medclip.data.leakage import check_leakage as run_check
+    from medclip.data.leakage_sources import open_side
+
+    cfg = recipe.data.leakage_check
+    if not cfg.against:
+        return []
+    out = Path(recipe.output_dir)
+    roots = {_expand(source.manifest, out): _expand(source.root, out) for source in recipe.data.sources}
+    train = [open_side(m, roots.get(m), recipe.data.allow_pipe) for m in training_manifests(recipe)]
+    against = [open_side(_expand(a, out), _expand(recipe.eval.root, out)) for a in cfg.against]
+    report = run_check(train, against, cfg.max_distance, workers=min(2, os.cpu_count() or 1))
+    log.info("leakage check: %s", report.summary())
+    if not report.findings:
+        return []
+    first = report.findings[0].line().removeprefix("LEAK ")
+    if cfg.allow_leakage:
+        log.warning("leakage check: %d training images match evaluation images (first: %s); training anyway "
+                    "(data.leakage_check.allow_leakage)", len(report.findings), first)
+        return []
+    return [f"{len(report.findings)} training images match evaluation images (first: {first}); list them with "
+            f"`medclip data leakage`, or set data.leakage_check.allow_leakage: true to train anyway"]
 
 
 # ------------------------------------------------------------------ output directory and disk
