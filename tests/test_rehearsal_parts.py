@@ -163,3 +163,17 @@ def test_loss_check_judges_each_term_over_its_own_steps(tmp_path):
     staged = check([20.0, 15.0, 10.0, 8.0])  # total: 2.2 at step 4 -> 4.0 at step 5, then falling
     assert staged.ok, staged.lines
     assert not check([8.0, 10.0, 15.0, 20.0]).ok  # PC-Align rising over its own steps
+
+
+def test_a_budgeted_recipe_is_rehearsed_for_its_fixed_steps():
+    """A wall-clock budget re-plans the steps from the clock; the rehearsal compares runs step by step, so
+    its plan runs exactly STEPS steps and says it dropped the budget."""
+    import copy
+
+    from medclip.training.rehearsal.plan import STEPS, RehearsalPlan, _schedule
+
+    recipe = load_recipe("demo", ["run.budget_seconds=3600", "run.budget_from=process"])
+    plan = RehearsalPlan("demo", recipe, copy.deepcopy(recipe.to_dict()))
+    _schedule(plan)
+    assert plan.values["run"]["steps"] == STEPS and plan.values["run"]["budget_seconds"] is None
+    assert [s.before for s in plan.swaps if s.key == "run.budget_seconds"] == [3600.0]

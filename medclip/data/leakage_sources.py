@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import yaml
 
 from medclip import resources
+from medclip._deps import require
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ def open_side(spec: str, root: str | Path | None = None, allow_pipe: bool = Fals
         kind = _yaml_kind(path)
         return _suite(spec, root) if kind == "suite" else _manifest(spec, root, allow_pipe)
     if _is_pattern(spec):
-        return _shards(spec, sorted(u for p in braceexpand.braceexpand(spec) for u in glob.glob(p)), allow_pipe)
+        expand = require("braceexpand", "expanding shard URL patterns").braceexpand
+        return _shards(spec, sorted(u for p in expand(spec) for u in glob.glob(p)), allow_pipe)
     if not path.exists():
         try:  # a shipped suite name, then a shipped manifest name
             return _suite(spec, root)

@@ -124,6 +124,8 @@ def _claim_output_dir(output_dir: Path, env: DistEnv, fresh: bool, overwrite: bo
             error = rundir.fresh_run_problem(output_dir, overwrite) if fresh else None
         except MedclipError as exc:
             error = str(exc)
+        except OSError as exc:  # every rank must hear it: the others wait for rank 0's word
+            error = f"cannot use run.output_dir {output_dir}: {exc.strerror or exc}"
         if error:
             lock.release()
     error = broadcast_from_main(error)

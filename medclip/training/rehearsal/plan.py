@@ -114,6 +114,8 @@ def _schedule(plan: RehearsalPlan) -> None:
     r = plan.recipe
     total = r.run.steps
     _swap(plan, "run", "steps", STEPS, "a few dozen steps")
+    # A budget would re-plan the steps from the clock: the checks compare fixed steps run by run.
+    _swap(plan, "run", "budget_seconds", None, f"exactly {STEPS} steps, not as many as fit in the budget")
     _swap(plan, "optim", "warmup_steps", _scaled(r.optim.warmup_steps, total), "same fraction of the run")
     _swap(plan, "objective", "pc_start_step", _scaled(r.objective.pc_start_step, total), "same fraction of the run")
     _swap(plan, "run", "checkpoint_every", CHECKPOINT_EVERY, f"checkpoints at {CHECKPOINT_EVERY} and "
