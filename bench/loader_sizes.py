@@ -55,7 +55,7 @@ from loader_throughput import REPO, SHARED, TRANSFORM, cpu_seconds  # noqa: E402
 SIDES = (256, 512, 1024, 2048)
 FORMATS = {"jpeg-gray": ("jpg", "L"), "jpeg-rgb": ("jpg", "RGB"), "png-gray8": ("png", "L"),
            "png-gray16": ("png", "I;16"), "png-rgb": ("png", "RGB")}
-RATE_PER_GPU = 400  # samples/s of unimed_vitb16 on one GPU (issue 27's estimate)
+RATE_PER_GPU = 400  # samples/s of unimed_vitb16 on one GPU: issue 27's estimate, assumed here, not measured
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(3, 1, 1)
 _crop = TRANSFORM.transforms[0]
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(table: dict, n_images: int, rounds: int, workers: int) -> None:
     methods = ["medclip", "medclip-full", "open_clip", "decode_jpeg", "pil-draft"]
     print(f"\n{n_images} samples per measurement, {rounds} rounds (median), {workers} processes, 224 px train transform; "
-          f"CPU ms per sample (all processes) / samples/s per core / cores per GPU at {RATE_PER_GPU} samples/s")
+          f"CPU ms per sample (all processes) / samples/s per core / cores per GPU at an assumed {RATE_PER_GPU} samples/s (not measured)")
     print(f"| source | side | kB/image | {' | '.join(methods)} | medclip / open_clip |")
     print("|---|---|---|" + "---|" * (len(methods) + 1))
     for (fmt, side), row in table.items():

@@ -141,7 +141,7 @@ def read_dicom(path: str | Path, window: Window | None = None) -> Image.Image:
         raise MedclipError(f"cannot read DICOM {path}: {exc}") from exc
 
 
-def upright(image: Image.Image) -> Image.Image:
+def upright(image: Image.Image, turned: bool | None = None) -> Image.Image:
     """``image`` turned as its EXIF orientation says (as a viewer shows it); ``image`` itself when upright.
 
     Photographs of skin, slides and scanned films are often stored sideways with an EXIF
@@ -149,7 +149,7 @@ def upright(image: Image.Image) -> Image.Image:
     re-encode, a crop), after which nothing can turn the image back. JPEG ``draft`` decoding scales
     both sides alike, so applying this after ``draft`` is the same as before it.
     """
-    if not is_turned(image):
+    if not (is_turned(image) if turned is None else turned):  # ``turned``: the caller has read the tag
         return image  # upright or no tag: no copy (the training loader calls this per sample)
     return ImageOps.exif_transpose(image)
 

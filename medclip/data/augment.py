@@ -74,9 +74,10 @@ class SampleImages:
         An image stored turned (EXIF orientation) is decoded in full: its crop is drawn after turning it.
         """
         image = Image.open(io.BytesIO(data))  # in memory: nothing to close
-        crop = self.crop.draw(image) if self.crop is not None and not is_turned(image) else None
+        turned = is_turned(image)
+        crop = self.crop.draw(image) if self.crop is not None and not turned else None
         image.load()
-        image = upright(image)  # EXIF orientation, as a viewer shows the image
+        image = upright(image, turned)  # EXIF orientation, as a viewer shows the image
         if image.mode in HIGH_BIT_MODES:  # its own min..max to 8 bits, as the evaluator and shard builder do
             image = Image.fromarray(gray_uint8(np.asarray(image)), mode="L")
         plane = gray_plane(image) if self.gray is not None else None

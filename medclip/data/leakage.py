@@ -23,12 +23,16 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from medclip._deps import require
 from medclip.data.leakage_sources import ImageRef, Side
 from medclip.errors import MedclipError
+from medclip.imaging import DICOM_SUFFIXES, load_image
 
 log = logging.getLogger(__name__)
+
+NEEDS_IMAGEHASH = "medclip data leakage"
 
 DEFAULT_MAX_DISTANCE = 8
 CHUNK = 32  # images per task handed to a worker
@@ -92,18 +96,15 @@ class LeakageReport:
 
 def hash_image(ref: ImageRef) -> Hashed:
     """pHash and sha256 of one image; an unreadable image gives ``phash=None`` and the reason."""
-    from PIL import Image
-
-    from medclip.imaging import load_image
-
-    imagehash = require("imagehash", "medclip data leakage")
+    imagehash = require("imagehash", NEEDS_IMAGEHASH)
     try:
-        raw = ref.image if isinstance(ref.image, (bytes, bytearray)) else Path(ref.image).read_bytes()
-        if isinstance(ref.image, (bytes, bytearray)):
-            with Image.open(io.BytesIO(raw)) as img:
+        in_memory = isinstance(ref.image, (bytes, bytearray))
+        raw = ref.image if in_memory else Path(ref.image).read_bytes()
+        if in_memory or Path(ref.image).suffix.lower() not in DICOM_SUFFIXES:
+            with Image.open(io.BytesIO(raw)) as img:  # the bytes just read for the sha256, not the file again
                 image = load_image(img)
         else:
-            image = load_image(ref.image)  # DICOM, 16-bit and EXIF orientation as everywhere else
+            image = load_image(ref.image)  # DICOM through its display pipeline, as everywhere else
         bits = imagehash.phash(image).hash.flatten()
     except Exception as exc:  # PIL raises many types for a broken file; it is counted, not fatal
         return Hashed(ref.key, None, "", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -190,7 +191,7 @@ def check_leakage(train: list[Side], against: list[Side], max_distance: int = DE
         raise MedclipError(f"max distance must be 0-63 bits of the 64-bit hash, got {max_distance}")
     if workers < 0:
         raise MedclipError(f"workers must be 0 (hash in this process) or more, got {workers}")
-    require("imagehash", "medclip data leakage")  # a core install: one line before any image is read
+    require("imagehash", NEEDS_IMAGEHASH)  # a core install: one line before any image is read
     start = time.perf_counter()
     skipped: Counter = Counter()
     with _progress(sum(s.total or 0 for s in against), "hashing evaluation images", progress) as bar:

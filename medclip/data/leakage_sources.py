@@ -21,6 +21,7 @@ import yaml
 
 from medclip import resources
 from medclip._deps import require
+from medclip.data.manifest import NEEDS_BRACEEXPAND
 from medclip.errors import MedclipError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def open_side(spec: str, root: str | Path | None = None, allow_pipe: bool = Fals
         kind = _yaml_kind(path)
         return _suite(spec, root) if kind == "suite" else _manifest(spec, root, allow_pipe)
     if _is_pattern(spec):
-        expand = require("braceexpand", "expanding shard URL patterns").braceexpand
+        expand = require("braceexpand", NEEDS_BRACEEXPAND).braceexpand
         return _shards(spec, sorted(u for p in expand(spec) for u in glob.glob(p)), allow_pipe)
     if not path.exists():
         try:  # a shipped suite name, then a shipped manifest name

@@ -92,9 +92,12 @@ class Budget:
         return step + max(1, math.floor(left / per_step))
 
     def report(self, steps: int) -> str:
-        used = self.elapsed()
-        return (f"budget: {used:.1f} of {self.seconds:.0f} s used ({100 * used / self.seconds:.0f}%) by {steps} "
-                f"steps planned to fit and the final save")
+        return budget_line(self.elapsed(), self.seconds, f"{steps} steps planned to fit and the final save")
+
+
+def budget_line(used: float, total: float, by: str) -> str:
+    """The budget's use as the log and the run summary state it."""
+    return f"budget: {used:.1f} of {total:.0f} s used ({100 * used / total:.0f}%) by {by}"
 
 
 class PlannedSteps:
@@ -104,6 +107,7 @@ class PlannedSteps:
     _planned_steps: int | None = None  # None: run.steps
     budget: Budget | None = None  # run.budget_seconds' clock, from Pretrainer.run
     budget_used_before: float = 0.0  # of the budget, by the run a resumed one continues
+    _save_bytes: int | None = None  # what the final save writes, counted once (not at every step)
 
     @property
     def planned_steps(self) -> int:
@@ -115,7 +119,8 @@ class PlannedSteps:
 
     def _replan(self) -> None:
         """run.budget_seconds: the steps that fit in what is left of the budget (the same on every rank)."""
-        params = sum(p.numel() * p.element_size() for p in self.module.parameters())
-        total = broadcast_from_main(self.budget.plan(self.step, self.planned_steps, 4 * params))  # + Adam, export
+        if self._save_bytes is None:  # weights, Adam's two moments and the export: fixed for the run
+            self._save_bytes = 4 * sum(p.numel() * p.element_size() for p in self.module.parameters())
+        total = broadcast_from_main(self.budget.plan(self.step, self.planned_steps, self._save_bytes))
         if total != self.planned_steps:
             self.set_planned_steps(total)  # the run's log follows at the step's end (callbacks.MetricsLog)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from medclip._deps import require
+from medclip.training.budget import budget_line
 
 matplotlib = require("matplotlib", "plotting training curves")
 matplotlib.use("Agg")
@@ -63,9 +64,8 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
     if (throughput := _throughput_line(train)) is not None:
         lines.append(throughput)
     if budget := next((r for r in reversed(records) if "budget_s" in r), None):
-        used, total = budget["budget_used_s"], budget["budget_s"]
-        lines.append(f"budget: {used:.1f} of {total:.0f} s used ({100 * used / total:.0f}%) by training and the "
-                     f"final save (run.budget_seconds)")
+        lines.append(budget_line(budget["budget_used_s"], budget["budget_s"],
+                                 "training and the final save (run.budget_seconds)"))
     if evals:
         for key, value in evals[-1].items():
             if key.startswith("eval/") and isinstance(value, (int, float)):

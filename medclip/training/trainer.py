@@ -332,7 +332,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         records = read_log(self.output_dir / "log.jsonl")  # what MetricsLog wrote
         plot_curves(records, self.output_dir / "curves.png")
         objective = self.recipe.objective
-        two_stages = self.heads is not None and objective.pc_weight > 0 and objective.pc_start_step > 0
+        two_stages = self.heads is not None and objective.pc_start_step > 0  # heads exist only with pc_weight > 0
         summary = summary_text(records, wall_seconds, self.data.skip_counts(),
                                pc_start_step=objective.pc_start_step if two_stages else None)
         if self.guard.skipped:
