@@ -82,6 +82,8 @@ def register(subparsers) -> None:
     d.add_argument("--n-val", type=int, default=300)
     d.add_argument("--image-size", type=int, default=96)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layout", choices=("anatomical", "random"), default="anatomical",
+                   help="where findings sit: their usual place, or a position independent of the finding")
     d.set_defaults(func=run_demo)
 
 
@@ -180,6 +182,7 @@ def run_leakage(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from medclip.data.demo import build_demo
 
-    path = build_demo(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, image_size=args.image_size)
+    path = build_demo(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, image_size=args.image_size,
+                      layout=args.layout)
     print(f"demo set written; train manifest: {path}")
     return 0

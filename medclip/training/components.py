@@ -139,7 +139,7 @@ def prepare_demo(recipe, model_cfg: dict, output_dir: Path, is_main: bool) -> Pa
         size = max(size if isinstance(size, int) else max(size), 48)
         log.info("building the synthetic demo set in %s", folder)
         build_demo(folder, n_train=recipe.data.demo_train_samples, n_val=recipe.data.demo_val_samples,
-                   seed=recipe.run.seed, image_size=size)
+                   seed=recipe.run.seed, image_size=size, layout=recipe.data.demo_layout)
     return manifest
 
 
