@@ -15,7 +15,7 @@ import pytest
 from conftest import one_error_line, require_shared
 
 from medclip.concepts.grounding import baseline_grounding, grounding_records_from_shards, prior_grounding
-from medclip.data.demo import LAYOUTS, demo_records
+from medclip.data.demo import demo_records
 
 MEDCLIP = [sys.executable, "-m", "medclip"]
 
@@ -108,9 +108,9 @@ def test_random_layout_keeps_each_finding_inside_its_anatomy(randomised):
     assert checked >= 5
 
 
-def _pixels_and_labels(layout: str) -> str:
+def _default_pixels_and_labels() -> str:
     digest = hashlib.sha256()
-    for record in demo_records(12, seed=0, image_size=48, layout=layout):
+    for record in demo_records(12, seed=0, image_size=48):
         digest.update(np.asarray(record.image).tobytes())
         digest.update(json.dumps([record.captions, record.labels, record.boxes, record.concepts]).encode())
     return digest.hexdigest()
@@ -119,7 +119,7 @@ def _pixels_and_labels(layout: str) -> str:
 def test_the_shipped_demo_split_is_unchanged():
     """The default (anatomical) layout draws the same random streams as before the layout option: these are the
     pixels, labels and boxes of the shipped demo set's first 12 records (seed 0, 48 px)."""
-    assert _pixels_and_labels("anatomical") == "7ff2c6c5ae928e7626c642f2129bb6024679aed1f93a0d6e03426490f3f4f9a6"
+    assert _default_pixels_and_labels() == "7ff2c6c5ae928e7626c642f2129bb6024679aed1f93a0d6e03426490f3f4f9a6"
 
 
 def test_the_shipped_demo_split_builds_byte_identical_by_default(tmp_path):
@@ -131,6 +131,7 @@ def test_the_shipped_demo_split_builds_byte_identical_by_default(tmp_path):
 
 
 def test_the_recipe_builds_the_random_layout_and_refuses_an_unknown_one(tmp_path):
+    from medclip.data.demo import LAYOUTS
     from medclip.models.registry import get_model_config
     from medclip.training.components import demo_dir, prepare_demo
     from medclip.training.config import CHOICES, load_recipe
