@@ -240,3 +240,20 @@ def test_planted_refuses_a_patient_on_both_sides(tmp_path):
     done = _medclip("data", "planted", "--out", str(tmp_path / "out"), "--root", str(tmp_path))
     assert done.returncode == 2
     assert "patient_id" in one_error_line(done.stderr) and "both" in one_error_line(done.stderr)
+
+
+def test_a_demo_set_of_the_other_layout_is_not_reused(tmp_path):
+    """An output directory's demo set built with one layout is refused, in one line, by a recipe asking for the
+    other (a resume with a changed data.demo_layout would otherwise train on the old set)."""
+    from medclip.errors import MedclipError
+    from medclip.models.registry import get_model_config
+    from medclip.training.components import prepare_demo
+    from medclip.training.config import load_recipe
+
+    sizes = ["data.demo_train_samples=12", "data.demo_val_samples=6"]
+    anatomical = load_recipe("demo", sizes)
+    prepare_demo(anatomical, get_model_config(anatomical.model.name), tmp_path, is_main=True)
+    prepare_demo(anatomical, get_model_config(anatomical.model.name), tmp_path, is_main=True)  # same layout: reused
+    randomised = load_recipe("demo", [*sizes, "data.demo_layout=random"])
+    with pytest.raises(MedclipError, match="built with data.demo_layout anatomical, the recipe asks for random"):
+        prepare_demo(randomised, get_model_config(randomised.model.name), tmp_path, is_main=True)

@@ -374,6 +374,12 @@ def build_demo(out_dir: str | Path, n_train: int = 1800, n_val: int = 300, seed:
     return out / "demo-train.yaml"
 
 
+def built_layout(manifest: str | Path) -> str:
+    """The layout a built demo set was made with, read from its manifest's first line (``_manifest_text``)."""
+    first = Path(manifest).read_text().split("\n", 1)[0]
+    return next((layout for layout in LAYOUTS[1:] if f", {layout} layout)" in first), LAYOUTS[0])
+
+
 def iter_demo_split(out_dir: str | Path, split: str = "val") -> Iterator[DemoSample]:
     """Samples of a built demo split in key order, with labels and boxes (for zero-shot evaluation)."""
     shards = sorted(Path(out_dir).glob(f"demo-{split}-*.tar"))
