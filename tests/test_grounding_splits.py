@@ -174,6 +174,7 @@ def _table_ids(root: Path, folder: str, table: str, field: str) -> set[str]:
     return {str(json.loads(line)[field]) for line in (root / folder / table).read_text().splitlines() if line}
 
 
+@pytest.mark.integration  # real images of ../shared/data
 def test_planted_findings_sit_inside_the_body_with_their_contrast(planted):
     """Each box holds its finding inside the original image's body region, brighter or darker than the original
     by about the finding's contrast; captions name every finding with spans on the names."""
@@ -200,6 +201,7 @@ def test_planted_findings_sit_inside_the_body_with_their_contrast(planted):
         assert s["labels"]["modality"] in s["captions"][2]  # the image's real modality from the table
 
 
+@pytest.mark.integration  # real images of ../shared/data
 def test_planted_train_and_held_out_images_come_from_different_patients(planted):
     root = require_shared()
     sides = {split: _samples(planted, split) for split in ("train", "val")}
@@ -212,6 +214,7 @@ def test_planted_train_and_held_out_images_come_from_different_patients(planted)
         assert not train_ids & held_ids
 
 
+@pytest.mark.integration  # real images of ../shared/data
 def test_planted_shards_feed_pc_align_and_grounding(planted, tiny_encoder):
     """The training stream (two loader workers) reads the planted manifest with concept spans on the finding
     names, and the grounding evaluation reads its boxes."""
