@@ -15,6 +15,13 @@ held-out demo split (the demo set is built from the run's seed):
 * the demo suite the run evaluates at its end: modality accuracy, finding balanced accuracy,
   image retrieval R@5.
 
+Splits (``--split``, one or more; docs/grounding.md): ``demo``, the shipped demo split (findings at their
+usual place); ``random``, the demo set with ``data.demo_layout: random`` (a finding's position independent
+of its concept); ``planted``, findings planted at random places into real X-ray, CT and MRI images of
+../shared/data (``medclip data planted``; the run trains on its train side and is scored on its held-out
+side; no demo suite). ``--no-model`` builds each split's data as a run would and prints only the model-free
+rows (chance, centre, prior), per concept too: no training.
+
 Rows are mean +- sample standard deviation over seeds (the table says how many); the JSON beside the
 table keeps every seed. Runs are kept under ``--out`` and reused when their resolved recipe is unchanged
 (``--retrain`` forces them). Each run is one ``make pretrain`` (400 steps of the demo recipe).
@@ -22,6 +29,8 @@ table keeps every seed. Runs are kept under ``--out`` and reused when their reso
     .venv/bin/python bench/pc_align_value.py                        # 3 seeds, every variant
     .venv/bin/python bench/pc_align_value.py --variants pc_align it_only --seeds 0 1 2
     .venv/bin/python bench/pc_align_value.py --variants pc_align --seeds 0 --figure docs/demo_heatmap.png
+    .venv/bin/python bench/pc_align_value.py --no-model --split demo random planted
+    .venv/bin/python bench/pc_align_value.py --split random --variants pc_align it_only --seeds 0
 """
 
 from __future__ import annotations
@@ -40,6 +49,12 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RECIPE = "pretrain/demo.yaml"
 REAL_RECIPE = "pretrain/shared_real.yaml"  # MedPix + COVID-19 from ../shared/data, PC-Align from step 200
+SHARED_DATA = REPO.parent / "shared" / "data"
+SPLITS = {  # name -> what it is (docs/grounding.md)
+    "demo": "the shipped demo split: each finding at its usual place",
+    "random": "the demo set with data.demo_layout: random: a finding's position independent of its concept",
+    "planted": "findings planted at random places into real X-ray, CT and MRI images (medclip data planted)",
+}
 
 # name -> (what it shows, recipe overrides). The first two are the comparison; the rest are ablations
 # of the shipped PC-Align choices, one change each.
@@ -130,26 +145,74 @@ def suite_metrics(run_dir: Path) -> dict:
     return {key: by_dataset[dataset]["metrics"][metric] for key, (dataset, metric) in SUITE_METRICS.items()}
 
 
-def score_run(run_dir: Path, methods: list[str]) -> dict:
-    """{method: {pg0, pg1, energy, concept_auc}} for a trained run on its held-out split."""
+def split_shards(split: str, data_dir: Path) -> tuple[list[Path], list[Path]]:
+    """(training shards, held-out shards) of a split's data folder (a run's demo_data, or a planted build)."""
+    prefix = "planted" if split == "planted" else "demo"
+    shards = tuple(sorted(data_dir.glob(f"{prefix}-{side}-*.tar")) for side in ("train", "val"))
+    if not all(shards):
+        raise SystemExit(f"{data_dir}: no {prefix}-train/{prefix}-val shards")
+    return shards
+
+
+def planted_data(out: Path, seed: int, data_root: Path) -> Path:
+    """The planted split of a seed, built once with the user's command (``medclip data planted``)."""
+    folder = out / "planted" / "data" / f"seed_{seed}"
+    if not (folder / "planted-val.yaml").is_file():
+        subprocess.run([str(BIN / "medclip"), "data", "planted", "--out", str(folder), "--root", str(data_root),
+                        "--seed", str(seed)], cwd=REPO, check=True)
+    return folder
+
+
+def split_sets(split: str, seed: int, out: Path, data_root: Path) -> list[str]:
+    """Recipe overrides that train the demo recipe on a split."""
+    if split == "random":
+        return ["data.demo_layout=random"]
+    if split == "planted":
+        manifest = planted_data(out, seed, data_root) / "planted-train.yaml"
+        return ["data.demo=false", f"data.sources=[{{manifest: {manifest}}}]", "eval.suites=[]"]
+    return []
+
+
+def run_data_dir(split: str, run_dir: Path, out: Path, seed: int, data_root: Path) -> Path:
+    return planted_data(out, seed, data_root) if split == "planted" else run_dir / "demo_data"
+
+
+def reference_scores(train_shards: list[Path], val_shards: list[Path], grid: int) -> dict:
+    """The model-free rows: chance (a uniformly random point), the image centre and each concept's box prior
+    fitted on the training shards; pointing game at tolerance 0 and one patch (of a ``grid`` x ``grid`` model
+    on the stored image), energy, per concept."""
+    from medclip.concepts.grounding import baseline_grounding, grounding_records_from_shards, prior_grounding
+
+    boxes = grounding_records_from_shards(val_shards)
+    patch = boxes[0].image.size[0] / grid
+    train_boxes = grounding_records_from_shards(train_shards)
+    out = {}
+    for kind in ("random", "centre"):
+        tol0, tol1 = baseline_grounding(boxes, kind, 0.0), baseline_grounding(boxes, kind, patch)
+        out[kind] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy,
+                     "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in tol0.per_concept.items()}}
+    prior0, tol1 = prior_grounding(train_boxes, boxes, 0.0), prior_grounding(train_boxes, boxes, patch)
+    prior_missed = [_box_id(r) for r in prior0.per_record if not r["hit"]]
+    out["prior"] = {"pg0": prior0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": prior0.mean_energy,
+                    "pg0_prior_missed": 0.0, "n_prior_missed": len(prior_missed), "prior_missed": prior_missed,
+                    "n_boxes": prior0.n,
+                    "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in prior0.per_concept.items()},
+                    "per_concept_n": {k: v["n"] for k, v in prior0.per_concept.items()}}
+    return out
+
+
+def score_run(run_dir: Path, methods: list[str], train_shards: list[Path], val_shards: list[Path]) -> dict:
+    """{method: {pg0, pg1, energy, concept_auc}} for a trained run on its held-out split, and the references."""
     import medclip
-    from medclip.concepts.grounding import (
-        baseline_grounding,
-        evaluate_grounding,
-        grounding_records_from_shards,
-        prior_grounding,
-    )
+    from medclip.concepts.grounding import evaluate_grounding, grounding_records_from_shards
     from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
 
-    shards = sorted((run_dir / "demo_data").glob("demo-val-*.tar"))
-    boxes = grounding_records_from_shards(shards)
-    labels = concept_label_records_from_shards(shards)
+    boxes = grounding_records_from_shards(val_shards)
+    labels = concept_label_records_from_shards(val_shards)
     encoder = medclip.load(str(run_dir / "export"), device="cpu")
     patch = boxes[0].image.size[0] / encoder.grid_size[1]  # one patch in the stored image's pixels
-    train_boxes = grounding_records_from_shards(sorted((run_dir / "demo_data").glob("demo-train-*.tar")))
-    prior0 = prior_grounding(train_boxes, boxes, 0.0)
-    prior_missed = {_box_id(r) for r in prior0.per_record if not r["hit"]}
-    out = {}
+    out = reference_scores(train_shards, val_shards, encoder.grid_size[1])
+    prior_missed = {tuple(b) for b in out["prior"].pop("prior_missed")}
     for method in methods:
         use_heads = method == "heads"
         tol0 = evaluate_grounding(encoder, boxes, 0.0, use_heads)
@@ -157,31 +220,24 @@ def score_run(run_dir: Path, methods: list[str]) -> dict:
         auc = evaluate_concept_zero_shot(encoder, labels, use_heads=use_heads)
         beyond = [r["hit"] for r in tol0.per_record if _box_id(r) in prior_missed]
         out[method] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy,
-                       "pg0_prior_missed": sum(beyond) / len(beyond), "n_prior_missed": len(beyond),
+                       "pg0_prior_missed": sum(beyond) / len(beyond) if beyond else None, "n_prior_missed": len(beyond),
                        "concept_auc": auc.mean_auc, "n_boxes": tol0.n,
                        "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in tol0.per_concept.items()},
                        "per_concept_auc": {k: v["auc"] for k, v in auc.per_concept.items()}}
-    for kind in ("random", "centre"):
-        tol0, tol1 = baseline_grounding(boxes, kind, 0.0), baseline_grounding(boxes, kind, patch)
-        out[kind] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy}
-    tol1 = prior_grounding(train_boxes, boxes, patch)
-    out["prior"] = {"pg0": prior0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": prior0.mean_energy,
-                    "pg0_prior_missed": 0.0, "n_prior_missed": len(prior_missed),
-                    "per_concept_pg0": {k: v["pointing_accuracy"] for k, v in prior0.per_concept.items()}}
     return out
 
 
 def _box_id(record: dict) -> tuple:
-    return record["key"], record["concept"], tuple(record["box"])
+    return record["key"], record["concept"], *record["box"]
 
 
-def cached_scores(run_dir: Path) -> dict:
+def cached_scores(run_dir: Path, split: str, data_dir: Path) -> dict:
     """score_run's result for a finished run, kept beside it (a retrained run starts from an empty folder)."""
     path = run_dir / "bench-scores.json"
-    if path.is_file() and "n_prior_missed" in (scores := json.loads(path.read_text())).get("prior", {}):
+    if path.is_file() and "per_concept_n" in (scores := json.loads(path.read_text())).get("prior", {}):
         return scores
     with_heads = yaml.safe_load((run_dir / "bench-recipe.yaml").read_text())["objective"]["pc_weight"] > 0
-    scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"])
+    scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"], *split_shards(split, data_dir))
     path.write_text(json.dumps(scores))
     return scores
 
@@ -193,66 +249,64 @@ def mean_sd(values: list[float]) -> str:
     return f"{mean:.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
-def table_rows(results: dict, variants: list[str]) -> list[tuple[str, dict[str, list[float]]]]:
-    """(row label, {column: per-seed values}) in the table's order."""
+def table_rows(refs: list[dict], results: dict, variants: list[str]) -> list[tuple[str, dict[str, list[float]]]]:
+    """(row label, {column: per-seed values}) in the table's order; ``refs``: each seed's reference_scores."""
     rows = []
 
-    def collect(label, pick):
+    def collect(label, seed_results):
         values = {key: [] for key, _ in COLUMNS}
-        for seed_result in pick():
+        for seed_result in seed_results:
             for key in values:
                 if seed_result.get(key) is not None:
                     values[key].append(seed_result[key])
         rows.append((label, values))
 
-    first = variants[0]
-    for kind, label in (("random", "chance (uniformly random point)"), ("centre", "image centre"),
-                        ("prior", "concept prior (its training boxes' coverage)")):
-        collect(label, lambda kind=kind: [r["scores"][kind] for r in results[first].values()])
+    for kind, label in REFERENCE_ROWS.items():
+        collect(label, [ref[kind] for ref in refs])
     for variant in variants:
-        runs = results[variant].values()
+        runs = results.get(variant, {}).values()
         for method in ("heads", "cosine"):
-            if all(method in r["scores"] for r in runs):
+            if runs and all(method in r["scores"] for r in runs):
                 label = f"{variant}: {'PC-Align heads' if method == 'heads' else 'patch-text cosine'}"
-                collect(label, lambda runs=runs, method=method: [{**r["scores"][method], **r["suite"]} for r in runs])
+                collect(label, [{**r["scores"][method], **r["suite"]} for r in runs])
     return rows
 
 
-def print_table(rows, results: dict, variants: list[str]) -> str:
-    lines = ["| row | seeds | " + " | ".join(h for _, h in COLUMNS) + " |", "|---|---|" + "---|" * len(COLUMNS)]
+REFERENCE_ROWS = {"random": "chance (uniformly random point)", "centre": "image centre",
+                  "prior": "concept prior (its training boxes' coverage)"}
+
+
+def print_table(rows, title: str) -> str:
+    lines = [f"### {title}\n", "| row | seeds | " + " | ".join(h for _, h in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
     for label, values in rows:
         seeds = max(len(v) for v in values.values())
         lines.append(f"| {label} | {seeds} | " + " | ".join(mean_sd(values[k]) for k, _ in COLUMNS) + " |")
     pg0 = {label: statistics.fmean(v["pg0"]) for label, v in rows if v["pg0"]}
     heads, it_only = pg0.get("pc_align: PC-Align heads"), pg0.get("it_only: patch-text cosine")
-    chance = pg0.get("chance (uniformly random point)")
-    prior = pg0.get("concept prior (its training boxes' coverage)")
+    chance, prior = pg0[REFERENCE_ROWS["random"]], pg0[REFERENCE_ROWS["prior"]]
+    lines.append(f"\nconcept prior / chance at tolerance 0: {prior / chance:.2f}x")
     if heads is not None and it_only:
-        lines.append(f"\npointing game at tolerance 0, PC-Align heads / IT-only cosine: {heads / it_only:.2f}x; "
+        lines.append(f"pointing game at tolerance 0, PC-Align heads / IT-only cosine: {heads / it_only:.2f}x; "
                      f"/ chance: {heads / chance:.2f}x; / concept prior: {heads / prior:.2f}x")
     text = "\n".join(lines)
     print(text)
     return text
 
 
-def per_concept_table(results: dict, out: Path) -> str:
+def per_concept_table(refs: list[dict], results: dict) -> str:
     """Pointing game at tolerance 0 per concept (mean over seeds): where the heads beat the prior and where not.
-    Each seed draws its own demo set; the box counts are the first seed's."""
-    from medclip.concepts.grounding import grounding_records_from_shards
-
-    seed = next(iter(results["pc_align"]))
-    counts: dict[str, int] = {}
-    for record in grounding_records_from_shards(sorted((out / "pc_align" / f"seed_{seed}" / "demo_data")
-                                                       .glob("demo-val-*.tar"))):
-        counts[record.concept] = counts.get(record.concept, 0) + 1
-    columns = [("concept prior", "pc_align", "prior"), ("PC-Align heads", "pc_align", "heads"),
-               ("IT-only cosine", "it_only", "cosine")]
-    columns = [c for c in columns if results.get(c[1])]
-    lines = [f"| concept (boxes in seed {seed}'s split) | " + " | ".join(c[0] for c in columns) + " |",
+    Each seed draws its own data; the box counts are the first seed's."""
+    counts = refs[0]["prior"]["per_concept_n"]
+    columns = [("chance", [ref["random"] for ref in refs]), ("concept prior", [ref["prior"] for ref in refs])]
+    for header, variant, method in (("PC-Align heads", "pc_align", "heads"), ("IT-only cosine", "it_only", "cosine")):
+        if results.get(variant):
+            columns.append((header, [r["scores"][method] for r in results[variant].values()]))
+    lines = ["| concept (boxes, first seed) | " + " | ".join(c[0] for c in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for concept in sorted(counts):
-        cells = [mean_sd([r["scores"][method]["per_concept_pg0"][concept] for r in results[variant].values()])
-                 for _, variant, method in columns]
+        cells = [mean_sd([s["per_concept_pg0"][concept] for s in seeds if concept in s["per_concept_pg0"]])
+                 for _, seeds in columns]
         lines.append(f"| {concept} ({counts[concept]}) | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     print(text)
@@ -274,26 +328,68 @@ def render_figure(run_dir: Path, path: Path) -> None:
     print(f"figure: {path} (held-out {sample.key}: {sample.captions[0]})")
 
 
-def run_demo(args, out: Path) -> None:
+def run_split(args, out: Path, split: str) -> None:
+    """Train (or reuse) every variant on one split for every seed, score them, print and keep the table."""
+    base = out if split == "demo" else out / split  # the demo split's runs stay where earlier tables found them
     results: dict = {}
     for variant in args.variants:
         results[variant] = {}
         for seed in args.seeds:
-            print(f"{variant} seed {seed}: {VARIANTS[variant][0]}", flush=True)
-            run_dir = out / variant / f"seed_{seed}"
-            info = train(RECIPE, VARIANTS[variant][1], seed, run_dir, args.steps, args.retrain, args.report_only)
+            print(f"{split} / {variant} seed {seed}: {VARIANTS[variant][0]}", flush=True)
+            run_dir = base / variant / f"seed_{seed}"
+            sets = VARIANTS[variant][1] + split_sets(split, seed, out, args.data_root)
+            info = train(RECIPE, sets, seed, run_dir, args.steps, args.retrain, args.report_only)
             if info is None:
                 continue
-            results[variant][seed] = {"seconds": info["seconds"], "suite": suite_metrics(run_dir),
-                                      "scores": cached_scores(run_dir)}
-    table = print_table(table_rows(results, args.variants), results, args.variants)
-    if results.get("pc_align"):
-        table += "\n\n" + per_concept_table(results, out)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "table.md").write_text(table + "\n")
-    print(f"results: {out / 'results.json'}")
-    if args.figure:
+            data_dir = run_data_dir(split, run_dir, out, seed, args.data_root)
+            results[variant][seed] = {"seconds": info["seconds"],
+                                      "suite": {} if split == "planted" else suite_metrics(run_dir),
+                                      "scores": cached_scores(run_dir, split, data_dir)}
+    refs = [r["scores"] for r in next((v for v in results.values() if v), {}).values()]
+    if not refs:
+        raise SystemExit(f"{split}: no finished run to tabulate")
+    table = print_table(table_rows(refs, results, args.variants), f"{split}: {SPLITS[split]}")
+    table += "\n\n" + per_concept_table(refs, results)
+    (base / "results.json").write_text(json.dumps(results, indent=1))
+    (base / "table.md").write_text(table + "\n")
+    print(f"results: {base / 'results.json'}")
+    if args.figure and split == "demo":
         render_figure(out / "pc_align" / f"seed_{args.seeds[0]}", args.figure.resolve())
+
+
+def reference_data(split: str, seed: int, out: Path, data_root: Path) -> Path:
+    """A split's data for a seed without training: built as the run would build it (the demo recipe's sizes)."""
+    if split == "planted":
+        return planted_data(out, seed, data_root)
+    from medclip.models.registry import get_model_config
+    from medclip.training.components import demo_dir, prepare_demo
+    from medclip.training.config import load_recipe
+
+    recipe = load_recipe(RECIPE, [f"run.seed={seed}", *split_sets(split, seed, out, data_root)])
+    folder = out / split / "data" / f"seed_{seed}"
+    prepare_demo(recipe, get_model_config(recipe.model.name), folder, is_main=True)
+    return demo_dir(folder)
+
+
+def run_references(args, out: Path, split: str) -> None:
+    """``--no-model``: chance, centre and the concept prior of a split for each seed (tolerance 1 = one patch of
+    the demo recipe's model on the stored image)."""
+    from medclip.models.registry import get_model_config
+    from medclip.training.config import load_recipe
+
+    vision = get_model_config(load_recipe(RECIPE).model.name)["vision_cfg"]
+    grid = vision["image_size"] // vision["patch_size"]
+    refs = []
+    for seed in args.seeds:
+        train_shards, val_shards = split_shards(split, reference_data(split, seed, out, args.data_root))
+        refs.append(reference_scores(train_shards, val_shards, grid))
+        print(f"{split} seed {seed}: {refs[-1]['prior']['n_boxes']} held-out boxes", flush=True)
+    table = print_table(table_rows(refs, {}, []), f"{split}: {SPLITS[split]} (no model; seeds "
+                                                  f"{', '.join(map(str, args.seeds))})")
+    table += "\n\n" + per_concept_table(refs, {})
+    (out / split).mkdir(parents=True, exist_ok=True)
+    (out / split / "references.json").write_text(json.dumps(refs, indent=1))
+    (out / split / "references.md").write_text(table + "\n")
 
 
 def run_real(args, out: Path) -> None:
@@ -338,12 +434,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: tabulate the finished runs under --out (e.g. while others still train)")
     parser.add_argument("--figure", type=Path, help="also render the README heatmap from pc_align, first seed")
+    parser.add_argument("--split", nargs="+", default=["demo"], choices=list(SPLITS),
+                        help="the grounding split(s) to train and score on (module docstring)")
+    parser.add_argument("--no-model", action="store_true",
+                        help="train nothing: build each split's data and print chance, centre and the concept prior")
+    parser.add_argument("--data-root", type=Path, default=SHARED_DATA, help="../shared/data, for --split planted")
     parser.add_argument("--real", action="store_true",
                         help="instead: shared_real with and without its PC-Align stage (~10 min per run)")
     args = parser.parse_args(argv)
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    (run_real if args.real else run_demo)(args, out)
+    if args.real:
+        run_real(args, out)
+        return 0
+    for split in args.split:
+        (run_references if args.no_model else run_split)(args, out, split)
     return 0
 
 

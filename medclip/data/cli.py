@@ -1,4 +1,4 @@
-"""CLI: ``medclip shards build|merge`` and ``medclip data check|leakage`` (and ``medclip data demo``)."""
+"""CLI: ``medclip shards build|merge`` and ``medclip data check|leakage`` (and ``medclip data demo|planted``)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,19 @@ def register(subparsers) -> None:
     d.add_argument("--n-val", type=int, default=300)
     d.add_argument("--image-size", type=int, default=96)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layout", choices=("anatomical", "random"), default="anatomical",
+                   help="where findings sit: their usual place, or a position independent of the finding")
     d.set_defaults(func=run_demo)
+    p = data_sub.add_parser("planted", help="plant lesion-like findings of known shape and place into real X-ray, "
+                                            "CT and MRI images (a grounding split on real anatomy)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--root", default="../shared/data", help="the data root holding covid-cxr/ and medpix/")
+    p.add_argument("--n-train", type=int, default=None, help="training images (default: all of the train tables)")
+    p.add_argument("--n-val", type=int, default=None, help="held-out images (default: all of the test/dev tables)")
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--max-findings", type=int, default=2, help="findings per image: 1 to this many")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_planted)
 
 
 def _window(text: str | None) -> tuple[float, float] | None:
@@ -180,6 +192,22 @@ def run_leakage(args: argparse.Namespace) -> int:
 def run_demo(args: argparse.Namespace) -> int:
     from medclip.data.demo import build_demo
 
-    path = build_demo(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, image_size=args.image_size)
+    path = build_demo(args.out, n_train=args.n_train, n_val=args.n_val, seed=args.seed, image_size=args.image_size,
+                      layout=args.layout)
     print(f"demo set written; train manifest: {path}")
+    return 0
+
+
+def run_planted(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from medclip.data.planted import PlantedConfig, build_planted
+
+    reports = build_planted(args.out, PlantedConfig(Path(args.root), image_size=args.image_size, seed=args.seed,
+                                                    n_train=args.n_train, n_val=args.n_val,
+                                                    max_findings=args.max_findings))
+    for split, report in reports.items():
+        skips = "".join(f"; skipped {count}: {kind}" for kind, count in sorted(report.skipped.items()))
+        print(f"planted-{split}: {report.samples} samples in {len(report.shards)} shards{skips}")
+    print(f"train manifest: {Path(args.out) / 'planted-train.yaml'}")
     return 0

@@ -15,6 +15,8 @@ Labels in ``KEY.json`` (used by the zero-shot ``demo`` suite): ``modality`` (one
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import io
 import json
 import random
@@ -63,6 +65,12 @@ _SPEC = {
                ("fundus photograph", "retinal fundus image", "color fundus photo")),
 }
 _LATERAL = {"pneumothorax", "pleural effusion", "nodule", "fracture", "mass", "cyst", "hemorrhage"}
+# Where a finding sits in the image. anatomical: at its usual place (an effusion at a lung base), so a model-free
+# map of where each concept's boxes lie predicts it. random: the same scene moved as a whole so that the finding's
+# box centre lands at a uniformly random point of the image, drawn independently of the concept; the finding
+# keeps its place in the anatomy (inside the lung, the brain, the fan), the anatomy moves with it.
+LAYOUTS = ("anatomical", "random")
+_RANDOM_CENTRE = (0.05, 0.95)  # box centres of the random layout: uniform over this square (fractions)
 
 
 @dataclass
@@ -239,11 +247,30 @@ _PAINTERS = {"X-ray": _paint_xray, "CT": _paint_ct, "MRI": _paint_mri, "ultrasou
 _NOISELESS = {"ultrasound"}  # speckle is its own noise
 
 
-def _render(modality: str, finding: str, side: str, n: int, rng: np.random.Generator):
-    """RGB uint8 image and the finding box (fractions of the image) or None."""
+def _random_offset(scene: _Scene, painter, layout_rng: np.random.Generator) -> tuple[float, float]:
+    """The shift that moves the scene's finding box centre (the body's centre on a normal image) to a uniformly
+    random point. The box comes from painting a copy of the scene's random stream, so the real painting draws
+    the same finding at the same place in the anatomy."""
+    _, box = painter(dataclasses.replace(scene, rng=copy.deepcopy(scene.rng)))
+    cx, cy = (0.5, 0.5) if box is None else ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2)
+    tx, ty = layout_rng.uniform(*_RANDOM_CENTRE, 2)
+    return float(tx - cx), float(ty - cy)
+
+
+def _render(modality: str, finding: str, side: str, n: int, rng: np.random.Generator,
+            layout_rng: np.random.Generator | None = None):
+    """RGB uint8 image and the finding box (fractions of the image) or None. ``layout_rng``: the random layout,
+    the scene shifted by an offset drawn from it (its own stream: the anatomical layout's draws are unchanged)."""
     noise = rng.normal(0, 0.03, (n, n)).astype(np.float32)  # drawn first: the random stream's order is the set
     scene = _Scene(*_grid(n), finding, *_finding_centre(modality, side, rng), rng)
-    rgb, box = _PAINTERS[modality](scene)
+    painter = _PAINTERS[modality]
+    dx = dy = 0.0
+    if layout_rng is not None:
+        dx, dy = _random_offset(scene, painter, layout_rng)
+        scene = dataclasses.replace(scene, x=scene.x - dx, y=scene.y - dy)  # image point = scene point + offset
+    rgb, box = painter(scene)
+    if box is not None and layout_rng is not None:
+        box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
     if modality not in _NOISELESS:
         rgb = rgb + noise[..., None]
     return (np.clip(rgb, 0, 1) * 255).round().astype(np.uint8), box
@@ -281,16 +308,24 @@ def _captions(modality: str, finding: str, side: str, rng: random.Random) -> tup
     return captions, concepts
 
 
-def demo_records(n: int, seed: int, image_size: int, prefix: str = "demo") -> Iterator[SourceRecord]:
-    """``n`` synthetic records, balanced over modalities, deterministic for a seed."""
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise MedclipError(f"unknown demo layout {layout!r}; known: {', '.join(LAYOUTS)}")
+
+
+def demo_records(n: int, seed: int, image_size: int, prefix: str = "demo",
+                 layout: str = "anatomical") -> Iterator[SourceRecord]:
+    """``n`` synthetic records, balanced over modalities, deterministic for a seed and layout (:data:`LAYOUTS`)."""
+    _check_layout(layout)
     rng = random.Random(f"medclip-demo/{seed}")
     nrng = np.random.default_rng(seed)
+    layout_rng = np.random.default_rng([seed, 1]) if layout == "random" else None
     for i in range(n):
         modality = MODALITIES[i % len(MODALITIES)]
         anatomy, findings, _ = _SPEC[modality]
         finding = rng.choice(findings)
         side = rng.choice(("left", "right")) if finding in _LATERAL else "none"
-        pixels, box = _render(modality, finding, side, image_size, nrng)
+        pixels, box = _render(modality, finding, side, image_size, nrng, layout_rng)
         captions, concepts = _captions(modality, finding, side, rng)
         boxes = []
         if box is not None:
@@ -304,10 +339,11 @@ def demo_records(n: int, seed: int, image_size: int, prefix: str = "demo") -> It
         )
 
 
-def _manifest_text(name: str, prefix: str, shards: int, samples: int, split: str) -> str:
+def _manifest_text(name: str, prefix: str, shards: int, samples: int, split: str, layout: str) -> str:
     last = f"{shards - 1:06d}"
     urls = f"{{root}}/{prefix}-000000.tar" if shards == 1 else f"{{root}}/{prefix}-{{000000..{last}}}.tar"
-    return (f"# Synthetic demo set ({split} split), written by medclip.data.demo.build_demo. Not medical data.\n"
+    what = f"{split} split" if layout == "anatomical" else f"{split} split, {layout} layout"
+    return (f"# Synthetic demo set ({what}), written by medclip.data.demo.build_demo. Not medical data.\n"
             f"name: {name}\nmodality: mixed\nurls: \"{urls}\"\nshards: {shards}\nsamples: {samples}\n"
             f"weight: 1.0\ncaption_fields: [captions, txt]\nconcept_field: concepts\n"
             f"summary: \"{{root}}/{prefix}-summary.json\"\nsplit: {split}\nlicence: CC0-1.0 (synthetic)\n"
@@ -315,25 +351,33 @@ def _manifest_text(name: str, prefix: str, shards: int, samples: int, split: str
 
 
 def build_demo(out_dir: str | Path, n_train: int = 1800, n_val: int = 300, seed: int = 0, image_size: int = 96,
-               shard_samples: int = 500) -> Path:
+               shard_samples: int = 500, layout: str = "anatomical") -> Path:
     """Write train and val shards, their summaries and manifests (``demo-train.yaml``, ``demo-val.yaml``).
 
     Returns the train manifest path. Train and val use disjoint random streams (seed, seed + 10**6).
+    ``layout``: where the findings sit (:data:`LAYOUTS`).
     """
     if image_size < 32 or n_train < 1 or n_val < 0:
         raise MedclipError("build_demo needs image_size >= 32, n_train >= 1, n_val >= 0")
+    _check_layout(layout)
     out = Path(out_dir)
     for split, n, split_seed in (("train", n_train, seed), ("val", n_val, seed + 10**6)):
         if n == 0:
             continue
         prefix = f"demo-{split}"
         # The synthetic records come in random order already; input order keeps the documented demo results.
-        report = build_shards(demo_records(n, split_seed, image_size, prefix),
+        report = build_shards(demo_records(n, split_seed, image_size, prefix, layout),
                               BuildConfig(out, prefix=prefix, max_samples=shard_samples, jpeg_quality=95,
                                           shuffle_seed=None))
         (out / f"{prefix}.yaml").write_text(
-            _manifest_text(f"demo-{split}", prefix, len(report.shards), report.samples, split))
+            _manifest_text(f"demo-{split}", prefix, len(report.shards), report.samples, split, layout))
     return out / "demo-train.yaml"
+
+
+def built_layout(manifest: str | Path) -> str:
+    """The layout a built demo set was made with, read from its manifest's first line (``_manifest_text``)."""
+    first = Path(manifest).read_text().split("\n", 1)[0]
+    return next((layout for layout in LAYOUTS[1:] if f", {layout} layout)" in first), LAYOUTS[0])
 
 
 def iter_demo_split(out_dir: str | Path, split: str = "val") -> Iterator[DemoSample]:

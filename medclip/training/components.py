@@ -130,16 +130,19 @@ def expand_placeholders(text: str | None, output_dir: Path) -> str | None:
 
 def prepare_demo(recipe, model_cfg: dict, output_dir: Path, is_main: bool) -> Path:
     """Build the synthetic demo set once (rank 0; the other ranks wait at the caller's barrier)."""
-    from medclip.data.demo import build_demo
+    from medclip.data.demo import build_demo, built_layout
 
     folder = demo_dir(output_dir)
     manifest = folder / "demo-train.yaml"
+    if manifest.is_file() and (built := built_layout(manifest)) != recipe.data.demo_layout:  # e.g. on resume
+        raise MedclipError(f"the demo set in {folder} was built with data.demo_layout {built}, the recipe asks for "
+                           f"{recipe.data.demo_layout}: keep the layout, or use another run.output_dir")
     if is_main and not manifest.is_file():
         size = model_cfg["vision_cfg"].get("image_size", 64)
         size = max(size if isinstance(size, int) else max(size), 48)
         log.info("building the synthetic demo set in %s", folder)
         build_demo(folder, n_train=recipe.data.demo_train_samples, n_val=recipe.data.demo_val_samples,
-                   seed=recipe.run.seed, image_size=size)
+                   seed=recipe.run.seed, image_size=size, layout=recipe.data.demo_layout)
     return manifest
 
 

@@ -50,6 +50,9 @@ class DataConfig:
     demo: bool = False  # build the embedded synthetic demo set under output_dir and train on it
     demo_train_samples: int = 2400
     demo_val_samples: int = 300
+    # Where the demo's findings sit: anatomical (their usual place) or random (position independent of the concept;
+    # docs/grounding.md).
+    demo_layout: str = "anatomical"
     batch_size: int = 64  # per process
     num_workers: int = 2
     shuffle_buffer: int = 1000
@@ -136,6 +139,7 @@ class Recipe:
 
 CHOICES = {
     "model.precision": PRECISIONS,
+    "data.demo_layout": ("anatomical", "random"),
     "model.attention": BACKENDS,
     "optim.schedule": ("cosine", "constant"),
     "run.device": ("auto", "cpu", "cuda"),
