@@ -73,6 +73,8 @@ class MetricsLog(Callback):
                                wandb_project=run.wandb_project, config=trainer.recipe.to_dict(),
                                run_id=trainer.run_id)
         self.throughput = Throughput(trainer.recipe.data.batch_size * trainer.env.world_size)
+        trainable, total = parameter_counts(trainer.module)
+        self.monitor.log(trainer.step, {"trainable_params": trainable, "total_params": total})
 
     def on_step_end(self, trainer, batch: dict, losses: dict) -> None:
         if self.monitor.total_steps != trainer.planned_steps:  # run.budget_seconds re-planned the run
@@ -90,6 +92,7 @@ class MetricsLog(Callback):
             self.monitor.log(trainer.step, {f"eval/{k}": v for k, v in results.items()})
 
     def on_train_end(self, trainer) -> None:
+        self.monitor.log(trainer.step, peak_memory(trainer.device))
         if trainer.budget is not None:
             self.monitor.log(trainer.step, {"budget_s": trainer.budget.seconds,
                                             "budget_used_s": trainer.budget.elapsed()})
@@ -110,6 +113,22 @@ def step_metrics(trainer, losses: dict, throughput: Throughput) -> dict:
         tflops = trainer.flops.per_sample * samples_per_s / trainer.env.world_size / 1e12
         metrics.update(tflops_per_device=tflops, mfu=tflops / trainer.peak_tflops)
     return metrics
+
+
+def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of the trained module (model and PC-Align heads)."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory in MB, under a key that says what was measured: the CUDA allocator's peak on a
+    GPU; on a CPU the peak resident set of this process (its loader workers are processes of their own)."""
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: kilobytes
 
 
 def full_value(param: torch.Tensor) -> torch.Tensor:
