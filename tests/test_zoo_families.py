@@ -293,3 +293,46 @@ def test_shipped_conceptclip_shape_config_is_the_shape_conceptclip_loads_as(publ
         assert shipped["vision_cfg"][key] == read["vision_cfg"][key], key
     assert shipped["vision_cfg"]["timm_model_name"] == "vit_so400m_patch14_siglip_384"
     assert shipped["init_logit_bias"] == read["init_logit_bias"] and shipped["custom_text"] == read["custom_text"]
+
+
+def test_each_family_goes_through_lora_merge_and_plain_open_clip(published, tmp_path):
+    """LoRA on each family's stand-in as fine-tuning puts it (adapters on both towers, trained: random B),
+    merged as the export merges (``merged_for_export``), saved, and loaded by plain open_clip in a process
+    without medclip: strict keys and the adapted model's embeddings."""
+    from medclip.training.config import LoraConfig
+    from medclip.training.lora import add_adapters, merged_for_export
+
+    cfg = LoraConfig(rank=2, alpha=4.0)
+    images, outs, adapted = sample_images(), {}, {}
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    for name, (_, path, kwargs) in published.items():
+        encoder = medclip.load(name, checkpoint=path, device="cpu", **kwargs)
+        pixels = torch.stack([encoder.preprocess(im) for im in images])
+        with torch.no_grad():
+            before = encoder.encode_image(pixels, normalize=False), encoder.encode_text(TEXTS, normalize=False)
+        names = add_adapters(encoder.model, cfg)
+        assert any(n.startswith("visual.") for n in names) and any(not n.startswith("visual.") for n in names), name
+        generator = torch.Generator().manual_seed(0)
+        for key, param in encoder.model.named_parameters():
+            if "lora_B" in key:  # zero at init: give the adapters an update to merge
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        with torch.no_grad():
+            adapted[name] = encoder.encode_image(pixels, normalize=False), encoder.encode_text(TEXTS, normalize=False)
+        for was, now in zip(before, adapted[name]):
+            assert (was - now).abs().max() > 1e-3, f"{name}: the adapters changed nothing"
+        merged = merged_for_export(encoder.model_cfg, encoder.model.state_dict(), cfg)
+        plain = medclip.load(name, checkpoint=path, device="cpu", **kwargs)
+        plain.model.load_state_dict(merged)  # strict: the plain model's keys exactly
+        outs[name] = medclip.save(plain, tmp_path / name)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, json.dumps(TEXTS), ",".join(paths),
+                           *map(str, outs.values())], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    for name, out in outs.items():
+        got = torch.load(out / "plain_open_clip.pt")
+        image_diff = assert_same_embeddings(got["image"], adapted[name][0])
+        text_diff = assert_same_embeddings(got["text"], adapted[name][1])
+        print(f"{name} LoRA-merged in plain open_clip: max |image diff| {image_diff:.2e}, |text diff| {text_diff:.2e}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from medclip._deps import require
 from medclip.errors import MedclipError
+from medclip.training.attention import set_attention_backend
 from medclip.training.config import LoraConfig
 
 ADAPTER = "default"  # peft's adapter name: state-dict keys read ``<layer>.lora_A.default.weight``
@@ -79,11 +80,25 @@ def _check_rank(model: nn.Module, names: list[str], rank: int) -> None:
                                f"choose a rank of at most {min(sizes)}, or leave that layer out of model.lora.targets")
 
 
+def _out_proj_called(model: nn.Module, names: list[str]) -> None:
+    """nn.MultiheadAttention reads ``out_proj.weight`` itself, so an adapter there would be skipped silently;
+    medclip's KernelAttention (the training default) calls ``out_proj`` as a layer. A model still on plain
+    attention is switched to it (same parameters and keys); attention that cannot switch is refused."""
+    if any(type(m) is nn.MultiheadAttention for m in model.modules()):
+        set_attention_backend(model, "sdpa")
+    for name in names:
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if type(parent) is nn.MultiheadAttention:
+            raise MedclipError(f"model.lora.targets: {name} is the output projection of an attention medclip cannot "
+                               f"run with adapters (cross-attention); leave it out of model.lora.targets")
+
+
 def add_adapters(model: nn.Module, cfg: LoraConfig) -> list[str]:
     """Put LoRA adapters on ``model`` in place (only they train from then on); returns the adapted layers."""
     peft = require("peft", "LoRA fine-tuning (model.lora)")
     names = resolve_targets(model, cfg.targets)
     _check_rank(model, names, cfg.rank)
+    _out_proj_called(model, names)
     config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=names,
                              bias="none")
     peft.inject_adapter_in_model(config, model, adapter_name=ADAPTER)
