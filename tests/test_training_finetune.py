@@ -4,6 +4,7 @@ it. Bad input (targets, rank, start weights) stops with one line. Through the co
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import open_clip
@@ -133,3 +134,61 @@ def test_bad_fine_tuning_input_stops_with_one_line(start_export, tmp_path, capsy
     line = refused(capsys, finetune("finetune_full", start_export, out, "--set", "model.name=medclip-small"))
     assert line.startswith("medclip: error: model.checkpoint for model.name medclip-small: checkpoint from ")
     assert "does not fit the architecture" in line
+
+
+def _walkthrough_commands() -> list[list[str]]:
+    """The README's fine-tuning walkthrough, command by command, as argv after `medclip`."""
+    import shlex
+
+    from conftest import REPO_ROOT
+    from test_packaging import _fenced_shell_lines
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("## Fine-tune on your own images", 1)[1].split("\n## ", 1)[0]
+    return [shlex.split(line)[1:] for line in _fenced_shell_lines(section) if line.startswith("medclip ")]
+
+
+def _covid_subset(folder, split: str, n: int, keep) -> None:
+    """``folder/SPLIT.csv`` (path, caption, finding) and its images, from the real COVID-19 X-ray split."""
+    import csv
+    import json
+    import shutil
+
+    from conftest import require_shared
+
+    source = require_shared("covid-cxr", f"{split}.jsonl")
+    rows = [r for r in map(json.loads, source.read_text().splitlines()) if keep(r)][:n]
+    (folder / "images").mkdir(exist_ok=True)
+    with open(folder / f"{split}.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "caption", "finding"])
+        for r in rows:
+            shutil.copy(source.parent / r["image"], folder / r["image"])
+            writer.writerow([r["image"], r["caption"], r["finding"]])
+
+
+@pytest.mark.integration
+def test_readme_walkthrough_runs_as_written_on_real_covid_images(tmp_path, monkeypatch, capsys):
+    """Images + CSV tables -> shards -> leakage check -> finetune_lora -> zero-shot on the user's labels: the
+    README's commands as written (the fine-tuning run at test scale: 2 steps), on a real COVID-19 subset."""
+    commands = _walkthrough_commands()
+    assert [c[:2] for c in commands] == [["shards", "build"], ["data", "leakage"], ["pretrain", "--config"],
+                                         ["eval", "zero-shot"]]
+    monkeypatch.chdir(tmp_path)
+    _covid_subset(tmp_path, "train", 48, lambda r: r["caption"])
+    _covid_subset(tmp_path, "test", 24, lambda r: r["finding"] in ("COVID-19", "Pneumonia"))
+    labels = {line.rsplit(",", 1)[1] for line in (tmp_path / "test.csv").read_text().splitlines()[1:]}
+    assert labels == {"COVID-19", "Pneumonia"}
+    with warnings.catch_warnings():  # the trained start the walkthrough names, stood in by random weights
+        warnings.simplefilter("ignore", medclip.RandomWeightsWarning)
+        medclip.save(medclip.load("medclip-small-resnet18", device="cpu"), tmp_path / "runs/shared_real/export")
+    build, leakage, train, evaluate = commands
+    assert main(build) == 0 and (tmp_path / "shards/mine.yaml").is_file()
+    assert main([*leakage, "--no-progress"]) == 0
+    assert "no leakage found: 48 training images against 24 evaluation images" in capsys.readouterr().out
+    assert main([*train, "--set", "run.steps=2", "--set", "data.batch_size=8", "--set", "data.num_workers=2",
+                 "--set", "run.progress=false", "--set", "run.tensorboard=false"]) == 0
+    assert "trainable parameters: " in (tmp_path / "runs/mine/summary.txt").read_text()
+    assert main([*evaluate, "--out", "results"]) == 0
+    record = json.loads(next((tmp_path / "results").glob("*/test.json")).read_text())
+    assert record["n_samples"] == 24 and record["n_skipped"] == 0 and 0 <= record["headline"] <= 1
