@@ -52,7 +52,8 @@ def test_unknown_names_are_one_line_listing_the_shipped_ones(tmp_path, monkeypat
     with pytest.raises(MedclipError) as err:
         load_recipe("dmeo")
     assert str(err.value) == ("unknown recipe 'dmeo' (not a file, nor a shipped recipe; shipped: demo, "
-                              "medconcept_siglip, shared_real, unimed_vitb16; `medclip list recipes` shows them)")
+                              "finetune_full, finetune_lit, finetune_lora, medconcept_siglip, shared_real, "
+                              "unimed_vitb16; `medclip list recipes` shows them)")
     with pytest.raises(MedclipError, match=r"^recipe not found: runs/x.yaml \(not a file"):
         load_recipe("runs/x.yaml")
     with pytest.raises(MedclipError, match="^unknown manifest 'unimed-chexpret'"):
