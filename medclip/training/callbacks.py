@@ -61,8 +61,9 @@ class CallbackList:
 
 
 class MetricsLog(Callback):
-    """The run's log: losses, lr, logit scale, throughput and MFU every ``run.log_every`` steps (and at the
-    last step, and when training diverges), evaluation results, the budget (see ``monitor.Monitor``)."""
+    """The run's log: losses, lr, logit scale, throughput, MFU and peak memory so far every ``run.log_every``
+    steps (and at the last step, and when training diverges; the first record also counts the trainable and
+    all parameters), evaluation results, the budget (see ``monitor.Monitor``)."""
 
     monitor: Monitor | None = None
 
@@ -74,7 +75,7 @@ class MetricsLog(Callback):
                                run_id=trainer.run_id)
         self.throughput = Throughput(trainer.recipe.data.batch_size * trainer.env.world_size)
         trainable, total = parameter_counts(trainer.module)
-        self.monitor.log(trainer.step, {"trainable_params": trainable, "total_params": total})
+        self.sizes = {"trainable_params": trainable, "total_params": total}  # in the first step record logged
 
     def on_step_end(self, trainer, batch: dict, losses: dict) -> None:
         if self.monitor.total_steps != trainer.planned_steps:  # run.budget_seconds re-planned the run
@@ -83,7 +84,9 @@ class MetricsLog(Callback):
         self.monitor.advance()
         step = trainer.step
         if step % trainer.recipe.run.log_every == 0 or step == trainer.planned_steps or trainer.guard.diverged:
-            self.monitor.log(step, step_metrics(trainer, losses, self.throughput))
+            sizes, self.sizes = self.sizes, {}
+            self.monitor.log(step, {**step_metrics(trainer, losses, self.throughput), **sizes,
+                                    **peak_memory(trainer.device)})
 
     def on_evaluate(self, trainer, results: dict, error: str | None = None) -> None:
         if error:
@@ -92,7 +95,6 @@ class MetricsLog(Callback):
             self.monitor.log(trainer.step, {f"eval/{k}": v for k, v in results.items()})
 
     def on_train_end(self, trainer) -> None:
-        self.monitor.log(trainer.step, peak_memory(trainer.device))
         if trainer.budget is not None:
             self.monitor.log(trainer.step, {"budget_s": trainer.budget.seconds,
                                             "budget_used_s": trainer.budget.elapsed()})
@@ -122,7 +124,7 @@ def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """The run's peak memory in MB, under a key that says what was measured: the CUDA allocator's peak on a
+    """The run's peak memory so far in MB, under a key that says what was measured: the CUDA allocator's peak on a
     GPU; on a CPU the peak resident set of this process (its loader workers are processes of their own)."""
     if device.type == "cuda":
         return {"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
