@@ -336,3 +336,38 @@ def test_each_family_goes_through_lora_merge_and_plain_open_clip(published, tmp_
         image_diff = assert_same_embeddings(got["image"], adapted[name][0])
         text_diff = assert_same_embeddings(got["text"], adapted[name][1])
         print(f"{name} LoRA-merged in plain open_clip: max |image diff| {image_diff:.2e}, |text diff| {text_diff:.2e}")
+
+
+def test_a_fine_tuning_recipe_starts_from_a_zoo_snapshot(published, tmp_path, capsys):
+    """`model.checkpoint=NAME=PATH` (a zoo model's local snapshot, as `medclip eval --model` takes it) through
+    `medclip pretrain --config finetune_lora`: the run starts from those weights, and the export merges the
+    adapters into them; weights of another architecture than model.name stop with one line."""
+    import open_clip
+
+    from medclip.cli import main
+    from medclip.models import families, pretrained
+
+    ref, path, kwargs = published["unimed-clip-b16"]
+    model_cfg = families.get("unimed").read(path, pretrained.get("unimed-clip-b16"), kwargs["hf_text_dir"]).model_cfg
+    (tmp_path / "unimed-reduced-ft.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "unimed-reduced-ft.json")
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "finetune_lora", "--set", "model.name=unimed-reduced-ft",
+            "--set", f"model.checkpoint=unimed-clip-b16={path}", "--set", f"model.hf_text_dir={kwargs['hf_text_dir']}",
+            "--set", "data.build=[]", "--set", "data.demo=true", "--set", "data.demo_train_samples=32",
+            "--set", "data.demo_val_samples=8", "--set", "data.batch_size=8", "--set", "data.num_workers=2",
+            "--set", "eval.suites=[]", "--set", "run.steps=1", "--set", "model.lora.rank=2",
+            "--set", "run.progress=false", "--set", "run.tensorboard=false", "--set", f"run.output_dir={out}"]
+    assert main(args) == 0
+    start = medclip.load("unimed-clip-b16", checkpoint=path, device="cpu", **kwargs).model.state_dict()
+    exported = medclip.load(out / "export", device="cpu", **kwargs).model.state_dict()
+    assert exported.keys() == start.keys()
+    untouched = [k for k in start if torch.equal(start[k], exported[k])]
+    assert "visual.conv1.weight" in untouched  # not adapted: the start's own weights
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" not in untouched  # adapted and merged
+    capsys.readouterr()
+    assert main([*args[:-1], f"run.output_dir={tmp_path / 'other'}", "--set", "model.name=medclip-tiny",
+                 "--set", "model.hf_text_dir="]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"medclip: error: model.checkpoint for model.name medclip-tiny: checkpoint from "
+                           f"unimed-clip-b16={path} does not fit the architecture")

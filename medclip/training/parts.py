@@ -71,7 +71,7 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[dict, nn.Module]:
     precision = mc.precision if mc.precision in LOW_PRECISION_WEIGHTS else "fp32"
     model = loading.build_model(cfg, device, precision)
     if mc.checkpoint:
-        loading.load_weights(model, start_weights(mc.checkpoint), allow_mismatch="logit_bias" in cfg,
+        loading.load_weights(model, start_weights(mc.checkpoint, mc.hf_text_dir), allow_mismatch="logit_bias" in cfg,
                              source=mc.checkpoint, context=f"model.checkpoint for model.name {mc.name}")
     set_attention_backend(model, mc.attention)
     if mc.grad_checkpointing:
@@ -82,12 +82,13 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[dict, nn.Module]:
     return cfg, model.train()
 
 
-def start_weights(checkpoint: str) -> dict:
+def start_weights(checkpoint: str, hf_text_dir: str | None = None) -> dict:
     """The state dict a run starts from: a weights or checkpoint file as it is, else whatever ``medclip.load``
-    reads (an export or hub-format directory, ``NAME=PATH`` for a zoo model's snapshot)."""
+    reads (an export or hub-format directory, ``NAME=PATH`` for a zoo model's snapshot; its HF text tower
+    from ``hf_text_dir`` when given, as the recipe's model)."""
     if Path(checkpoint).is_file():
         return loading.extract_state_dict(loading.read_weights_file(checkpoint))
-    return loading.load_spec(checkpoint, device="cpu").model.state_dict()
+    return loading.load_spec(checkpoint, device="cpu", hf_text_dir=hf_text_dir).model.state_dict()
 
 
 def build_heads(recipe: Recipe, model: nn.Module, model_cfg: dict, device: torch.device) -> ConceptHeads | None:
