@@ -109,6 +109,9 @@ def test_lora_recipe_trains_adapters_only_and_its_export_loads_in_plain_open_cli
         got_text = model.encode_text(tokenizer(TEXTS))
     torch.testing.assert_close(torch.nn.functional.normalize(got_image, dim=-1), want_image, atol=1e-5, rtol=0)
     torch.testing.assert_close(torch.nn.functional.normalize(got_text, dim=-1), want_text, atol=1e-5, rtol=0)
+    # medclip.load of the training checkpoint merges its adapters as the export does
+    from_checkpoint = medclip.load(list_checkpoints(out)[-1], device="cpu")
+    torch.testing.assert_close(from_checkpoint.encode_image(pixels), want_image, atol=1e-5, rtol=0)
 
 
 def refused(capsys, argv: list[str]) -> str:
