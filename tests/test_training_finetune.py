@@ -112,6 +112,8 @@ def test_lora_recipe_trains_adapters_only_and_its_export_loads_in_plain_open_cli
     # medclip.load of the training checkpoint merges its adapters as the export does
     from_checkpoint = medclip.load(list_checkpoints(out)[-1], device="cpu")
     torch.testing.assert_close(from_checkpoint.encode_image(pixels), want_image, atol=1e-5, rtol=0)
+    # and a fine-tuning run starts from it (its adapters merged into the start weights)
+    assert main(finetune("finetune_full", list_checkpoints(out)[-1], tmp_path / "again", "--set", "run.steps=1")) == 0
 
 
 def refused(capsys, argv: list[str]) -> str:

@@ -87,7 +87,10 @@ def start_weights(checkpoint: str, hf_text_dir: str | None = None) -> dict:
     reads (an export or hub-format directory, ``NAME=PATH`` for a zoo model's snapshot; its HF text tower
     from ``hf_text_dir`` when given, as the recipe's model)."""
     if Path(checkpoint).is_file():
-        return loading.extract_state_dict(loading.read_weights_file(checkpoint))
+        obj = loading.read_weights_file(checkpoint)
+        if isinstance(obj, dict) and isinstance(obj.get("model_cfg"), dict):  # a medclip training checkpoint
+            return loading.merged_adapters(obj, obj["model_cfg"])
+        return loading.extract_state_dict(obj)
     return loading.load_spec(checkpoint, device="cpu", hf_text_dir=hf_text_dir).model.state_dict()
 
 
