@@ -124,13 +124,13 @@ def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
 
 
 def peak_memory(device: torch.device) -> dict:
-    """The run's peak memory so far in MB, under a key that says what was measured: the CUDA allocator's peak on a
+    """The run's peak memory so far in MiB, under a key that says what was measured: the CUDA allocator's peak on a
     GPU; on a CPU the peak resident set of this process (its loader workers are processes of their own)."""
     if device.type == "cuda":
-        return {"peak_cuda_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
     import resource
 
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: kilobytes
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: kilobytes
 
 
 def full_value(param: torch.Tensor) -> torch.Tensor:

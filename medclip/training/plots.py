@@ -76,15 +76,15 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
 
 
 def _size_lines(records: list[dict]) -> list[str]:
-    """``trainable parameters: 36.9k of 7.63M (0.48%)`` and ``peak memory: 812 MB (process peak RSS, CPU)``."""
+    """``trainable parameters: 384,000 of 27,584,833 (1.39%)`` and ``peak memory: 1435 MiB (peak RSS of ...)``."""
     lines = []
     if counts := next((r for r in records if "trainable_params" in r), None):
         trainable, total = counts["trainable_params"], counts["total_params"]
         lines.append(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
-    if peak := next((r for r in reversed(records) if "peak_rss_mb" in r or "peak_cuda_allocated_mb" in r), None):
-        lines.append(f"peak memory: {peak['peak_cuda_allocated_mb']:.0f} MB (CUDA max allocated)"
-                     if "peak_cuda_allocated_mb" in peak else
-                     f"peak memory: {peak['peak_rss_mb']:.0f} MB (peak RSS of the rank-0 training process, CPU)")
+    if peak := next((r for r in reversed(records) if "peak_rss_mib" in r or "peak_cuda_allocated_mib" in r), None):
+        lines.append(f"peak memory: {peak['peak_cuda_allocated_mib']:.0f} MiB (CUDA max allocated)"
+                     if "peak_cuda_allocated_mib" in peak else
+                     f"peak memory: {peak['peak_rss_mib']:.0f} MiB (peak RSS of the rank-0 training process, CPU)")
     return lines
 
 
