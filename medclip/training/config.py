@@ -163,8 +163,8 @@ POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every"
             "run.budget_seconds")
 NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr",
                 "data.shuffle_buffer", "data.demo_train_samples", "data.demo_val_samples", "objective.pc_weight",
-                "objective.pc_start_step", "optim.grad_clip",
-                "model.lora.rank", "model.lora.alpha", "model.unlocked_image_layers", "model.unlocked_text_layers")  # grad_clip 0 or null: no clipping
+                "objective.pc_start_step", "optim.grad_clip",  # grad_clip 0 or null: no clipping
+                "model.lora.rank", "model.lora.alpha", "model.unlocked_image_layers", "model.unlocked_text_layers")
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "model.lora.dropout")  # Adam's betas, dropout: [0, 1)
 
 
