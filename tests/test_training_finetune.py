@@ -141,6 +141,22 @@ def test_bad_fine_tuning_input_stops_with_one_line(start_export, tmp_path, capsy
     assert "does not fit the architecture" in line
 
 
+@pytest.mark.parametrize("item, message", [
+    ("model.lora.rank=-1", "recipe key model.lora.rank must not be negative, got -1"),
+    ("model.lora.dropout=1", "recipe key model.lora.dropout must be in [0, 1), got 1.0"),
+    ("model.lora.alpha=-4", "recipe key model.lora.alpha must not be negative, got -4.0"),
+    ("model.unlocked_image_layers=-1", "recipe key model.unlocked_image_layers must not be negative, got -1"),
+    ("model.lora.ranks=4", "unknown recipe key model.lora.ranks (valid keys here: alpha, dropout, rank, targets)"),
+])
+def test_fine_tuning_settings_out_of_range_are_one_line(item, message):
+    from medclip.errors import MedclipError
+    from medclip.training.config import load_recipe
+
+    with pytest.raises(MedclipError) as err:
+        load_recipe("finetune_lora", [item])
+    assert str(err.value) == message
+
+
 def _walkthrough_commands() -> list[list[str]]:
     """The README's fine-tuning walkthrough, command by command, as argv after `medclip`."""
     import shlex
