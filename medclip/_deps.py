@@ -20,6 +20,7 @@ DISTRIBUTIONS = {
     "matplotlib": "matplotlib",
     "ahocorasick": "pyahocorasick",
     "imagehash": "imagehash",
+    "peft": "peft",
 }
 
 

@@ -52,7 +52,8 @@ def test_unknown_names_are_one_line_listing_the_shipped_ones(tmp_path, monkeypat
     with pytest.raises(MedclipError) as err:
         load_recipe("dmeo")
     assert str(err.value) == ("unknown recipe 'dmeo' (not a file, nor a shipped recipe; shipped: demo, "
-                              "medconcept_siglip, shared_real, unimed_vitb16; `medclip list recipes` shows them)")
+                              "finetune_full, finetune_lit, finetune_lora, medconcept_siglip, shared_real, "
+                              "unimed_vitb16; `medclip list recipes` shows them)")
     with pytest.raises(MedclipError, match=r"^recipe not found: runs/x.yaml \(not a file"):
         load_recipe("runs/x.yaml")
     with pytest.raises(MedclipError, match="^unknown manifest 'unimed-chexpret'"):
@@ -166,13 +167,13 @@ def test_wheel_works_outside_the_checkout(wheel, tmp_path):
 # The core install: setup.cfg's install_requires, nothing of the `train` extra.
 CORE_REQUIRES = {"torch", "torchvision", "open-clip-torch", "timm", "transformers", "tokenizers", "scikit-learn",
                  "safetensors", "pyyaml", "tqdm", "pillow", "numpy"}
-TRAIN_EXTRA = {"webdataset", "braceexpand", "matplotlib", "pyahocorasick", "imagehash"}
+TRAIN_EXTRA = {"webdataset", "braceexpand", "matplotlib", "pyahocorasick", "imagehash", "peft"}
 # Run first in each process: the train extra's modules cannot be imported, as in a core-only install.
 WITHOUT_TRAIN_EXTRA = """
 import importlib.abc, sys
 class NotInstalled(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"webdataset", "braceexpand", "matplotlib", "ahocorasick", "imagehash"}:
+        if name.split(".")[0] in {"webdataset", "braceexpand", "matplotlib", "ahocorasick", "imagehash", "peft"}:
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 sys.meta_path.insert(0, NotInstalled())
 """
@@ -211,6 +212,20 @@ def test_a_missing_train_extra_is_one_line_naming_it(monkeypatch):
     with pytest.raises(MedclipError) as err:
         expand_urls("s-{0..1}.tar", "")
     assert str(err.value) == ("expanding shard URL patterns needs braceexpand, which is not installed: "
+                              "pip install 'medclip-torch[train]'")
+
+
+def test_lora_without_peft_is_one_line_naming_the_extra(monkeypatch):
+    import torch
+
+    from medclip.training.config import LoraConfig
+    from medclip.training.lora import add_adapters
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # what `import peft` meets when not installed
+    model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.Sequential(torch.nn.Linear(4, 4)))
+    with pytest.raises(MedclipError) as err:
+        add_adapters(model, LoraConfig(rank=2))
+    assert str(err.value) == ("LoRA fine-tuning (model.lora) needs peft, which is not installed: "
                               "pip install 'medclip-torch[train]'")
 
 

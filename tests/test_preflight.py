@@ -100,7 +100,7 @@ def test_unknown_suite_stops_before_step_one(tmp_path):
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
     assert line.startswith("medclip: error: the run cannot start: unknown suite 'demo_typo' (not a file, nor a "
-                           "shipped suite; shipped: demo, shared_real, unimed21")
+                           "shipped suite; shipped: covid, demo, shared_real, unimed21")
     assert not out.exists()  # nothing trained, the demo set not even built
 
 

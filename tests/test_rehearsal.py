@@ -23,18 +23,22 @@ def _medclip(*args: str, cwd=REPO_ROOT, timeout: int = 1800) -> subprocess.Compl
 # demo's rehearsal runs in test_gpu_check_runs_its_cpu_form... below (through torchrun); the 2-process
 # fork path is rehearsed by the other three.
 @pytest.mark.integration
-@pytest.mark.parametrize("recipe", ["shared_real", "unimed_vitb16", "medconcept_siglip"])
+@pytest.mark.parametrize("recipe", ["shared_real", "unimed_vitb16", "medconcept_siglip", "finetune_full",
+                                    "finetune_lit", "finetune_lora"])
 def test_shipped_recipe_passes_its_rehearsal(recipe, tmp_path):
     """As README runs it: the recipe by name, from the user's directory, into the default (relative) work
-    directory OUTPUT_DIR-rehearsal; shared_real from the repository root (its data paths are relative to it),
-    into a relative --rehearse-dir."""
+    directory OUTPUT_DIR-rehearsal; shared_real and the fine-tuning recipes from the repository root (their
+    data paths are relative to it), into a relative --rehearse-dir. The fine-tuning recipes start from their
+    debug model's random weights, with 2 loader workers per process: resume with LoRA adapters (and with
+    locked towers) is as exact as without, SIGKILL and --resume latest included."""
     from medclip.training.config import load_recipe
 
-    if recipe == "shared_real":
-        require_shared("medpix", "train.jsonl")
+    if recipe == "shared_real" or recipe.startswith("finetune_"):
+        require_shared("medpix" if recipe == "shared_real" else "covid-cxr", "train.jsonl")
         work = tmp_path / "rehearsal"
+        workers = ["--set", "data.num_workers=2"] if recipe.startswith("finetune_") else []
         proc = _medclip("pretrain", "--config", recipe, "--rehearse", "--rehearse-dir",
-                        os.path.relpath(work, REPO_ROOT))
+                        os.path.relpath(work, REPO_ROOT), *workers)
     else:
         work = tmp_path / f"{load_recipe(recipe).run.output_dir}-rehearsal"
         proc = _medclip("pretrain", "--config", recipe, "--rehearse", cwd=tmp_path)

@@ -65,7 +65,9 @@ def test_a_rebuild_replaces_the_earlier_shards_and_a_failed_one_keeps_them(tmp_p
     code, stdout, _ = _build(capsys, _jsonl(tmp_path / "mp5.jsonl", rows[:5]), out, "--prefix", "s",
                              "--max-samples", "10", "--processes", "2")
     assert code == 0 and "removed s-000001.tar, s-000002.tar" in stdout
-    assert sorted(p.name for p in out.iterdir()) == ["s-000000.tar", "s-summary.json"]  # no staging folder left
+    # no staging folder left; the whole build's manifest names its shards
+    assert sorted(p.name for p in out.iterdir()) == ["s-000000.tar", "s-summary.json", "s.yaml"]
+    assert load_manifest(out / "s.yaml").samples == 5 and check_manifest(load_manifest(out / "s.yaml")) == []
     summary = json.loads((out / "s-summary.json").read_text())
     assert [s["name"] for s in summary["shards"]] == ["s-000000.tar"] and summary["samples"] == 5
     assert len(read_dataset("wds", out, path="s-*.tar")) == 5  # the evaluation the issue ran
@@ -114,8 +116,8 @@ def test_part_builds_replace_only_their_own_part(tmp_path, capsys, monkeypatch):
 
     # A whole build into the same folder and prefix replaces the whole part collection
     assert _build(capsys, table, out, "--prefix", "p")[0] == 0
-    assert sorted(p.name for p in out.iterdir()) == ["p-000000.tar", "p-summary.json"]
-    # and a part build replaces a whole build (its shards are no part's)
+    assert sorted(p.name for p in out.iterdir()) == ["p-000000.tar", "p-summary.json", "p.yaml"]
+    # and a part build replaces a whole build (its shards are no part's, nor its manifest)
     assert _build(capsys, table, out, "--prefix", "p", "--part", "1/2")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["p-001-00000.tar", "p-summary-001.json"]
 

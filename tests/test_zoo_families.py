@@ -293,3 +293,81 @@ def test_shipped_conceptclip_shape_config_is_the_shape_conceptclip_loads_as(publ
         assert shipped["vision_cfg"][key] == read["vision_cfg"][key], key
     assert shipped["vision_cfg"]["timm_model_name"] == "vit_so400m_patch14_siglip_384"
     assert shipped["init_logit_bias"] == read["init_logit_bias"] and shipped["custom_text"] == read["custom_text"]
+
+
+def test_each_family_goes_through_lora_merge_and_plain_open_clip(published, tmp_path):
+    """LoRA on each family's stand-in as fine-tuning puts it (adapters on both towers, trained: random B),
+    merged as the export merges (``merged_for_export``), saved, and loaded by plain open_clip in a process
+    without medclip: strict keys and the adapted model's embeddings."""
+    from medclip.training.config import LoraConfig
+    from medclip.training.lora import add_adapters, merged_for_export
+
+    cfg = LoraConfig(rank=2, alpha=4.0)
+    images, outs, adapted = sample_images(), {}, {}
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"{i}.png"))
+        image.save(paths[-1])
+    for name, (_, path, kwargs) in published.items():
+        encoder = medclip.load(name, checkpoint=path, device="cpu", **kwargs)
+        pixels = torch.stack([encoder.preprocess(im) for im in images])
+        with torch.no_grad():
+            before = encoder.encode_image(pixels, normalize=False), encoder.encode_text(TEXTS, normalize=False)
+        names = add_adapters(encoder.model, cfg)
+        assert any(n.startswith("visual.") for n in names) and any(not n.startswith("visual.") for n in names), name
+        generator = torch.Generator().manual_seed(0)
+        for key, param in encoder.model.named_parameters():
+            if "lora_B" in key:  # zero at init: give the adapters an update to merge
+                param.data.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        with torch.no_grad():
+            adapted[name] = encoder.encode_image(pixels, normalize=False), encoder.encode_text(TEXTS, normalize=False)
+        for was, now in zip(before, adapted[name]):
+            assert (was - now).abs().max() > 1e-3, f"{name}: the adapters changed nothing"
+        merged = merged_for_export(encoder.model_cfg, encoder.model.state_dict(), cfg)
+        plain = medclip.load(name, checkpoint=path, device="cpu", **kwargs)
+        plain.model.load_state_dict(merged)  # strict: the plain model's keys exactly
+        outs[name] = medclip.save(plain, tmp_path / name)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", PLAIN_OPEN_CLIP, json.dumps(TEXTS), ",".join(paths),
+                           *map(str, outs.values())], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+    for name, out in outs.items():
+        got = torch.load(out / "plain_open_clip.pt")
+        image_diff = assert_same_embeddings(got["image"], adapted[name][0])
+        text_diff = assert_same_embeddings(got["text"], adapted[name][1])
+        print(f"{name} LoRA-merged in plain open_clip: max |image diff| {image_diff:.2e}, |text diff| {text_diff:.2e}")
+
+
+def test_a_fine_tuning_recipe_starts_from_a_zoo_snapshot(published, tmp_path, capsys):
+    """`model.checkpoint=NAME=PATH` (a zoo model's local snapshot, as `medclip eval --model` takes it) through
+    `medclip pretrain --config finetune_lora`: the run starts from those weights, and the export merges the
+    adapters into them; weights of another architecture than model.name stop with one line."""
+    import open_clip
+
+    from medclip.cli import main
+    from medclip.models import families, pretrained
+
+    ref, path, kwargs = published["unimed-clip-b16"]
+    model_cfg = families.get("unimed").read(path, pretrained.get("unimed-clip-b16"), kwargs["hf_text_dir"]).model_cfg
+    (tmp_path / "unimed-reduced-ft.json").write_text(json.dumps(model_cfg))
+    open_clip.add_model_config(tmp_path / "unimed-reduced-ft.json")
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "finetune_lora", "--set", "model.name=unimed-reduced-ft",
+            "--set", f"model.checkpoint=unimed-clip-b16={path}", "--set", f"model.hf_text_dir={kwargs['hf_text_dir']}",
+            "--set", "data.build=[]", "--set", "data.demo=true", "--set", "data.demo_train_samples=32",
+            "--set", "data.demo_val_samples=8", "--set", "data.batch_size=8", "--set", "data.num_workers=2",
+            "--set", "eval.suites=[]", "--set", "run.steps=1", "--set", "model.lora.rank=2",
+            "--set", "run.progress=false", "--set", "run.tensorboard=false", "--set", f"run.output_dir={out}"]
+    assert main(args) == 0
+    start = medclip.load("unimed-clip-b16", checkpoint=path, device="cpu", **kwargs).model.state_dict()
+    exported = medclip.load(out / "export", device="cpu", **kwargs).model.state_dict()
+    assert exported.keys() == start.keys()
+    untouched = [k for k in start if torch.equal(start[k], exported[k])]
+    assert "visual.conv1.weight" in untouched  # not adapted: the start's own weights
+    assert "visual.transformer.resblocks.0.mlp.c_fc.weight" not in untouched  # adapted and merged
+    capsys.readouterr()
+    assert main([*args[:-1], f"run.output_dir={tmp_path / 'other'}", "--set", "model.name=medclip-tiny",
+                 "--set", "model.hf_text_dir="]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"medclip: error: model.checkpoint for model.name medclip-tiny: checkpoint from "
+                           f"unimed-clip-b16={path} does not fit the architecture")

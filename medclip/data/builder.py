@@ -417,9 +417,18 @@ def merge_parts(out_dir: str | Path, prefix: str, name: str | None = None, **man
     summary_path = write_summary(out / build_output.summary_name(prefix, (0, 1)), shards, parts=n,
                                  skipped=dict(sorted(skipped.items())), skipped_items=items[:MAX_LISTED_SKIPS],
                                  config=json.loads(configs.pop()))
-    patterns = ["{root}/" + shard_brace_pattern(prefix, (int(s["part"][0]), n), len(s["shards"]))
-                for s in summaries if s["shards"]]
-    samples = sum(sh.samples for sh in shards)
-    write_manifest(out / f"{prefix}.yaml", name=name or prefix, urls=patterns, shards=len(shards),
-                   samples=samples, summary=f"{{root}}/{summary_path.name}", **manifest_fields)
-    return BuildReport(out, summary_path, shards, samples, dict(skipped), items)
+    counts = [((int(s["part"][0]), n), len(s["shards"])) for s in summaries]
+    report = BuildReport(out, summary_path, shards, sum(sh.samples for sh in shards), dict(skipped), items)
+    write_prefix_manifest(report, prefix, counts, name, **manifest_fields)
+    return report
+
+
+def write_prefix_manifest(report: BuildReport, prefix: str, part_counts: list[tuple[tuple[int, int], int]] | None = None,
+                          name: str | None = None, **manifest_fields) -> Path:
+    """``PREFIX.yaml`` beside the shards, naming them relative to itself: a whole build's (``part_counts``
+    None) or, from merge_parts, every part's ``((i, n), shard count)``."""
+    part_counts = part_counts if part_counts is not None else [((0, 1), len(report.shards))]
+    patterns = ["{root}/" + shard_brace_pattern(prefix, part, count) for part, count in part_counts if count]
+    return write_manifest(report.out_dir / f"{prefix}.yaml", name=name or prefix, urls=patterns,
+                          shards=len(report.shards), samples=report.samples,
+                          summary=f"{{root}}/{report.summary_path.name}", **manifest_fields)

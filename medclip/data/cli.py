@@ -132,6 +132,8 @@ def run_build(args: argparse.Namespace) -> int:
     report = builder.build_shards(records, cfg)
     print(f"wrote {report.samples} samples in {len(report.shards)} shards to {report.out_dir}")
     print(f"summary: {report.summary_path}")
+    if cfg.part[1] == 1:  # a whole build: its manifest now (the parts of an i/n build get one from merge)
+        print(f"manifest: {builder.write_prefix_manifest(report, args.prefix)}  (a recipe's data.sources take it)")
     if report.removed:
         print(f"replaced an earlier build: removed {listing(report.removed)}")
     for kind, count in sorted(report.skipped.items()):

@@ -348,12 +348,25 @@ def _load_training_checkpoint(path: Path, device, precision, allow_mismatch, hf_
     tower_name = hub_tower_name(model_cfg)
     model_cfg = with_text_dir(model_cfg, hf_text_dir)
     model = build_model(model_cfg, device, precision)
-    load_weights(model, extract_state_dict(obj), allow_mismatch, source=str(path))
+    load_weights(model, merged_adapters(obj, model_cfg), allow_mismatch, source=str(path))
     heads = None
     if isinstance(obj.get("heads"), dict) and isinstance(obj.get("heads_config"), dict):
         heads = build_heads(obj["heads_config"], obj["heads"], device)
     return _encoder(model, model_cfg, build_preprocess_cfg(model, obj.get("preprocess_cfg")), str(path),
                     precision, window, heads, tower_name)
+
+
+def merged_adapters(obj: dict, model_cfg: dict) -> dict:
+    """A training checkpoint's model weights; a LoRA run's (``model.lora`` in its recipe) keep the adapters
+    unmerged for resume, and are merged here as the run's export merges them."""
+    state = extract_state_dict(obj)
+    lora = ((obj.get("recipe") or {}).get("model") or {}).get("lora") or {}
+    if not lora.get("rank"):
+        return state
+    from medclip.training.config import LoraConfig
+    from medclip.training.lora import merged_for_export
+
+    return merged_for_export(model_cfg, state, LoraConfig(**lora))
 
 
 def _no_model_config(path: Path, obj) -> MedclipError:

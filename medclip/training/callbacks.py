@@ -61,8 +61,9 @@ class CallbackList:
 
 
 class MetricsLog(Callback):
-    """The run's log: losses, lr, logit scale, throughput and MFU every ``run.log_every`` steps (and at the
-    last step, and when training diverges), evaluation results, the budget (see ``monitor.Monitor``)."""
+    """The run's log: losses, lr, logit scale, throughput, MFU and peak memory so far every ``run.log_every``
+    steps (and at the last step, and when training diverges; the first record also counts the trainable and
+    all parameters), evaluation results, the budget (see ``monitor.Monitor``)."""
 
     monitor: Monitor | None = None
 
@@ -73,6 +74,8 @@ class MetricsLog(Callback):
                                wandb_project=run.wandb_project, config=trainer.recipe.to_dict(),
                                run_id=trainer.run_id)
         self.throughput = Throughput(trainer.recipe.data.batch_size * trainer.env.world_size)
+        trainable, total = parameter_counts(trainer.module)
+        self.sizes = {"trainable_params": trainable, "total_params": total}  # in the first step record logged
 
     def on_step_end(self, trainer, batch: dict, losses: dict) -> None:
         if self.monitor.total_steps != trainer.planned_steps:  # run.budget_seconds re-planned the run
@@ -81,7 +84,9 @@ class MetricsLog(Callback):
         self.monitor.advance()
         step = trainer.step
         if step % trainer.recipe.run.log_every == 0 or step == trainer.planned_steps or trainer.guard.diverged:
-            self.monitor.log(step, step_metrics(trainer, losses, self.throughput))
+            sizes, self.sizes = self.sizes, {}
+            self.monitor.log(step, {**step_metrics(trainer, losses, self.throughput), **sizes,
+                                    **peak_memory(trainer.device)})
 
     def on_evaluate(self, trainer, results: dict, error: str | None = None) -> None:
         if error:
@@ -110,6 +115,22 @@ def step_metrics(trainer, losses: dict, throughput: Throughput) -> dict:
         tflops = trainer.flops.per_sample * samples_per_s / trainer.env.world_size / 1e12
         metrics.update(tflops_per_device=tflops, mfu=tflops / trainer.peak_tflops)
     return metrics
+
+
+def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters of the trained module (model and PC-Align heads)."""
+    params = list(module.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def peak_memory(device: torch.device) -> dict:
+    """The run's peak memory so far in MiB, under a key that says what was measured: the CUDA allocator's peak on a
+    GPU; on a CPU the peak resident set of this process (its loader workers are processes of their own)."""
+    if device.type == "cuda":
+        return {"peak_cuda_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20}
+    import resource
+
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: kilobytes
 
 
 def full_value(param: torch.Tensor) -> torch.Tensor:

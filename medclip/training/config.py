@@ -22,9 +22,24 @@ from medclip.training.prepare import BuildSpec
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters through peft (docs/finetune.md); the export merges them into the plain weights."""
+
+    rank: int = 0  # 0: no adapters
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0
+    # Regular expressions over module names (full match), each must match an adaptable layer; empty: the
+    # attention and MLP projections of both towers' blocks (medclip.training.lora.default_targets).
+    targets: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ModelConfig:
     name: str = "medclip-tiny"
-    checkpoint: str | None = None  # any weights medclip.load accepts, to initialise from
+    # What to start from: a medclip export or hub-format directory, a weights or training-checkpoint file, or a
+    # zoo name with its local snapshot (NAME=PATH): anything medclip.load accepts.
+    checkpoint: str | None = None
+    finetune: bool = False  # a fine-tuning recipe: the run refuses to start without model.checkpoint
     hf_text_dir: str | None = None
     precision: str = "fp32"  # fp32 | amp_bf16 | amp (fp16 with grad scaler) | bf16 | pure_bf16
     grad_checkpointing: bool = False
@@ -34,6 +49,7 @@ class ModelConfig:
     freeze_text: bool = False
     unlocked_image_layers: int = 0  # with freeze_image: keep the last N groups trainable
     unlocked_text_layers: int = 0
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -151,8 +167,9 @@ POSITIVE = ("data.batch_size", "run.steps", "optim.accum_steps", "run.log_every"
             "run.budget_seconds")
 NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", "eval.every_steps", "optim.min_lr",
                 "data.shuffle_buffer", "data.demo_train_samples", "data.demo_val_samples", "objective.pc_weight",
-                "objective.pc_start_step", "optim.grad_clip")  # grad_clip 0 or null: no clipping
-UNIT_INTERVAL = ("optim.beta1", "optim.beta2")  # Adam's betas: [0, 1)
+                "objective.pc_start_step", "optim.grad_clip",  # grad_clip 0 or null: no clipping
+                "model.lora.rank", "model.lora.alpha", "model.unlocked_image_layers", "model.unlocked_text_layers")
+UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "model.lora.dropout")  # Adam's betas, dropout: [0, 1)
 
 
 def _is_optional(tp) -> bool:
@@ -224,9 +241,13 @@ def _set_path(tree: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def _flat_values(recipe: Recipe) -> dict:
-    return {f"{section.name}.{f.name}": getattr(getattr(recipe, section.name), f.name)
-            for section in dataclasses.fields(recipe) for f in dataclasses.fields(getattr(recipe, section.name))}
+def _flat_values(node, prefix: str = "") -> dict:
+    """{dotted key: value} of every field, nested sections (model.lora) included."""
+    flat = {}
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        flat.update(_flat_values(value, f"{key}.") if dataclasses.is_dataclass(value) else {key: value})
+    return flat
 
 
 def _non_finite(value, where: str):
@@ -271,6 +292,9 @@ def validate(recipe: Recipe) -> Recipe:
                            f"{recipe.data.leakage_check.max_distance}")
     if recipe.data.epoch_samples is not None and recipe.data.epoch_samples < 1:
         raise MedclipError(f"recipe key data.epoch_samples must be positive (or null), got {recipe.data.epoch_samples}")
+    if recipe.model.finetune and not recipe.model.checkpoint:
+        raise MedclipError("this recipe fine-tunes a trained model: set model.checkpoint (--set model.checkpoint=DIR "
+                           "with a medclip export, a weights file, or NAME=PATH for a zoo model's local snapshot)")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")

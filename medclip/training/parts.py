@@ -29,6 +29,7 @@ from medclip.training.components import TrainModule
 from medclip.training.config import Recipe
 from medclip.training.distributed import DistEnv, wrap_model
 from medclip.training.flops import TrainFlops
+from medclip.training.lora import add_adapters
 from medclip.training.optim import apply_freezing, build_optimizer, build_scheduler
 
 # Precisions that store the weights in low precision; the others keep fp32 weights (and may autocast).
@@ -70,14 +71,27 @@ def build_model(recipe: Recipe, device: torch.device) -> tuple[dict, nn.Module]:
     precision = mc.precision if mc.precision in LOW_PRECISION_WEIGHTS else "fp32"
     model = loading.build_model(cfg, device, precision)
     if mc.checkpoint:
-        obj = loading.read_weights_file(mc.checkpoint)
-        loading.load_weights(model, loading.extract_state_dict(obj), allow_mismatch="logit_bias" in cfg,
-                             source=mc.checkpoint)
+        loading.load_weights(model, start_weights(mc.checkpoint, mc.hf_text_dir), allow_mismatch="logit_bias" in cfg,
+                             source=mc.checkpoint, context=f"model.checkpoint for model.name {mc.name}")
     set_attention_backend(model, mc.attention)
     if mc.grad_checkpointing:
         towers.set_grad_checkpointing(model)  # HF towers through transformers' current API
     apply_freezing(model, mc)
+    if mc.lora.rank > 0:
+        add_adapters(model, mc.lora)  # after freezing: only the adapters train
     return cfg, model.train()
+
+
+def start_weights(checkpoint: str, hf_text_dir: str | None = None) -> dict:
+    """The state dict a run starts from: a weights or checkpoint file as it is, else whatever ``medclip.load``
+    reads (an export or hub-format directory, ``NAME=PATH`` for a zoo model's snapshot; its HF text tower
+    from ``hf_text_dir`` when given, as the recipe's model)."""
+    if Path(checkpoint).is_file():
+        obj = loading.read_weights_file(checkpoint)
+        if isinstance(obj, dict) and isinstance(obj.get("model_cfg"), dict):  # a medclip training checkpoint
+            return loading.merged_adapters(obj, obj["model_cfg"])
+        return loading.extract_state_dict(obj)
+    return loading.load_spec(checkpoint, device="cpu", hf_text_dir=hf_text_dir).model.state_dict()
 
 
 def build_heads(recipe: Recipe, model: nn.Module, model_cfg: dict, device: torch.device) -> ConceptHeads | None:

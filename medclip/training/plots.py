@@ -50,8 +50,8 @@ CONCEPT_KINDS = ("concept_dropped",)
 
 
 def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_start_step: int | None = None) -> str:
-    """The run in a few lines: steps and wall time, the loss per term and stage, the run's mean throughput
-    with the range of the logged intervals, the budget used (run.budget_seconds), evaluation results, and
+    """The run in a few lines: steps and wall time, the loss per term and stage, trainable parameters and
+    peak memory, the run's mean throughput with the range of the logged intervals, the budget used (run.budget_seconds), evaluation results, and
     what was skipped (samples, shards and concepts counted apart).
 
     ``pc_start_step``: the objective has two stages, IT-Align alone through this step, then IT + PC-Align
@@ -63,6 +63,7 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
     lines += _loss_lines(train, pc_start_step)
     if (throughput := _throughput_line(train)) is not None:
         lines.append(throughput)
+    lines += _size_lines(records)
     if budget := next((r for r in reversed(records) if "budget_s" in r), None):
         lines.append(budget_line(budget["budget_used_s"], budget["budget_s"],
                                  "training and the final save (run.budget_seconds)"))
@@ -72,6 +73,19 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
                 lines.append(f"{key[len('eval/'):]}: {value:.4f}")
     lines += _skip_lines(skipped)
     return "\n".join(lines) + "\n"
+
+
+def _size_lines(records: list[dict]) -> list[str]:
+    """``trainable parameters: 384,000 of 27,584,833 (1.39%)`` and ``peak memory: 1435 MiB (peak RSS of ...)``."""
+    lines = []
+    if counts := next((r for r in records if "trainable_params" in r), None):
+        trainable, total = counts["trainable_params"], counts["total_params"]
+        lines.append(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
+    if peak := next((r for r in reversed(records) if "peak_rss_mib" in r or "peak_cuda_allocated_mib" in r), None):
+        lines.append(f"peak memory: {peak['peak_cuda_allocated_mib']:.0f} MiB (CUDA max allocated)"
+                     if "peak_cuda_allocated_mib" in peak else
+                     f"peak memory: {peak['peak_rss_mib']:.0f} MiB (peak RSS of the rank-0 training process, CPU)")
+    return lines
 
 
 def _loss_lines(train: list[dict], pc_start_step: int | None) -> list[str]:

@@ -34,6 +34,7 @@ OPTIONAL_PACKAGES = [
     (lambda r: r.run.wandb, "wandb", "pip install wandb, or set run.wandb: false"),
     (lambda r: r.model.attention == "xformers", "xformers",
      "pip install 'medclip-torch[gpu]', or set model.attention: sdpa"),
+    (lambda r: r.model.lora.rank > 0, "peft", "pip install 'medclip-torch[train]', or set model.lora.rank: 0"),
 ]
 
 
@@ -45,6 +46,7 @@ def check(recipe, is_main: bool = True) -> None:
     """
     problems: list[str] = []
     problems += check_packages(recipe)
+    problems += check_start_weights(recipe)
     problems += check_manifests(recipe)
     problems += check_eval_data(recipe, made_by_run=False)
     if is_main:  # only rank 0 writes the run's files
@@ -74,6 +76,21 @@ def _expand(text: str | None, output_dir: Path) -> str | None:
 def check_packages(recipe) -> list[str]:
     return [f"{package} is not installed ({fix})" for enabled, package, fix in OPTIONAL_PACKAGES
             if enabled(recipe) and importlib.util.find_spec(package) is None]
+
+
+def check_start_weights(recipe) -> list[str]:
+    """model.checkpoint names something on disk: a file or directory, or the PATH of a zoo model's NAME=PATH."""
+    from medclip.models import pretrained
+
+    spec = recipe.model.checkpoint
+    if not spec:
+        return []
+    name, sep, path = spec.partition("=")
+    where = path if sep and pretrained.get(name) is not None else spec
+    if Path(where).exists():
+        return []
+    return [f"model.checkpoint {where} does not exist (set model.checkpoint to a medclip export directory, a "
+            f"weights file, or NAME=PATH for a zoo model's local snapshot)"]
 
 
 # ------------------------------------------------------------------ training data

@@ -36,6 +36,7 @@ from medclip.training.components import (
 from medclip.training.config import Recipe
 from medclip.training.distributed import all_reduce_mean, broadcast_from_main
 from medclip.training.flops import TrainFlops, device_peak_tflops
+from medclip.training.lora import merged_for_export
 from medclip.training.monitor import read_log
 from medclip.training.optim import Diverged, DivergenceGuard, grad_norm
 from medclip.training.parts import (
@@ -297,6 +298,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         model, heads, _ = self._state_dicts()
         if not self.env.is_main:
             return None
+        model = merged_for_export(self.model_cfg, model, self.recipe.model.lora)  # plain keys: open_clip loads it
         from medclip.models.loading import encoder_from_state
 
         with _rng_untouched():  # building the evaluation model draws random initial weights

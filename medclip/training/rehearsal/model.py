@@ -52,6 +52,20 @@ class DebugModel:
         (directory / "open_clip_config.json").write_text(jsonio.dumps({"model_cfg": self.config}, indent=2))
         return f"local-dir:{directory.resolve()}"
 
+    def write_start_weights(self, directory: Path, seed: int) -> Path:
+        """Random weights of the debug model as a weights file: the stand-in for a recipe's model.checkpoint
+        (a fine-tuning recipe starts from one)."""
+        import torch
+        from safetensors.torch import save_file
+
+        from medclip.models.loading import build_model
+
+        torch.manual_seed(seed)
+        state = {k: v.contiguous().clone() for k, v in build_model(self.config, "cpu").state_dict().items()}
+        path = directory / "start.safetensors"
+        save_file(state, str(path))
+        return path.resolve()
+
 
 def _shrink(value, debug):
     """The smaller of the recipe's size and the debug size (an already tiny model stays as small)."""

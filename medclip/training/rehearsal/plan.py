@@ -2,11 +2,12 @@
 
 Kept as they are: sources and their weights, the manifests (their files are read unchanged),
 objective, optimiser, strategy (DDP / FSDP2), precision where the CPU has it, accumulation,
-gradient checkpointing, compile, attention kernel, freezing, eval suites, checkpoint rotation,
-export. Swapped, because they cannot fit on a laptop or in minutes: the model (a debug model of the
-same family, see model), the data when the shards are not on disk (stand-ins in the
-same format, see data / evaldata), and the schedule's length (steps, warmup,
-PC-Align start, checkpoint and eval intervals scaled down together).
+gradient checkpointing, compile, attention kernel, freezing, LoRA adapters (model.lora), eval suites,
+checkpoint rotation, export. Swapped, because they cannot fit on a laptop or in minutes: the model (a
+debug model of the same family, see model; a fine-tuning recipe's start weights become the debug
+model's random weights), the data when the shards are not on disk (stand-ins in the same format, see
+data / evaldata), and the schedule's length (steps, warmup, PC-Align start, checkpoint and eval
+intervals scaled down together).
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class RehearsalPlan:
             f"gradient checkpointing {'on' if r.model.grad_checkpointing else 'off'}, "
             f"compile {'on' if r.model.compile else 'off'}, attention {self.values['model']['attention']}",
             f"objective {objective}",
+            f"trains {_trained(r.model)}",
             f"optimizer AdamW lr {r.optim.lr:g} betas ({r.optim.beta1}, {r.optim.beta2}) eps {r.optim.eps:g} "
             f"wd {r.optim.weight_decay:g}, grad clip {r.optim.grad_clip}, {r.optim.schedule} schedule",
             f"sources {len(r.data.sources)} manifests, {len(r.data.build)} builds, demo {r.data.demo}; "
@@ -148,12 +150,15 @@ def _run_settings(plan: RehearsalPlan) -> None:
     _swap(plan, "run", "wandb", False, "offline")
 
 
-def _model(plan: RehearsalPlan, debug_name: str) -> None:
+def _model(plan: RehearsalPlan, debug_name: str, start_weights) -> None:
+    """``start_weights()``: writes the debug model's stand-in start weights, returns their path."""
     r = plan.recipe
     _swap(plan, "model", "name", debug_name, "debug model of the same family")
-    for key in ("checkpoint", "hf_text_dir"):
-        if getattr(r.model, key):
-            _swap(plan, "model", key, None, "weights/text files of the full-size model do not fit the debug model")
+    if r.model.checkpoint:  # a fine-tuning recipe starts from weights: the debug model's own, random
+        _swap(plan, "model", "checkpoint", str(start_weights()), "the full-size model's weights do not fit the "
+              "debug model; its random weights stand in as the start")
+    if r.model.hf_text_dir:
+        _swap(plan, "model", "hf_text_dir", None, "text files of the full-size model do not fit the debug model")
     if plan.device == "cpu":
         precision, why = cpu_precision(r.model.precision)
         if why:
@@ -176,7 +181,8 @@ def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str =
     model_cfg = with_text_dir(resolve_config(recipe.model.name), recipe.model.hf_text_dir)
     debug = derive_debug_model(model_cfg)
     plan.model_notes = debug.notes
-    _model(plan, debug.write(work_dir / "model"))
+    _model(plan, debug.write(work_dir / "model"),
+           lambda: debug.write_start_weights(work_dir / "model", recipe.run.seed))
     _schedule(plan)
     _batch(plan)
     _run_settings(plan)
@@ -192,6 +198,18 @@ def make_plan(recipe, config: str, work_dir: Path, nproc: int = 2, device: str =
     plan.sources = prepare_training_data(plan.values, pool, work_dir / "data", min_samples=readable)
     plan.suites = prepare_eval_data(plan.values, work_dir / "eval", pool)
     return plan
+
+
+def _trained(model) -> str:
+    """What of the model trains: LoRA adapters, or the towers as freezing leaves them."""
+    if model.lora.rank > 0:
+        targets = ", ".join(model.lora.targets) or "the default targets"
+        return f"LoRA adapters only: rank {model.lora.rank}, alpha {model.lora.alpha:g}, dropout " \
+               f"{model.lora.dropout:g} on {targets}"
+    locked = [f"{tower} tower locked (last {n} unlocked)" for tower, frozen, n in
+              (("image", model.freeze_image, model.unlocked_image_layers),
+               ("text", model.freeze_text, model.unlocked_text_layers)) if frozen]
+    return "; ".join(locked) if locked else "every weight"
 
 
 def _weights(sources) -> str:
