@@ -76,6 +76,12 @@ def train(recipe: Path, run_dir: Path, shards: Path, seed: int, fast: bool, step
     return run_dir / "export"
 
 
+def mean_sd(values: list[float]) -> str:
+    """``mean ± sd`` (sd over seeds; a single seed has none)."""
+    sd = f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.3f}{sd}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -104,13 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     results = srv.headlines(eval_dir)
     scores = {run: results.get(str(path), {}) for run, path in exports.items()}
     datasets = sorted(set.intersection(*(set(s) for s in scores.values())))
-    print(f"shared_real on {args.upscale:g}x upscaled train images; seeds {args.seeds}; headline per dataset")
+    print(f"shared_real on {args.upscale:g}x upscaled train images; seeds {args.seeds}; headline per dataset, "
+          "mean ± sd over seeds")
+    print("| dataset | fast_decode on | fast_decode off | on - off | per seed on / off |")
+    print("|---|---|---|---|---|")
     for name in datasets:
         on = [scores[(s, True)][name] for s in args.seeds]
         off = [scores[(s, False)][name] for s in args.seeds]
-        spread = statistics.stdev(off) if len(off) > 1 else float("nan")
-        print(f"  {name:40s} on {' '.join(f'{v:.3f}' for v in on)}  off {' '.join(f'{v:.3f}' for v in off)}  "
-              f"mean on-off {statistics.fmean(on) - statistics.fmean(off):+.3f}  seed sd (off) {spread:.3f}")
+        per_seed = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(on, off))
+        print(f"| {name} | {mean_sd(on)} | {mean_sd(off)} | {statistics.fmean(on) - statistics.fmean(off):+.3f} "
+              f"| {per_seed} |")
     (out / "quality.json").write_text(json.dumps({f"s{s}-{'on' if f else 'off'}": v for (s, f), v in scores.items()},
                                                  indent=2))
     return 0

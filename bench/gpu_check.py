@@ -16,7 +16,10 @@
    the device's bf16 peak (``medclip.training.flops``).
 3. JPEG decode on the GPU: batches of 1024 / 2048 px JPEGs through torchvision's nvJPEG
    (``decode_jpeg(device="cuda")``) and the 224 px random crop on the device: images/s and the host
-   CPU left per image, beside the loader's CPU figures (bench/loader_sizes.py).
+   CPU left per image, beside the loader's CPU figures (bench/loader_sizes.py). Then the training
+   loader with ``data.gpu_decode`` (workers draw the crops, ``normalize_batch`` decodes on the GPU)
+   against its CPU path, same shards, interleaved: samples/s, host CPU ms per sample (all processes)
+   and the pixel difference between the two (levels of 255).
 
 Without CUDA it runs a reduced form on CPU, so it cannot rot (tests/test_rehearsal_gpu_check.py runs
 it): the rehearsal of ``--recipes`` (default: demo) in 1 process through torchrun (gloo), and the timed
@@ -233,6 +236,51 @@ def gpu_jpeg_decode(args, report: Report, gpus: int) -> None:
         n = args.steps * len(data)
         report.say(f"  {side} px: {n / (time.perf_counter() - start):8.1f} images/s, "
                    f"host CPU {1000 * (time.process_time() - cpu) / n:.2f} ms per image")
+    loader_gpu_decode(args, report, originals)
+
+
+def loader_gpu_decode(args, report: Report, originals) -> None:
+    """The training loader with device decode (``data.gpu_decode``) against its CPU path, on CUDA."""
+    import torch
+    from loader_sizes import TRANSFORM, cpu_seconds, encode, write_shard
+
+    import medclip
+    from medclip.data.images import normalize_batch
+    from medclip.data.manifest import Manifest
+    from medclip.data.stream import build_train_stream
+
+    tokenizer = medclip.load("medclip-tiny").tokenizer
+    report.say(f"\nLoader with data.gpu_decode vs its CPU path (fast_decode on): 2 workers, batch 32, "
+               f"{len(originals)} JPEGs x 4 passes, median of 3 interleaved rounds")
+    for side in (1024, 2048):
+        shard = Path(args.work) / f"gpu-decode-{side}.tar"
+        write_shard(shard, [encode(im, side, "jpeg-rgb") for im in originals], "jpg")
+        manifest = Manifest(f"jpeg-{side}", [str(shard)], caption_fields=["captions"])
+        streams = {name: build_train_stream([manifest], tokenizer, TRANSFORM, batch_size=32, num_workers=2,
+                                            shuffle_buffer=16, device_decode=on, epoch_samples=4 * len(originals))
+                   for name, on in (("gpu_decode", True), ("cpu path", False))}
+        figures: dict[str, list[tuple[float, float]]] = {name: [] for name in streams}
+        images: dict[str, dict[str, torch.Tensor]] = {name: {} for name in streams}
+        for _ in range(3):
+            for name, stream in streams.items():
+                cpu, start, n = cpu_seconds(), time.perf_counter(), 0
+                for batch in stream:
+                    batch = {k: v.to("cuda", non_blocking=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in batch.items()}
+                    out = normalize_batch(batch, stream)["images"]
+                    n += len(batch["keys"])
+                    images[name].update(zip(batch["keys"], out.cpu()))
+                torch.cuda.synchronize()
+                figures[name].append((n / (time.perf_counter() - start), 1000 * (cpu_seconds() - cpu) / n))
+        std = torch.tensor(TRANSFORM.transforms[-1].std).view(3, 1, 1)
+        # the last round's pixels of each key (the same crops: same seed, epoch, position)
+        diffs = torch.stack([((images["gpu_decode"][k] - images["cpu path"][k]) * std * 255).abs()
+                             for k in images["gpu_decode"] if k in images["cpu path"]])
+        for name, runs in figures.items():
+            rate, ms = statistics.median(r for r, _ in runs), statistics.median(m for _, m in runs)
+            report.say(f"  {side} px {name:<10}: {rate:8.1f} samples/s, host CPU {ms:.2f} ms per sample")
+        report.say(f"  {side} px pixels, gpu_decode vs CPU path (fast decode): mean |diff| {diffs.mean():.3f} levels, "
+                   f"max {diffs.max():.1f}")
 
 
 # ----------------------------------------------------------------------------- main

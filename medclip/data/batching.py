@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from medclip.data.decode import DecodedSample
+from medclip.data.device_decode import PENDING_KEY, DeferredJpeg, pending_jpegs
 from medclip.errors import MedclipError
 
 
@@ -26,25 +27,26 @@ def _batch_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype)
 
 
-def collate_images(images: list[torch.Tensor | np.ndarray]) -> torch.Tensor:
+def collate_images(images: list[torch.Tensor | np.ndarray | DeferredJpeg]) -> torch.Tensor:
     """float [3, H, W] tensors -> float [B, 3, H, W]; uint8 planes [3 or 1, H, W] -> uint8 [B, 3, H, W].
 
     The uint8 batch is filled in place (no per-sample tensors, no stack), contiguous channels-first
     (so the consumer's normalisation reads it in order); a single gray plane fills all 3 channels.
+    A deferred JPEG's slot is zero until the consumer decodes it (see medclip.data.device_decode).
     """
-    if not isinstance(images[0], np.ndarray):
+    if not isinstance(images[0], (np.ndarray, DeferredJpeg)):
         shape = images[0].shape
         if any(t.shape != shape for t in images):
             return torch.stack(images)  # raises torch's error about the differing sizes
         return torch.stack(images, out=_batch_tensor((len(images), *shape), images[0].dtype))
-    size = images[0].shape[1:]
-    if any(a.shape[1:] != size for a in images):
-        raise MedclipError(f"images of one batch differ in size: {sorted({a.shape[1:] for a in images})}"
+    sizes = {a.size if isinstance(a, DeferredJpeg) else a.shape[1:] for a in images}
+    if len(sizes) > 1:
+        raise MedclipError(f"images of one batch differ in size: {sorted(sizes)}"
                            " (the transform must produce a fixed size)")
-    batch = _batch_tensor((len(images), 3, *size), torch.uint8)
+    batch = _batch_tensor((len(images), 3, *sizes.pop()), torch.uint8)
     view = batch.numpy()
     for i, a in enumerate(images):
-        view[i] = a  # [1, H, W] broadcasts to the 3 channels
+        view[i] = 0 if isinstance(a, DeferredJpeg) else a  # [1, H, W] broadcasts to the 3 channels
     return batch
 
 
@@ -75,7 +77,8 @@ def _name_tokens(samples: list[DecodedSample], concepts: int) -> torch.Tensor:
 def collate(samples: list[DecodedSample]) -> dict:
     """The training batch contract: images, text, concept_spans/ids/mask (C >= 1), keys.
 
-    ``images`` is uint8 [B, 3, H, W] when the decoder ships uint8 (see the stream's doc), else float.
+    ``images`` is uint8 [B, 3, H, W] when the decoder ships uint8 (see the stream's doc), else float;
+    with device decode, JPEGs still to decode are under ``pending_jpegs`` (normalize_batch decodes them).
     """
     concepts = _concept_tensors(samples)
     out = {
@@ -86,4 +89,7 @@ def collate(samples: list[DecodedSample]) -> dict:
     }
     if samples and samples[0].names is not None:
         out["concept_name_tokens"] = _name_tokens(samples, concepts["concept_ids"].shape[1])
+    pending = pending_jpegs([s.image for s in samples], lambda n: _batch_tensor((n,), torch.uint8))
+    if pending is not None:
+        out[PENDING_KEY] = pending
     return out

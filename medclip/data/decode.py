@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from medclip.data.augment import SampleImages
+from medclip.data.device_decode import DeferredJpeg
 from medclip.data.manifest import Manifest
 from medclip.data.slots import seeded_rng
 from medclip.data.spans import NameTokenizer, caption_concepts, tokenize_with_concepts
@@ -57,7 +58,8 @@ def sample_captions(m: Manifest, sample: dict, meta: dict) -> tuple[list[str], b
 @dataclass
 class DecodedSample:
     key: str
-    image: torch.Tensor | np.ndarray  # float [3, H, W], or uint8 planes [3 or 1, H, W] with a split transform
+    # float [3, H, W], or uint8 planes [3 or 1, H, W] with a split transform, or a JPEG left for the device
+    image: torch.Tensor | np.ndarray | DeferredJpeg
     ids: torch.Tensor
     spans: list[tuple[int, int]]
     cuis: list[int]
@@ -71,7 +73,7 @@ class SampleDecoder:
         self.sources = sources
         self.tokenizer = tokenizer
         self.cfg = cfg
-        self.images = SampleImages(transform, cfg.uint8_images, cfg.gray_shortcut, cfg.fast_decode)
+        self.images = SampleImages(transform, cfg.uint8_images, cfg.gray_shortcut, cfg.fast_decode, cfg.device_decode)
         self.names = NameTokenizer(tokenizer, cfg.concept_name_length) if cfg.concept_name_length else None
 
     @property

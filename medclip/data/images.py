@@ -228,8 +228,11 @@ def normalize_batch(batch: dict, stream) -> dict:
     """``batch`` with uint8 ``images`` normalised (on their device) by ``stream.image_mean/std``.
 
     For the consumer of a training stream, after moving the batch to its device. Float images
-    (streams with ``uint8_images=False`` or injected batches) pass through unchanged.
+    (streams with ``uint8_images=False`` or injected batches) pass through unchanged. JPEGs the workers
+    left undecoded (``device_decode``) are decoded first, on the images' device, into their slots.
     """
+    from medclip.data.device_decode import PENDING_KEY, decode_pending  # imports this module
+
     images = batch.get("images")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
         return batch
@@ -237,4 +240,8 @@ def normalize_batch(batch: dict, stream) -> dict:
     if mean is None or std is None:
         raise MedclipError("the batch has uint8 images but its data stream gives no image_mean/image_std "
                            "to normalise them")
+    batch = dict(batch)
+    pending = batch.pop(PENDING_KEY, None)
+    if pending is not None:
+        decode_pending(images, pending, batch["keys"])  # into their slots of ``images``
     return {**batch, "images": normalize_images(images, mean, std)}

@@ -27,7 +27,9 @@ Images leave the workers as uint8 when the transform ends in ToTensor (+ Normali
 open_clip's do (``StreamConfig.uint8_images``, on by default): 4x less to copy between processes.
 The consumer then calls ``medclip.data.images.normalize_images(batch["images"],
 stream.image_mean, stream.image_std, device)``, which gives the exact float pixels the full
-transform would have. ``stream.image_mean`` is None when the batches carry float images.
+transform would have. ``stream.image_mean`` is None when the batches carry float images. With
+``StreamConfig.device_decode`` the JPEGs leave the workers undecoded, their crops drawn, and
+``normalize_batch`` decodes them on the consumer's device (:mod:`medclip.data.device_decode`).
 """
 
 from __future__ import annotations

@@ -39,6 +39,9 @@ class StreamConfig:
     # drawn on the full size first (same distribution; pixels differ slightly, see
     # medclip.data.reduced_decode). False: every image decoded at full size.
     fast_decode: bool = True
+    # uint8 images only: JPEGs leave the workers undecoded, their crop and flips drawn, and the consumer's
+    # normalize_batch decodes them on its device (medclip.data.device_decode). Other images: as without it.
+    device_decode: bool = False
     # Chance of drawing a sample's first caption (a table's own caption comes before its label captions,
     # see training.prepare); the others share the rest evenly. None: every caption equally likely.
     first_caption_share: float | None = None

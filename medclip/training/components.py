@@ -146,8 +146,13 @@ def prepare_demo(recipe, model_cfg: dict, output_dir: Path, is_main: bool) -> Pa
     return manifest
 
 
-def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path):
-    """The rank's training stream over the recipe's sources (or the demo set), tokenized for the model."""
+def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path,
+               device: torch.device = torch.device("cpu")):
+    """The rank's training stream over the recipe's sources (or the demo set), tokenized for the model.
+
+    ``device``: where the trainer moves the batches (data.gpu_decode decodes JPEGs there when it is CUDA).
+    """
+    from medclip.data.device_decode import gpu_decode_available
     from medclip.data.manifest import load_manifest
     from medclip.data.stream import build_train_stream
     from medclip.training.distributed import barrier
@@ -175,6 +180,7 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path)
                               first_caption_share=recipe.data.first_caption_share,
                               epoch_samples=recipe.data.epoch_samples, allow_pipe=recipe.data.allow_pipe,
                               fast_decode=recipe.data.fast_decode,
+                              device_decode=gpu_decode_available(recipe.data.gpu_decode, device),
                               concept_name_length=CONCEPT_NAME_TOKENS if recipe.objective.use_concept_names else 0,
                               drop_last=True)  # ranks must hold equal batches for the gathered losses
 

@@ -76,6 +76,9 @@ class DataConfig:
     # Decode large JPEGs at the DCT scale the random crop needs (1/2, 1/4, 1/8), the crop drawn on the full
     # size (README, Data): 3-8x less loader CPU at 1-2k px sources. False: decode every image at full size.
     fast_decode: bool = True
+    # Decode JPEGs on the GPU (nvJPEG) in the training process; the workers only draw each crop (docs/data.md).
+    # Without a CUDA device: one logged line and the CPU path.
+    gpu_decode: bool = False
     # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
     first_caption_share: float | None = None
     # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).

@@ -97,7 +97,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             flops = TrainFlops(module, lambda: autocast(recipe, start.device)) if peak else None
             wrapped, optimizer, scheduler, scaler = build_optimisation(recipe, module, start.env, start.device)
             if data is None:
-                data = build_data(recipe, module.model, model_cfg, start.env, recipe.output_dir)
+                data = build_data(recipe, module.model, model_cfg, start.env, recipe.output_dir, start.device)
                 preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
             parts = TrainParts(model_cfg, module, wrapped, optimizer, scheduler, scaler, data,
                                build_checkpoint_store(recipe, start.env, checkpoint_writer), flops, peak)
