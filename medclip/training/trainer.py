@@ -353,8 +353,9 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         if self.guard.skipped:
             summary += f"non-finite steps skipped: {self.guard.skipped}\n"
         if self.ema is not None:
+            evaluated = " (ema/ lines: the EMA's results)" if self.recipe.eval.suites else ""
             summary += (f"EMA of the weights: decay {self.ema.decay}, {self.ema.updates} updates; the export holds the "
-                        f"{'EMA' if self.recipe.optim.ema_export else 'raw'} weights (ema/ lines: the EMA's results)\n")
+                        f"{'EMA' if self.recipe.optim.ema_export else 'raw'} weights{evaluated}\n")
         if failure is not None:
             summary += f"{failure}\n"
         (self.output_dir / "summary.txt").write_text(summary)
