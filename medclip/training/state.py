@@ -1,9 +1,9 @@
 """What a training checkpoint holds, and how the trainer writes and restores it (all ranks take part).
 The checks of a checkpoint to resume, before the run writes anything: ``start.py``.
 
-A checkpoint holds its run's id, model, PC-Align heads, the EMA of the weights (optim.ema_decay), optimiser, scheduler, grad scaler, step, the divergence
-guard's count, each rank's data-stream position and RNG states, whether the weights are finite, and
-the recipe. Files, rotation and the choice of the checkpoint to go back to: ``checkpoint.py``.
+A checkpoint holds its run's id, model, PC-Align heads, the EMA of the weights (optim.ema_decay), optimiser,
+scheduler, grad scaler, step, the divergence guard's count, each rank's data-stream position and RNG states,
+whether the weights are finite, and the recipe. Files, rotation and the choice of the checkpoint to go back to: ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -134,4 +134,3 @@ def canonical_scalars(full: dict) -> dict:
     """Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars."""
     return {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
             for k, v in full.items()}
-
