@@ -3,7 +3,8 @@ The checks of a checkpoint to resume, before the run writes anything: ``start.py
 
 A checkpoint holds its run's id, model, PC-Align heads, the EMA of the weights (optim.ema_decay), optimiser,
 scheduler, grad scaler, step, the divergence guard's count, each rank's data-stream position and RNG states,
-whether the weights are finite, and the recipe. Files, rotation and the choice of the checkpoint to go back to: ``checkpoint.py``.
+whether the weights are finite, and the recipe. Files, rotation and the choice of the checkpoint to go back
+to: ``checkpoint.py``.
 """
 
 from __future__ import annotations
