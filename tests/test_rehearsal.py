@@ -66,8 +66,8 @@ def test_gpu_check_runs_its_cpu_form_and_names_what_it_skipped(tmp_path):
 @pytest.mark.integration
 def test_the_ema_of_the_weights_is_resumed_bit_for_bit_and_exported_when_asked(tmp_path):
     """2 processes x 2 loader workers, SIGKILL while writing step 14, `--resume latest` from step 7: the resumed
-    run's EMA equals the straight run's bit for bit (an EMA started again from the resumed weights would not:
-    decay 0.9 keeps a quarter of its start after 13 steps). The straight run exports the EMA, evaluates both."""
+    run's EMA equals the straight run's bit for bit (an EMA started again from the resumed weights at step 7 does
+    not: 0/68 tensors equal). The straight run exports the EMA and evaluates both sets of weights."""
     import torch
 
     import medclip
