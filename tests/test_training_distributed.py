@@ -1,6 +1,8 @@
 """Whole runs in two processes (gloo): `Pretrainer.run()` under DDP, DDP with accumulation, and FSDP2
-equals one process on the same global batches — loss at every step, final weights, and (FSDP2) an export
-that plain open_clip loads with the same embeddings.
+equals one process on the same global batches — loss at every step, final weights and their EMA, and (FSDP2)
+an export that plain open_clip loads with the same embeddings; an FSDP2 run stopped after step 4 and resumed
+from step 3 ends with the straight run's weights and EMA bit for bit (the EMA's shards gathered for the
+checkpoint and sharded again on resume).
 
 Tolerances: each run computes the same sums in another order (gradients reduced across ranks,
 gathered features, micro-batches), so float32 rounding (~1e-7 relative) differs from step 1 on, and
@@ -22,6 +24,8 @@ import torch
 import torch.multiprocessing as mp
 from engine_helpers import ShardedStream, free_port, make_batch, recipe
 
+from medclip.training.callbacks import Callback
+
 STEPS = 20
 FSDP_STEPS = 6
 GLOBAL_BATCH = 8
@@ -41,7 +45,21 @@ def global_batches() -> list[dict]:
 
 def run_recipe(out, world: int, overrides: list[str], steps: int):
     return recipe(out, f"data.batch_size={GLOBAL_BATCH // world}", f"run.steps={steps}", "run.log_every=1",
-                  "run.checkpoint_every=1000", "optim.lr=1e-3", "optim.warmup_steps=2", *overrides)
+                  "run.checkpoint_every=1000", "optim.lr=1e-3", "optim.warmup_steps=2", "optim.ema_decay=0.5",
+                  *overrides)
+
+
+class Stopped(Exception):
+    pass
+
+
+class StopAfterStep(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, batch, losses):
+        if trainer.step == self.step:
+            raise Stopped
 
 
 def _worker(rank: int, world: int, port: int, root: str):
@@ -54,6 +72,12 @@ def _worker(rank: int, world: int, port: int, root: str):
     for name, (overrides, steps) in RUNS.items():
         r = run_recipe(f"{root}/{name}", world, overrides, steps)
         Pretrainer.from_recipe(r, data=ShardedStream(batches, rank, world)).run()
+    stopped = run_recipe(f"{root}/fsdp_resumed", world, ["run.strategy=fsdp", "run.checkpoint_every=3"], FSDP_STEPS)
+    try:
+        Pretrainer.from_recipe(stopped, data=ShardedStream(batches, rank, world), callbacks=[StopAfterStep(4)]).run()
+    except Stopped:
+        pass
+    Pretrainer.from_recipe(stopped, resume="latest", data=ShardedStream(batches, rank, world)).run()
     torch.distributed.destroy_process_group()
 
 
@@ -94,8 +118,10 @@ def test_two_process_ddp_run_equals_one_process(name, two_process_runs, one_proc
     ckpt_two = torch.load(two / "checkpoints" / f"step_{STEPS}.pt", weights_only=True)
     ckpt_one = torch.load(one / "checkpoints" / f"step_{STEPS}.pt", weights_only=True)
     weight_diff = max(max_weight_difference(ckpt_two[p], ckpt_one[p]) for p in ("model", "heads"))
-    print(f"{name}: {STEPS} steps, max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}")
-    assert loss_diff < LOSS_ATOL and weight_diff < WEIGHT_ATOL
+    ema_diff = max_weight_difference(ckpt_two["ema"]["weights"], ckpt_one["ema"]["weights"])
+    print(f"{name}: {STEPS} steps, max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}, "
+          f"max |EMA diff| {ema_diff:.2e}")
+    assert loss_diff < LOSS_ATOL and weight_diff < WEIGHT_ATOL and ema_diff < WEIGHT_ATOL
     assert ckpt_two["world_size"] == 2 and len(ckpt_two["data"]) == 2
 
 
@@ -123,3 +149,24 @@ def test_two_process_fsdp2_run_equals_one_process_and_exports_for_open_clip(two_
     print(f"fsdp: {FSDP_STEPS} steps, max |loss diff| {loss_diff:.2e}, max |weight diff| {weight_diff:.2e}, "
           f"max |embedding diff| {embed_diff:.2e}")
     assert len(got) == FSDP_STEPS and loss_diff < LOSS_ATOL and weight_diff < WEIGHT_ATOL and embed_diff < EMBED_ATOL
+
+
+@pytest.mark.integration
+def test_fsdp2_ema_is_checkpointed_whole_and_resumed_bit_for_bit(two_process_runs, one_process_runs):
+    straight, resumed, one = two_process_runs / "fsdp", two_process_runs / "fsdp_resumed", one_process_runs
+    final = torch.load(straight / "checkpoints" / f"step_{FSDP_STEPS}.pt", weights_only=True)
+    alone = torch.load(one / f"steps{FSDP_STEPS}" / "checkpoints" / f"step_{FSDP_STEPS}.pt", weights_only=True)
+    ema, ema_alone = final["ema"]["weights"], alone["ema"]["weights"]
+    # Gathered from the shards: the architecture's whole shapes (scalars as scalars), as one process has them.
+    assert {k: v.shape for k, v in ema.items()} == {k: v.shape for k, v in ema_alone.items()}
+    ema_diff = max_weight_difference(ema, ema_alone)
+    assert ema_diff < WEIGHT_ATOL and final["ema"]["updates"] == FSDP_STEPS
+
+    got = torch.load(resumed / "checkpoints" / f"step_{FSDP_STEPS}.pt", weights_only=True)
+    assert sorted(p.name for p in (resumed / "checkpoints").iterdir())[:1] == ["step_3.pt"]  # resumed from 3
+    for part, want in (("model", final["model"]), ("heads", final["heads"]), ("ema", ema)):
+        tensors = got[part]["weights"] if part == "ema" else got[part]
+        assert tensors.keys() == want.keys()
+        for key, value in want.items():
+            assert torch.equal(tensors[key], value), f"{part}.{key}"
+    print(f"fsdp EMA: max |difference| to one process {ema_diff:.2e}; resumed run bit-identical")

@@ -37,12 +37,16 @@ class PoisonedStream(FixedStream):
 @pytest.mark.integration
 def test_a_non_finite_step_changes_nothing_and_is_counted(tmp_path):
     out = tmp_path / "run"
-    r = recipe(out, "run.steps=5", "run.checkpoint_every=1", "run.keep_checkpoints=10", "run.log_every=1")
+    r = recipe(out, "run.steps=5", "run.checkpoint_every=1", "run.keep_checkpoints=10", "run.log_every=1",
+               "optim.ema_decay=0.9")
     Pretrainer.from_recipe(r, data=PoisonedStream(make_batch(8), bad={5})).run()
     before, after = (torch.load(out / "checkpoints" / f"step_{s}.pt", weights_only=True) for s in (4, 5))
     for part in ("model", "heads"):
         for key, value in before[part].items():
             assert torch.equal(after[part][key], value), key  # no update from the NaN step
+    for key, value in before["ema"]["weights"].items():  # nor of the EMA of the weights
+        assert torch.equal(after["ema"]["weights"][key], value), key
+    assert after["ema"]["updates"] == before["ema"]["updates"] == 4
     assert after["finite"] and after["scheduler"]["last_epoch"] == before["scheduler"]["last_epoch"] == 4
     assert after["optimizer"]["state"][0]["step"] == before["optimizer"]["state"][0]["step"]
     assert after["guard"] == {"skipped": 1}

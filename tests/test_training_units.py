@@ -33,6 +33,8 @@ def test_shipped_recipes_load_and_validate():
 
 @pytest.mark.parametrize("overrides, message", [
     (["optim.lr=-1"], "optim.lr must be positive"),
+    (["optim.ema_decay=1"], r"optim.ema_decay must be in \[0, 1\) \(0 or null: no EMA\), got 1.0"),
+    (["optim.ema_export=true"], "optim.ema_export needs an EMA: set optim.ema_decay too"),
     (["optim.learning_rate=1"], "unknown recipe key optim.learning_rate"),
     (["model.precision=fp8"], "model.precision: 'fp8' is not one of"),
     (["run.steps=ten"], "run.steps: expected int"),
@@ -70,8 +72,8 @@ def test_bad_recipe_is_one_line_from_the_cli(tmp_path):
                            "--set", "optim.betas=1"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "medclip: error: unknown recipe key optim.betas (valid keys here: accum_steps, beta1, beta2, eps, "
-        "grad_clip, logit_scale_max, lr, min_lr, schedule, warmup_steps, weight_decay)"]
+        "medclip: error: unknown recipe key optim.betas (valid keys here: accum_steps, beta1, beta2, ema_decay, "
+        "ema_export, ema_warmup, eps, grad_clip, logit_scale_max, lr, min_lr, schedule, warmup_steps, weight_decay)"]
     missing = subprocess.run([sys.executable, "-m", "medclip", "pretrain", "--config", str(tmp_path / "x.yaml")],
                              capture_output=True, text=True, cwd=REPO)
     assert missing.returncode == 2 and "recipe not found" in missing.stderr

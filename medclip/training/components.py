@@ -198,8 +198,9 @@ def batches_forever(stream):
 
 # ----------------------------------------------------------------------------------------- evaluation
 
-def evaluate(encoder, recipe, output_dir: Path, step: int) -> dict:
-    """Run the recipe's suites on ``encoder``; write result JSONs; return {suite/dataset/metric: value}."""
+def evaluate(encoder, recipe, output_dir: Path, step: int, tag: str = "") -> dict:
+    """Run the recipe's suites on ``encoder``; write result JSONs; return {suite/dataset/metric: value}.
+    ``tag`` (the EMA weights: "ema"): results in eval/step_N-TAG, named TAG/suite/dataset/metric."""
     from medclip.evaluation.linear_probe import FeatureCache, ProbeConfig
     from medclip.evaluation.model import EmbedOptions, EvalModel
     from medclip.evaluation.report import write_result
@@ -208,8 +209,9 @@ def evaluate(encoder, recipe, output_dir: Path, step: int) -> dict:
 
     options = RunOptions(embed=EmbedOptions(batch_size=recipe.eval.batch_size, num_workers=0, progress=False),
                          probe=ProbeConfig(seeds=(0,)), cache=FeatureCache(output_dir / "feature_cache"))
-    model = EvalModel(encoder, name=f"{Path(recipe.run.output_dir).name}@{step}")
-    out = output_dir / "eval" / f"step_{step}"
+    suffix = f"-{tag}" if tag else ""
+    model = EvalModel(encoder, name=f"{Path(recipe.run.output_dir).name}@{step}{suffix}")
+    out = output_dir / "eval" / f"step_{step}{suffix}"
     results = {}
     root = expand_placeholders(recipe.eval.root, output_dir)
     for suite_name in recipe.eval.suites:
@@ -219,7 +221,7 @@ def evaluate(encoder, recipe, output_dir: Path, step: int) -> dict:
             record = evaluate_dataset(model, spec, suite_root, options, suite.name)
             write_result(record, out)
             if record["headline"] is not None:
-                results[f"{suite.name}/{spec.name}/{spec.headline}"] = record["headline"]
+                results[f"{tag + '/' if tag else ''}{suite.name}/{spec.name}/{spec.headline}"] = record["headline"]
     return results
 
 

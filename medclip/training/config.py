@@ -103,6 +103,11 @@ class OptimConfig:
     grad_clip: float | None = None
     accum_steps: int = 1  # micro-batches per step; the contrastive batch stays whole
     logit_scale_max: float = 4.6052  # ln(100), as CLIP
+    # EMA of the trained weights (training/ema.py), in every checkpoint; None or 0: off. Typical 0.999-0.9999;
+    # the average spans about 1 / (1 - decay) steps, so a short run needs a smaller decay.
+    ema_decay: float | None = None
+    ema_warmup: bool = True  # update n uses min(ema_decay, (1 + n) / (10 + n)): the start weights fade fast
+    ema_export: bool = False  # export the EMA weights instead of the raw ones (the checkpoint keeps both)
 
 
 @dataclass
@@ -285,6 +290,11 @@ def validate(recipe: Recipe) -> Recipe:
     for key in UNIT_INTERVAL:
         if not 0 <= flat[key] < 1:
             raise MedclipError(f"recipe key {key} must be in [0, 1), got {flat[key]!r}")
+    if recipe.optim.ema_decay is not None and not 0 <= recipe.optim.ema_decay < 1:
+        raise MedclipError(f"recipe key optim.ema_decay must be in [0, 1) (0 or null: no EMA), "
+                           f"got {recipe.optim.ema_decay!r}")
+    if recipe.optim.ema_export and not recipe.optim.ema_decay:
+        raise MedclipError("recipe key optim.ema_export needs an EMA: set optim.ema_decay too (e.g. 0.999)")
     if recipe.optim.min_lr > recipe.optim.lr:
         raise MedclipError(f"recipe key optim.min_lr ({recipe.optim.min_lr}) is above optim.lr ({recipe.optim.lr})")
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:

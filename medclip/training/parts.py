@@ -5,6 +5,7 @@ each from a recipe (``Pretrainer.from_recipe`` calls them in order; a caller may
   PC-Align heads and the objective, as one ``TrainModule``;
 * ``build_optimisation``: the module wrapped for the strategy (DDP / FSDP2, compiled), its optimiser,
   schedule and grad scaler (the optimiser after the wrap: FSDP2 shards the parameters in place);
+* ``build_ema``: the EMA of the weights (``optim.ema_decay``), over the wrapped module's own tensors;
 * ``build_checkpoint_store``: which checkpoints to keep and how a checkpoint file is written;
 * the data: ``medclip.training.components.build_data``.
 """
@@ -28,6 +29,7 @@ from medclip.training.attention import set_attention_backend
 from medclip.training.components import TrainModule
 from medclip.training.config import Recipe
 from medclip.training.distributed import DistEnv, wrap_model
+from medclip.training.ema import WeightEma
 from medclip.training.flops import TrainFlops
 from medclip.training.lora import add_adapters
 from medclip.training.optim import apply_freezing, build_optimizer, build_scheduler
@@ -52,6 +54,7 @@ class TrainParts:
     checkpoints: ckpt.CheckpointKeeper
     flops: TrainFlops | None = None  # the MFU meter (FLOPs counted on a copy of the unwrapped module)
     peak_tflops: float | None = None  # the device's peak, for MFU
+    ema: WeightEma | None = None  # the EMA of the trained weights (optim.ema_decay)
 
 
 def autocast(recipe: Recipe, device: torch.device):
@@ -122,6 +125,14 @@ def build_optimisation(recipe: Recipe, module: TrainModule, env: DistEnv, device
     if recipe.model.compile:
         wrapped = torch.compile(wrapped)
     return wrapped, optimizer, scheduler, scaler
+
+
+def build_ema(recipe: Recipe, module: TrainModule) -> WeightEma | None:
+    """The EMA of ``module``'s trained tensors, or None (optim.ema_decay unset or 0). Built after the wrap: FSDP2
+    replaces the parameters with sharded ones, whose shadows are sharded alike."""
+    if not recipe.optim.ema_decay:
+        return None
+    return WeightEma(module, recipe.optim.ema_decay, warmup=recipe.optim.ema_warmup)
 
 
 def build_checkpoint_store(recipe: Recipe, env: DistEnv, write: CheckpointWriter | None = None) -> ckpt.CheckpointKeeper:

@@ -67,8 +67,10 @@ def summary_text(records: list[dict], wall_seconds: float, skipped: dict, pc_sta
     if budget := next((r for r in reversed(records) if "budget_s" in r), None):
         lines.append(budget_line(budget["budget_used_s"], budget["budget_s"],
                                  "training and the final save (run.budget_seconds)"))
-    if evals:
-        for key, value in evals[-1].items():
+    # The last step's evaluations: one record, or two with an EMA of the weights (raw, then ema/...).
+    last = [r for r in evals if r["step"] == evals[-1]["step"]] if evals else []
+    for record in last:
+        for key, value in record.items():
             if key.startswith("eval/") and isinstance(value, (int, float)):
                 lines.append(f"{key[len('eval/'):]}: {value:.4f}")
     lines += _skip_lines(skipped)

@@ -1,9 +1,10 @@
 """What a training checkpoint holds, and how the trainer writes and restores it (all ranks take part).
 The checks of a checkpoint to resume, before the run writes anything: ``start.py``.
 
-A checkpoint holds its run's id, model, PC-Align heads, optimiser, scheduler, grad scaler, step, the divergence
-guard's count, each rank's data-stream position and RNG states, whether the weights are finite, and
-the recipe. Files, rotation and the choice of the checkpoint to go back to: ``checkpoint.py``.
+A checkpoint holds its run's id, model, PC-Align heads, the EMA of the weights (optim.ema_decay), optimiser,
+scheduler, grad scaler, step, the divergence guard's count, each rank's data-stream position and RNG states,
+whether the weights are finite, and the recipe. Files, rotation and the choice of the checkpoint to go back
+to: ``checkpoint.py``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ log = logging.getLogger(__name__)
 
 class TrainerCheckpoints:
     """Checkpoint methods of :class:`medclip.training.trainer.Pretrainer` (uses its module, optimiser,
-    scheduler, scaler, guard, data, checkpoint store, callbacks, env, recipe, output_dir, run_id and step)."""
+    scheduler, scaler, EMA, guard, data, checkpoint store, callbacks, env, recipe, output_dir, run_id and step)."""
 
     def _state_dicts(self) -> tuple[dict, dict | None, dict]:
         if self.recipe.run.strategy == "fsdp" and self.env.distributed:
@@ -32,9 +33,7 @@ class TrainerCheckpoints:
                                          options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         else:
             full, optim = self.module.state_dict(), self.optimizer.state_dict()
-        # Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars.
-        full = {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
-                for k, v in full.items()}
+        full = canonical_scalars(full)
         model = {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
         heads = {k[len("heads."):]: v for k, v in full.items() if k.startswith("heads.")} or None
         return model, heads, optim
@@ -45,6 +44,7 @@ class TrainerCheckpoints:
         path = ckpt.checkpoint_dir(self.output_dir) / f"step_{self.step}.pt"
         self.callbacks.call("before_checkpoint", self, path)
         model, heads, optim = self._state_dicts()
+        ema = self._ema_state()
         data_states = gather_objects(self.data.state_dict())
         rngs = gather_objects(ckpt.rng_state())
         error = None
@@ -61,11 +61,13 @@ class TrainerCheckpoints:
                 "rng": rngs,
                 "world_size": self.env.world_size,
                 "recipe": self.recipe.to_dict(),
-                "finite": ckpt.all_finite(model, heads),
+                "finite": ckpt.all_finite(model, heads, ema and ema["weights"]),
                 "guard": self.guard.state_dict(),
                 "planned_steps": self.planned_steps,  # a budgeted run's plan and its clock: resumed as they were
                 "budget_used": self.budget.elapsed() if self.budget is not None else None,
             }
+            if ema is not None:
+                obj["ema"] = ema
             if heads is not None:
                 obj["heads"], obj["heads_config"] = heads, self.heads.config.to_dict()
             try:
@@ -92,6 +94,7 @@ class TrainerCheckpoints:
         else:
             self.module.load_state_dict(full)
             self.optimizer.load_state_dict(obj["optimizer"])
+        self._restore_ema(path, obj.get("ema"))
         self.scheduler.load_state_dict(obj["scheduler"])
         for name, (old, new) in apply_recipe_settings(self.optimizer, self.scheduler, self.recipe.optim).items():
             log.info("resume: optimiser %s is now %s (the checkpoint's run used %s)", name, new, old)
@@ -106,3 +109,29 @@ class TrainerCheckpoints:
         self.checkpoints.written(self.step, path)
         log.info("resumed from %s at step %d", path, self.step)
 
+    def _ema_state(self) -> dict | None:
+        """The EMA's state with full tensors under the checkpoint's shapes (every rank takes part)."""
+        if self.ema is None:
+            return None
+        state = self.ema.state_dict()
+        return {**state, "weights": canonical_scalars(state["weights"])}
+
+    def _restore_ema(self, path: Path, state: dict | None) -> None:
+        """After the model's weights: the checkpoint's EMA, or (a checkpoint without one) an EMA from them."""
+        if self.ema is None:
+            if state is not None:
+                log.info("resume: %s holds an EMA of the weights; this recipe keeps none (optim.ema_decay)", path)
+            return
+        if state is None:
+            self.ema.reset()
+            log.info("resume: %s holds no EMA of the weights; the EMA starts from its weights", path)
+            return
+        self.ema.load_state_dict(state)
+        if state["decay"] != self.ema.decay:
+            log.info("resume: EMA decay is now %s (the checkpoint's run used %s)", self.ema.decay, state["decay"])
+
+
+def canonical_scalars(full: dict) -> dict:
+    """Canonical shapes in checkpoints: FSDP's 1-element scale/bias vectors are stored as scalars."""
+    return {k: v.reshape(()) if k.endswith(("logit_scale", "logit_bias")) and v.numel() == 1 else v
+            for k, v in full.items()}

@@ -44,6 +44,7 @@ from medclip.training.parts import (
     TrainParts,
     autocast,
     build_checkpoint_store,
+    build_ema,
     build_module,
     build_optimisation,
 )
@@ -72,6 +73,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         self.optimizer, self.scheduler, self.scaler = parts.optimizer, parts.scheduler, parts.scaler
         self.data, self.checkpoints = parts.data, parts.checkpoints
         self.flops, self.peak_tflops = parts.flops, parts.peak_tflops
+        self.ema = parts.ema
         self.callbacks = CallbackList([MetricsLog(), *callbacks])
         self.step = 0
         self.guard = DivergenceGuard(recipe.run.max_nonfinite_steps)
@@ -100,7 +102,8 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
                 data = build_data(recipe, module.model, model_cfg, start.env, recipe.output_dir, start.device)
                 preflight.check_made_data(recipe)  # evaluation data the run writes itself (the demo set)
             parts = TrainParts(model_cfg, module, wrapped, optimizer, scheduler, scaler, data,
-                               build_checkpoint_store(recipe, start.env, checkpoint_writer), flops, peak)
+                               build_checkpoint_store(recipe, start.env, checkpoint_writer), flops, peak,
+                               build_ema(recipe, module))
             if resume and resumed is None:
                 log.info("no checkpoint to resume from in %s; starting from step 0", recipe.output_dir)
             if resumed is None:
@@ -193,6 +196,8 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             self.scaler.step(self.optimizer)
             self.scheduler.step()
             self.module.clamp_scales(self.recipe.optim.logit_scale_max)
+            if self.ema is not None:
+                self.ema.update()
         self.scaler.update()  # fp16: a step with non-finite gradients lowers the scale
         self.step += 1
         self.guard.record(self.step, applied or (self.scaler.is_enabled() and loss_finite))
@@ -222,12 +227,17 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
             self._train()
             self.save_checkpoint()
             self.checkpoints.finish()
-            encoder = self.snapshot_encoder()
+            exported_ema = self.recipe.optim.ema_export
+            encoder = self.snapshot_encoder(ema=exported_ema)
             export_dir = export_encoder(encoder, self.output_dir / "export") if self.env.is_main else None
             if self.budget is not None:
                 log.info(self.budget.report(self.step))
             self.callbacks.call("on_train_end", self)
-            results = self._evaluate(encoder, gathered=True)
+            results = self._evaluate(encoder, gathered=True, ema=exported_ema)
+            if self.ema is not None and self.recipe.eval.suites:  # the other weights too: raw and EMA side by side
+                del encoder
+                results.update(self._evaluate(self.snapshot_encoder(ema=not exported_ema), gathered=True,
+                                              ema=not exported_ema))
         except Diverged as exc:
             failure = exc
         except EvaluationFailed as exc:
@@ -293,23 +303,28 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
                 f"{guard.in_a_row} steps in a row (steps {guard.first_bad_step}-{self.step}, skipped without "
                 f"updating the weights; run.max_nonfinite_steps={guard.patience}); {where}")
 
-    def snapshot_encoder(self):
-        """An Encoder with the current weights on rank 0 (every rank takes part in gathering them)."""
-        model, heads, _ = self._state_dicts()
-        if not self.env.is_main:
-            return None
-        model = merged_for_export(self.model_cfg, model, self.recipe.model.lora)  # plain keys: open_clip loads it
+    def snapshot_encoder(self, ema: bool = False):
+        """An Encoder with the current weights (``ema``: their EMA) on rank 0 (every rank takes part in gathering
+        them), LoRA adapters merged into plain weights."""
         from medclip.models.loading import encoder_from_state
 
-        with _rng_untouched():  # building the evaluation model draws random initial weights
-            return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None, heads,
-                                      device=self.device, name=f"{self.output_dir.name}@{self.step}")
+        name = f"{self.output_dir.name}@{self.step}" + ("-ema" if ema else "")
+        # Built inside the swap: a plain module's state dict holds its weights themselves, not copies.
+        with self.ema.applied_to() if ema else contextlib.nullcontext():
+            model, heads, _ = self._state_dicts()
+            if not self.env.is_main:
+                return None
+            with _rng_untouched():  # building the evaluation (and the merging) model draws random initial weights
+                model = merged_for_export(self.model_cfg, model, self.recipe.model.lora)  # plain keys for open_clip
+                return encoder_from_state(self.model_cfg, model, self.heads.config.to_dict() if heads else None,
+                                          heads, device=self.device, name=name)
 
-    def _evaluate(self, encoder=None, gathered: bool = False) -> dict:
+    def _evaluate(self, encoder=None, gathered: bool = False, ema: bool = False) -> dict:
         """The recipe's suites on rank 0; a failure there is raised on every rank as EvaluationFailed.
 
         ``gathered``: every rank already took part in ``snapshot_encoder`` (whose result is None off rank 0);
         gathering again on the other ranks alone would leave them in a collective rank 0 never joins (FSDP2).
+        ``ema``: the encoder holds the EMA weights; its results are named ``ema/...`` (in eval/step_N-ema).
         """
         if not self.recipe.eval.suites:
             return {}
@@ -319,7 +334,7 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
         if self.env.is_main:
             try:
                 with _rng_untouched():
-                    results = evaluate(encoder, self.recipe, self.output_dir, self.step)
+                    results = evaluate(encoder, self.recipe, self.output_dir, self.step, tag="ema" if ema else "")
             except Exception as exc:  # noqa: BLE001 - reported in one line; the run's outputs stay
                 error = str(exc) if isinstance(exc, MedclipError) else f"{type(exc).__name__}: {exc}"
         error = broadcast_from_main(error)
@@ -339,6 +354,10 @@ class Pretrainer(TrainerCheckpoints, PlannedSteps):
                                pc_start_step=objective.pc_start_step if two_stages else None)
         if self.guard.skipped:
             summary += f"non-finite steps skipped: {self.guard.skipped}\n"
+        if self.ema is not None:
+            evaluated = " (ema/ lines: the EMA's results)" if self.recipe.eval.suites else ""
+            summary += (f"EMA of the weights: decay {self.ema.decay}, {self.ema.updates} updates; the export holds the "
+                        f"{'EMA' if self.recipe.optim.ema_export else 'raw'} weights{evaluated}\n")
         if failure is not None:
             summary += f"{failure}\n"
         (self.output_dir / "summary.txt").write_text(summary)

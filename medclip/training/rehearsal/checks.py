@@ -249,6 +249,11 @@ def resume_identical(runs: Runs) -> Check:
                 if y is not None and x.shape == y.shape and x.numel()), default=0.0)
     lines = [f"final weights: {equal}/{len(tensors)} tensors bit-identical, max |difference| {diff:.3g}"]
     ok = equal == len(tensors) and len(tensors) > 0
+    if "ema" in a:  # optim.ema_decay: the EMA is restored on resume, not started again from the weights
+        ema = [(v, ((b.get("ema") or {}).get("weights") or {}).get(k)) for k, v in a["ema"]["weights"].items()]
+        same = sum(1 for x, y in ema if y is not None and torch.equal(x, y))
+        lines.append(f"EMA of the weights: {same}/{len(ema)} tensors bit-identical")
+        ok &= same == len(ema) > 0
     straight = runs.keys("straight")
     killed, resumed = runs.keys("killed"), runs.keys("resumed")
     same_keys = 0

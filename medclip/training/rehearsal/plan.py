@@ -78,7 +78,8 @@ class RehearsalPlan:
             f"objective {objective}",
             f"trains {_trained(r.model)}",
             f"optimizer AdamW lr {r.optim.lr:g} betas ({r.optim.beta1}, {r.optim.beta2}) eps {r.optim.eps:g} "
-            f"wd {r.optim.weight_decay:g}, grad clip {r.optim.grad_clip}, {r.optim.schedule} schedule",
+            f"wd {r.optim.weight_decay:g}, grad clip {r.optim.grad_clip}, {r.optim.schedule} schedule"
+            + (f", EMA of the weights decay {r.optim.ema_decay:g}" if r.optim.ema_decay else ""),
             f"sources {len(r.data.sources)} manifests, {len(r.data.build)} builds, demo {r.data.demo}; "
             f"weights {_weights(r.data.sources)}, caption/concept fields from the manifests",
             f"eval suites {', '.join(r.eval.suites) or 'none'}; keep_checkpoints {r.run.keep_checkpoints}; export",
