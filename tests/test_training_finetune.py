@@ -213,3 +213,25 @@ def test_readme_walkthrough_runs_as_written_on_real_covid_images(tmp_path, monke
     assert main([*evaluate, "--out", "results"]) == 0
     record = json.loads(next((tmp_path / "results").glob("*/test.json")).read_text())
     assert record["n_samples"] == n_test and record["n_skipped"] == 0 and 0 <= record["headline"] <= 1
+
+
+def test_lora_with_an_ema_exports_the_ema_of_the_adapters_merged(start_export, tmp_path):
+    """EMA and LoRA together: the export is the EMA of the adapters, merged into plain weights (the EMA is
+    swapped in before the merge; merged from the raw adapters the embeddings differ)."""
+    out = tmp_path / "lora-ema"
+    assert main(finetune("finetune_lora", start_export, out, "--set", "optim.ema_decay=0.5",
+                         "--set", "optim.ema_export=true", "--set", "optim.ema_warmup=false")) == 0
+    final = torch.load(list_checkpoints(out)[-1], map_location="cpu", weights_only=True)
+    raw, ema = final["model"], final["ema"]["weights"]
+    averaged = {key: ema.get(f"model.{key}", value) for key, value in raw.items()}
+    assert any(not torch.equal(averaged[k], raw[k]) for k in raw if ".lora_" in k)
+    pixels = torch.rand(2, 3, 64, 64)
+    exported = medclip.load(out / "export", device="cpu")
+    for weights, equal in ((averaged, True), (raw, False)):
+        adapted = medclip.load(start_export, device="cpu")
+        add_adapters(adapted.model, LoraConfig(rank=8, alpha=16, dropout=0.05))
+        adapted.model.load_state_dict(weights)
+        adapted.model.eval()
+        with torch.no_grad():
+            close = torch.allclose(exported.encode_image(pixels), adapted.encode_image(pixels), atol=1e-5, rtol=0)
+        assert close == equal
