@@ -141,6 +141,27 @@ def test_bad_fine_tuning_input_stops_with_one_line(start_export, tmp_path, capsy
     assert "does not fit the architecture" in line
 
 
+def test_resuming_a_lora_run_with_other_adapter_settings_stops_with_one_line(start_export, tmp_path, capsys):
+    """Another alpha fits the checkpoint's tensors but scales the adapters' update differently: resuming would
+    continue another model than the one trained (silently, before). Another rank or targets: the line names
+    the LoRA setting, not the model."""
+    out = tmp_path / "lora"
+    assert main(finetune("finetune_lora", start_export, out, "--set", "run.steps=2")) == 0
+    checkpoint = list_checkpoints(out)[-1]
+    for item, was in (("alpha=64", "16.0"), ("rank=4", "8"), ("targets=[visual.transformer.resblocks.0.mlp.c_fc]",
+                                                               "[]")):
+        key = item.split("=")[0]
+        line = refused(capsys, finetune("finetune_lora", start_export, out, "--set", "run.steps=3", "--set",
+                                        f"model.lora.{item}", "--resume", "latest"))
+        assert line.startswith(f"medclip: error: --resume: {checkpoint} was trained with "
+                               f"model.lora.{key} {was}, this recipe has "), line
+        assert f"--set model.lora.{key}={was}" in line
+    assert list_checkpoints(out)[-1] == checkpoint  # nothing trained
+    # dropout changes no weight: the run resumes
+    assert main(finetune("finetune_lora", start_export, out, "--set", "run.steps=3", "--set", "model.lora.dropout=0",
+                         "--resume", "latest")) == 0
+
+
 @pytest.mark.parametrize("item, message", [
     ("model.lora.rank=-1", "recipe key model.lora.rank must not be negative, got -1"),
     ("model.lora.dropout=1", "recipe key model.lora.dropout must be in [0, 1), got 1.0"),
