@@ -290,6 +290,10 @@ def validate(recipe: Recipe) -> Recipe:
     for key in UNIT_INTERVAL:
         if not 0 <= flat[key] < 1:
             raise MedclipError(f"recipe key {key} must be in [0, 1), got {flat[key]!r}")
+    lora = recipe.model.lora
+    if lora.rank > 0 and lora.alpha == 0:
+        raise MedclipError(f"recipe key model.lora.alpha must be positive with model.lora.rank {lora.rank} (the "
+                           f"adapters' update is scaled by alpha / rank: 0 trains nothing), got {lora.alpha!r}")
     if recipe.optim.ema_decay is not None and not 0 <= recipe.optim.ema_decay < 1:
         raise MedclipError(f"recipe key optim.ema_decay must be in [0, 1) (0 or null: no EMA), "
                            f"got {recipe.optim.ema_decay!r}")
