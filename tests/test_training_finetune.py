@@ -168,6 +168,9 @@ def test_resuming_a_lora_run_with_other_adapter_settings_stops_with_one_line(sta
     ("model.lora.alpha=-4", "recipe key model.lora.alpha must not be negative, got -4.0"),
     ("model.lora.alpha=0", "recipe key model.lora.alpha must be positive with model.lora.rank 8 (the adapters' "
                            "update is scaled by alpha / rank: 0 trains nothing), got 0.0"),
+    ("model.freeze_text=true", "recipe key model.freeze_text does not combine with model.lora (only the adapters "
+                               "train, in both towers by default): leave it unset and choose the adapted layers with "
+                               "model.lora.targets, e.g. [visual\\..*] for the image tower alone"),
     ("model.unlocked_image_layers=-1", "recipe key model.unlocked_image_layers must not be negative, got -1"),
     ("model.lora.ranks=4", "unknown recipe key model.lora.ranks (valid keys here: alpha, dropout, rank, targets)"),
 ])
