@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medclip.data.build_output import shard_brace_pattern
-from medclip.data.builder import BuildConfig, BuildReport, build_shards
+from medclip.data.builder import BuildConfig, BuildReport, build_shards, write_prefix_manifest
 from medclip.data.demo import CUIS
-from medclip.data.manifest import write_manifest
 from medclip.data.records import RecordError, SourceRecord
 from medclip.errors import MedclipError
 from medclip.imaging import load_image
@@ -258,11 +256,8 @@ def build_planted(out_dir: str | Path, cfg: PlantedConfig) -> dict[str, BuildRep
         prefix = f"planted-{split}"
         report = reports[split] = build_shards(planted_records(rows, cfg, seed, n, prefix),
                               BuildConfig(out, prefix=prefix, max_samples=500, jpeg_quality=95, shuffle_seed=None))
-        write_manifest(out / f"{prefix}.yaml", name=prefix, modality="mixed",
-                       urls="{root}/" + shard_brace_pattern(prefix, (0, 1), len(report.shards)),
-                       shards=len(report.shards), samples=report.samples, weight=1.0,
-                       caption_fields=["captions", "txt"], concept_field="concepts",
-                       summary=f"{{root}}/{prefix}-summary.json", split=split,
-                       licence="per image (../shared/data); research and testing only",
-                       citation="medclip planted findings on COVID-19 image data collection and MedPix 2.0")
+        write_prefix_manifest(report, prefix, modality="mixed", weight=1.0, caption_fields=["captions", "txt"],
+                              concept_field="concepts", split=split,
+                              licence="per image (../shared/data); research and testing only",
+                              citation="medclip planted findings on COVID-19 image data collection and MedPix 2.0")
     return reports
