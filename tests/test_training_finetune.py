@@ -183,6 +183,17 @@ def test_fine_tuning_settings_out_of_range_are_one_line(item, message):
     assert str(err.value) == message
 
 
+def test_lora_targets_without_a_rank_are_one_line():
+    """Targets with rank 0 would fine-tune without adapters (every weight of finetune_full), silently."""
+    from medclip.errors import MedclipError
+    from medclip.training.config import load_recipe
+
+    with pytest.raises(MedclipError) as err:
+        load_recipe("finetune_full", ["model.lora.targets=[visual.*]"])
+    assert str(err.value) == ("recipe key model.lora.targets needs model.lora.rank > 0 (rank 0: no adapters), got "
+                              "['visual.*']")
+
+
 def _walkthrough_commands() -> list[list[str]]:
     """The README's fine-tuning walkthrough, command by command, as argv after `medclip`."""
     import shlex

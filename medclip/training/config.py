@@ -276,6 +276,9 @@ def _non_finite(value, where: str):
 def _check_lora(model: ModelConfig) -> None:
     """LoRA settings that would train nothing, or not what the recipe's freezing says."""
     lora = model.lora
+    if lora.rank == 0 and lora.targets:
+        raise MedclipError(f"recipe key model.lora.targets needs model.lora.rank > 0 (rank 0: no adapters), "
+                           f"got {lora.targets!r}")
     if lora.rank > 0 and lora.alpha == 0:
         raise MedclipError(f"recipe key model.lora.alpha must be positive with model.lora.rank {lora.rank} (the "
                            f"adapters' update is scaled by alpha / rank: 0 trains nothing), got {lora.alpha!r}")
