@@ -116,6 +116,30 @@ def test_lora_recipe_trains_adapters_only_and_its_export_loads_in_plain_open_cli
     assert main(finetune("finetune_full", list_checkpoints(out)[-1], tmp_path / "again", "--set", "run.steps=1")) == 0
 
 
+def test_a_lora_checkpoint_from_another_machine_starts_a_run_with_the_recipes_hf_text_dir(tmp_path, capsys):
+    """A LoRA training checkpoint names its HF text tower's files where it was trained; moved to another machine,
+    model.hf_text_dir says where they are now (as medclip.load's hf_text_dir does), for the adapters' merge too."""
+    import shutil
+
+    from medclip.models.registry import ASSETS_DIR
+
+    trained_with, here = tmp_path / "gone" / "tiny-bert", tmp_path / "here" / "tiny-bert"
+    for folder in (trained_with, here):
+        shutil.copytree(ASSETS_DIR / "tiny-bert", folder)
+    bert = ["--set", "model.name=medclip-tiny-bert"]
+    assert main(["pretrain", "--config", "demo", *SMALL, *bert, "--set", f"model.hf_text_dir={trained_with}",
+                 "--set", "model.lora.rank=4", "--set", "run.steps=1", "--set", f"run.output_dir={tmp_path / 'a'}"]) == 0
+    shutil.rmtree(trained_with)
+    checkpoint = list_checkpoints(tmp_path / "a")[-1]
+    assert main(finetune("finetune_full", checkpoint, tmp_path / "b", *bert, "--set", f"model.hf_text_dir={here}",
+                         "--set", "run.steps=1", "--set", "optim.lr=1e-30")) == 0
+    want = medclip.load(checkpoint, device="cpu", hf_text_dir=here).model.state_dict()  # adapters merged
+    start = final_weights(tmp_path / "b")  # lr 1e-30: the weights the run started from (zeros move by 1e-30)
+    assert start.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(start[key], value, atol=1e-20, rtol=0)
+
+
 def refused(capsys, argv: list[str]) -> str:
     capsys.readouterr()
     assert main(argv) == 2
