@@ -240,8 +240,11 @@ def build_planted(out_dir: str | Path, cfg: PlantedConfig) -> dict[str, BuildRep
     """Write ``planted-train`` and ``planted-val`` shards, summaries and manifests (``planted-train.yaml``...);
     returns each split's build report (samples, skips). Train and val draw from disjoint random streams
     (seed, seed + 10**6) and from different tables."""
-    if cfg.image_size < 32 or cfg.max_findings < 1:
-        raise MedclipError("planted findings need image_size >= 32 and max_findings >= 1")
+    if cfg.image_size < 32:
+        raise MedclipError(f"planted findings need --image-size >= 32, got {cfg.image_size}")
+    if not 1 <= cfg.max_findings <= len(LESIONS):  # an image's findings are distinct kinds
+        raise MedclipError(f"planted findings need --max-findings from 1 to {len(LESIONS)} (the kinds of finding: "
+                           f"{', '.join(lesion.name for lesion in LESIONS)}), got {cfg.max_findings}")
     for n in (cfg.n_train, cfg.n_val):
         if n is not None and n < 1:
             raise MedclipError(f"planted findings need --n-train and --n-val >= 1, got {n}")
