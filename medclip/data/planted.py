@@ -77,9 +77,13 @@ def _rows(root: Path, side: int) -> list[tuple[str, dict]]:
 
 
 def _check_apart(train: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> None:
-    """No patient (COVID-19) or case (MedPix) on both sides."""
-    for folder, (_, _, field) in SOURCES.items():
-        ids = [{str(r.get(field)) for f, r in side if f == folder and r.get(field)} for side in (train, held_out)]
+    """No patient (COVID-19) or case (MedPix) on both sides, and none unnamed (it could be on both)."""
+    for folder, (*tables, field) in SOURCES.items():
+        for table, side in zip(tables, (train, held_out)):
+            if unnamed := sum(1 for f, r in side if f == folder and not r.get(field)):
+                raise MedclipError(f"{folder}: {unnamed} row(s) of {table} have no {field}: planted findings cannot "
+                                   f"keep their patients apart from the other side")
+        ids = [{str(r.get(field)) for f, r in side if f == folder} for side in (train, held_out)]
         if both := ids[0] & ids[1]:
             raise MedclipError(f"{folder}: {len(both)} {field}(s) are in both the training and the held-out table, "
                                f"e.g. {sorted(both)[0]}: planted findings keep them apart")
