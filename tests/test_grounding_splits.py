@@ -245,6 +245,27 @@ def test_planted_refuses_a_patient_on_both_sides(tmp_path):
     assert "patient_id" in one_error_line(done.stderr) and "both" in one_error_line(done.stderr)
 
 
+def test_planted_refuses_a_row_without_its_patient(tmp_path):
+    """A row with no patient_id (case_id) cannot be kept apart from the other side: one line, not a silent pass."""
+    for folder, tables in {"covid-cxr": ("train.jsonl", "test.jsonl"), "medpix": ("train.jsonl", "dev.jsonl")}.items():
+        (tmp_path / folder).mkdir()
+        for i, table in enumerate(tables):
+            row = {"image": f"images/{i}.jpg", "modality": "X-ray", "patient_id": "" if i else "7", "case_id": f"M{i}"}
+            (tmp_path / folder / table).write_text(json.dumps(row) + "\n")
+    done = _medclip("data", "planted", "--out", str(tmp_path / "out"), "--root", str(tmp_path))
+    assert done.returncode == 2
+    assert one_error_line(done.stderr) == ("medclip: error: covid-cxr: 1 row(s) of test.jsonl have no patient_id: "
+                                           "planted findings cannot keep their patients apart from the other side")
+
+
+def test_planted_refuses_more_findings_per_image_than_kinds(tmp_path):
+    """Each image's findings are distinct kinds: asking for more than there are is one line, not a silent cap."""
+    done = _medclip("data", "planted", "--out", str(tmp_path / "out"), "--root", str(tmp_path), "--max-findings", "6")
+    assert done.returncode == 2
+    assert one_error_line(done.stderr) == ("medclip: error: planted findings need --max-findings from 1 to 5 (the "
+                                           "kinds of finding: nodule, mass, consolidation, cyst, fracture), got 6")
+
+
 def test_a_demo_set_of_the_other_layout_is_not_reused(tmp_path):
     """An output directory's demo set built with one layout is refused, in one line, by a recipe asking for the
     other (a resume with a changed data.demo_layout would otherwise train on the old set)."""

@@ -116,6 +116,30 @@ def test_lora_recipe_trains_adapters_only_and_its_export_loads_in_plain_open_cli
     assert main(finetune("finetune_full", list_checkpoints(out)[-1], tmp_path / "again", "--set", "run.steps=1")) == 0
 
 
+def test_a_lora_checkpoint_from_another_machine_starts_a_run_with_the_recipes_hf_text_dir(tmp_path, capsys):
+    """A LoRA training checkpoint names its HF text tower's files where it was trained; moved to another machine,
+    model.hf_text_dir says where they are now (as medclip.load's hf_text_dir does), for the adapters' merge too."""
+    import shutil
+
+    from medclip.models.registry import ASSETS_DIR
+
+    trained_with, here = tmp_path / "gone" / "tiny-bert", tmp_path / "here" / "tiny-bert"
+    for folder in (trained_with, here):
+        shutil.copytree(ASSETS_DIR / "tiny-bert", folder)
+    bert = ["--set", "model.name=medclip-tiny-bert"]
+    assert main(["pretrain", "--config", "demo", *SMALL, *bert, "--set", f"model.hf_text_dir={trained_with}",
+                 "--set", "model.lora.rank=4", "--set", "run.steps=1", "--set", f"run.output_dir={tmp_path / 'a'}"]) == 0
+    shutil.rmtree(trained_with)
+    checkpoint = list_checkpoints(tmp_path / "a")[-1]
+    assert main(finetune("finetune_full", checkpoint, tmp_path / "b", *bert, "--set", f"model.hf_text_dir={here}",
+                         "--set", "run.steps=1", "--set", "optim.lr=1e-30")) == 0
+    want = medclip.load(checkpoint, device="cpu", hf_text_dir=here).model.state_dict()  # adapters merged
+    start = final_weights(tmp_path / "b")  # lr 1e-30: the weights the run started from (zeros move by 1e-30)
+    assert start.keys() == want.keys()
+    for key, value in want.items():
+        torch.testing.assert_close(start[key], value, atol=1e-20, rtol=0)
+
+
 def refused(capsys, argv: list[str]) -> str:
     capsys.readouterr()
     assert main(argv) == 2
@@ -141,10 +165,36 @@ def test_bad_fine_tuning_input_stops_with_one_line(start_export, tmp_path, capsy
     assert "does not fit the architecture" in line
 
 
+def test_resuming_a_lora_run_with_other_adapter_settings_stops_with_one_line(start_export, tmp_path, capsys):
+    """Another alpha fits the checkpoint's tensors but scales the adapters' update differently: resuming would
+    continue another model than the one trained (silently, before). Another rank or targets: the line names
+    the LoRA setting, not the model."""
+    out = tmp_path / "lora"
+    assert main(finetune("finetune_lora", start_export, out, "--set", "run.steps=2")) == 0
+    checkpoint = list_checkpoints(out)[-1]
+    for item, was in (("alpha=64", "16.0"), ("rank=4", "8"), ("targets=[visual.transformer.resblocks.0.mlp.c_fc]",
+                                                               "[]")):
+        key = item.split("=")[0]
+        line = refused(capsys, finetune("finetune_lora", start_export, out, "--set", "run.steps=3", "--set",
+                                        f"model.lora.{item}", "--resume", "latest"))
+        assert line.startswith(f"medclip: error: --resume: {checkpoint} was trained with "
+                               f"model.lora.{key} {was}, this recipe has "), line
+        assert f"--set model.lora.{key}={was}" in line
+    assert list_checkpoints(out)[-1] == checkpoint  # nothing trained
+    # dropout changes no weight: the run resumes
+    assert main(finetune("finetune_lora", start_export, out, "--set", "run.steps=3", "--set", "model.lora.dropout=0",
+                         "--resume", "latest")) == 0
+
+
 @pytest.mark.parametrize("item, message", [
     ("model.lora.rank=-1", "recipe key model.lora.rank must not be negative, got -1"),
     ("model.lora.dropout=1", "recipe key model.lora.dropout must be in [0, 1), got 1.0"),
     ("model.lora.alpha=-4", "recipe key model.lora.alpha must not be negative, got -4.0"),
+    ("model.lora.alpha=0", "recipe key model.lora.alpha must be positive with model.lora.rank 8 (the adapters' "
+                           "update is scaled by alpha / rank: 0 trains nothing), got 0.0"),
+    ("model.freeze_text=true", "recipe key model.freeze_text does not combine with model.lora (only the adapters "
+                               "train, in both towers by default): leave it unset and choose the adapted layers with "
+                               "model.lora.targets, e.g. [visual\\..*] for the image tower alone"),
     ("model.unlocked_image_layers=-1", "recipe key model.unlocked_image_layers must not be negative, got -1"),
     ("model.lora.ranks=4", "unknown recipe key model.lora.ranks (valid keys here: alpha, dropout, rank, targets)"),
 ])
@@ -155,6 +205,17 @@ def test_fine_tuning_settings_out_of_range_are_one_line(item, message):
     with pytest.raises(MedclipError) as err:
         load_recipe("finetune_lora", [item])
     assert str(err.value) == message
+
+
+def test_lora_targets_without_a_rank_are_one_line():
+    """Targets with rank 0 would fine-tune without adapters (every weight of finetune_full), silently."""
+    from medclip.errors import MedclipError
+    from medclip.training.config import load_recipe
+
+    with pytest.raises(MedclipError) as err:
+        load_recipe("finetune_full", ["model.lora.targets=[visual.*]"])
+    assert str(err.value) == ("recipe key model.lora.targets needs model.lora.rank > 0 (rank 0: no adapters), got "
+                              "['visual.*']")
 
 
 def _walkthrough_commands() -> list[list[str]]:

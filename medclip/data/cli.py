@@ -92,7 +92,7 @@ def register(subparsers) -> None:
     p.add_argument("--n-train", type=int, default=None, help="training images (default: all of the train tables)")
     p.add_argument("--n-val", type=int, default=None, help="held-out images (default: all of the test/dev tables)")
     p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--max-findings", type=int, default=2, help="findings per image: 1 to this many")
+    p.add_argument("--max-findings", type=int, default=2, help="findings per image: 1 to this many (at most 5)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run_planted)
 

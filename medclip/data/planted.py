@@ -21,10 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from medclip.data.build_output import shard_brace_pattern
-from medclip.data.builder import BuildConfig, BuildReport, build_shards
+from medclip.data.builder import BuildConfig, BuildReport, build_shards, write_prefix_manifest
 from medclip.data.demo import CUIS
-from medclip.data.manifest import write_manifest
 from medclip.data.records import RecordError, SourceRecord
 from medclip.errors import MedclipError
 from medclip.imaging import load_image
@@ -79,9 +77,13 @@ def _rows(root: Path, side: int) -> list[tuple[str, dict]]:
 
 
 def _check_apart(train: list[tuple[str, dict]], held_out: list[tuple[str, dict]]) -> None:
-    """No patient (COVID-19) or case (MedPix) on both sides."""
-    for folder, (_, _, field) in SOURCES.items():
-        ids = [{str(r.get(field)) for f, r in side if f == folder and r.get(field)} for side in (train, held_out)]
+    """No patient (COVID-19) or case (MedPix) on both sides, and none unnamed (it could be on both)."""
+    for folder, (*tables, field) in SOURCES.items():
+        for table, side in zip(tables, (train, held_out)):
+            if unnamed := sum(1 for f, r in side if f == folder and not r.get(field)):
+                raise MedclipError(f"{folder}: {unnamed} row(s) of {table} have no {field}: planted findings cannot "
+                                   f"keep their patients apart from the other side")
+        ids = [{str(r.get(field)) for f, r in side if f == folder} for side in (train, held_out)]
         if both := ids[0] & ids[1]:
             raise MedclipError(f"{folder}: {len(both)} {field}(s) are in both the training and the held-out table, "
                                f"e.g. {sorted(both)[0]}: planted findings keep them apart")
@@ -242,8 +244,11 @@ def build_planted(out_dir: str | Path, cfg: PlantedConfig) -> dict[str, BuildRep
     """Write ``planted-train`` and ``planted-val`` shards, summaries and manifests (``planted-train.yaml``...);
     returns each split's build report (samples, skips). Train and val draw from disjoint random streams
     (seed, seed + 10**6) and from different tables."""
-    if cfg.image_size < 32 or cfg.max_findings < 1:
-        raise MedclipError("planted findings need image_size >= 32 and max_findings >= 1")
+    if cfg.image_size < 32:
+        raise MedclipError(f"planted findings need --image-size >= 32, got {cfg.image_size}")
+    if not 1 <= cfg.max_findings <= len(LESIONS):  # an image's findings are distinct kinds
+        raise MedclipError(f"planted findings need --max-findings from 1 to {len(LESIONS)} (the kinds of finding: "
+                           f"{', '.join(lesion.name for lesion in LESIONS)}), got {cfg.max_findings}")
     for n in (cfg.n_train, cfg.n_val):
         if n is not None and n < 1:
             raise MedclipError(f"planted findings need --n-train and --n-val >= 1, got {n}")
@@ -258,11 +263,8 @@ def build_planted(out_dir: str | Path, cfg: PlantedConfig) -> dict[str, BuildRep
         prefix = f"planted-{split}"
         report = reports[split] = build_shards(planted_records(rows, cfg, seed, n, prefix),
                               BuildConfig(out, prefix=prefix, max_samples=500, jpeg_quality=95, shuffle_seed=None))
-        write_manifest(out / f"{prefix}.yaml", name=prefix, modality="mixed",
-                       urls="{root}/" + shard_brace_pattern(prefix, (0, 1), len(report.shards)),
-                       shards=len(report.shards), samples=report.samples, weight=1.0,
-                       caption_fields=["captions", "txt"], concept_field="concepts",
-                       summary=f"{{root}}/{prefix}-summary.json", split=split,
-                       licence="per image (../shared/data); research and testing only",
-                       citation="medclip planted findings on COVID-19 image data collection and MedPix 2.0")
+        write_prefix_manifest(report, prefix, modality="mixed", weight=1.0, caption_fields=["captions", "txt"],
+                              concept_field="concepts", split=split,
+                              licence="per image (../shared/data); research and testing only",
+                              citation="medclip planted findings on COVID-19 image data collection and MedPix 2.0")
     return reports

@@ -273,6 +273,22 @@ def _non_finite(value, where: str):
     return None
 
 
+def _check_lora(model: ModelConfig) -> None:
+    """LoRA settings that would train nothing, or not what the recipe's freezing says."""
+    lora = model.lora
+    if lora.rank == 0 and lora.targets:
+        raise MedclipError(f"recipe key model.lora.targets needs model.lora.rank > 0 (rank 0: no adapters), "
+                           f"got {lora.targets!r}")
+    if lora.rank > 0 and lora.alpha == 0:
+        raise MedclipError(f"recipe key model.lora.alpha must be positive with model.lora.rank {lora.rank} (the "
+                           f"adapters' update is scaled by alpha / rank: 0 trains nothing), got {lora.alpha!r}")
+    for key in ("freeze_image", "freeze_text", "unlocked_image_layers", "unlocked_text_layers"):
+        if lora.rank > 0 and getattr(model, key):  # peft would train every adapter, frozen tower or not
+            raise MedclipError(f"recipe key model.{key} does not combine with model.lora (only the adapters train, in "
+                               f"both towers by default): leave it unset and choose the adapted layers with "
+                               f"model.lora.targets, e.g. [visual\\..*] for the image tower alone")
+
+
 def validate(recipe: Recipe) -> Recipe:
     """Names and ranges of every value, before anything is built (a NaN passes every `x < 0` test)."""
     if found := _non_finite(recipe, ""):
@@ -290,6 +306,7 @@ def validate(recipe: Recipe) -> Recipe:
     for key in UNIT_INTERVAL:
         if not 0 <= flat[key] < 1:
             raise MedclipError(f"recipe key {key} must be in [0, 1), got {flat[key]!r}")
+    _check_lora(recipe.model)
     if recipe.optim.ema_decay is not None and not 0 <= recipe.optim.ema_decay < 1:
         raise MedclipError(f"recipe key optim.ema_decay must be in [0, 1) (0 or null: no EMA), "
                            f"got {recipe.optim.ema_decay!r}")

@@ -92,7 +92,8 @@ def start_weights(checkpoint: str, hf_text_dir: str | None = None) -> dict:
     if Path(checkpoint).is_file():
         obj = loading.read_weights_file(checkpoint)
         if isinstance(obj, dict) and isinstance(obj.get("model_cfg"), dict):  # a medclip training checkpoint
-            return loading.merged_adapters(obj, obj["model_cfg"])
+            # its LoRA adapters are merged in a model built from its config: the text tower's files from here
+            return loading.merged_adapters(obj, loading.with_text_dir(obj["model_cfg"], hf_text_dir))
         return loading.extract_state_dict(obj)
     return loading.load_spec(checkpoint, device="cpu", hf_text_dir=hf_text_dir).model.state_dict()
 

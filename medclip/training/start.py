@@ -16,7 +16,7 @@ import torch
 from medclip.errors import MedclipError
 from medclip.training import checkpoint as ckpt
 from medclip.training import preflight, rundir
-from medclip.training.config import Recipe
+from medclip.training.config import LoraConfig, Recipe
 from medclip.training.distributed import (
     DistEnv,
     broadcast_from_main,
@@ -92,10 +92,25 @@ class RunStart:
         if module.heads is not None and "heads" not in obj:
             raise MedclipError(f"{path} has no PC-Align heads, but this recipe trains PC-Align")
         problem = (rundir.lineage_problem(path, obj.get("run_id"), owner, self.output_dir)
-                   or self._model_problem(path, obj, module))
+                   or self._lora_problem(path, obj) or self._model_problem(path, obj, module))
         if problem:
             raise MedclipError(problem)
         return obj
+
+    def _lora_problem(self, path: Path, obj: dict) -> str | None:
+        """Why the checkpoint's LoRA adapters are not this recipe's (None when they are). Another alpha fits the
+        same tensors but scales their update differently: the resumed model would not be the checkpoint's."""
+        trained = LoraConfig(**(((obj.get("recipe") or {}).get("model") or {}).get("lora") or {}))
+        wanted = self.recipe.model.lora
+        if trained.rank <= 0 and wanted.rank <= 0:
+            return None
+        for key in ("rank", "alpha", "targets"):  # dropout changes no weight: it may change on resume
+            old, new = getattr(trained, key), getattr(wanted, key)
+            if old != new:
+                return (f"--resume: {path} was trained with model.lora.{key} {old}, this recipe has "
+                        f"{new}; resume with --set model.lora.{key}={old}, or start a new run in another "
+                        f"run.output_dir")
+        return None
 
     def _model_problem(self, path: Path, obj: dict, module) -> str | None:
         """Why the checkpoint's tensors do not fit this recipe's model (None when they do)."""
