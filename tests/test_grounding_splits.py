@@ -93,7 +93,7 @@ def test_random_layout_brings_the_concept_prior_to_chance(anatomical, randomised
 
 def test_random_layout_keeps_each_finding_inside_its_anatomy(randomised):
     """The scene moves with its finding: a CT nodule stays inside the body (not on the black outside), an MRI
-    hemorrhage inside the brain's grey, whatever the image position."""
+    mass inside the brain's grey, whatever the image position."""
     from medclip.data.demo import iter_demo_split
 
     checked = 0
