@@ -193,7 +193,7 @@ def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_earlier_ones(tmp_pa
 
 @pytest.mark.integration
 def test_a_failed_final_evaluation_leaves_checkpoint_export_curves_and_summary(tmp_path, monkeypatch):
-    def broken(encoder, recipe, output_dir, step):
+    def broken(encoder, recipe, output_dir, step, tag=""):
         raise RuntimeError(f"evaluation data unreadable at step {step}")
 
     monkeypatch.setattr(trainer_module, "evaluate", broken)
