@@ -30,13 +30,15 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import shared_real_vs_open_clip as srv  # noqa: E402  (command runner and result reader: one implementation)
+
+REPO, BIN = srv.REPO, srv.BIN
 MODES = ("full", "lit", "lora")
 SHOTS = (1, 2, 4, 8, 16)
 FEW_SHOT_DATASETS = ("covid_finding_probe", "covid_view_probe")
@@ -45,22 +47,10 @@ MAIN_COLUMNS = {"covid_finding": "finding zs", "covid_view": "view zs", "covid_r
                 "covid_view_probe": "view probe (all)"}
 
 
-def run_logged(cmd: list[str], log_path: Path) -> float:
-    """Run ``cmd`` from the repository root, output to ``log_path``; wall seconds; exit on failure."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        tail = "\n".join(log_path.read_text().splitlines()[-12:])
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}), {log_path}:\n{tail}")
-    return time.perf_counter() - start
-
-
 def headlines(eval_dir: Path) -> dict[str, float]:
-    """{dataset: headline} of the result JSONs in ``eval_dir``."""
-    from medclip.evaluation.report import read_results
-
-    return {r["dataset"]: r["headline"] for r in read_results(eval_dir) if r["headline"] is not None}
+    """{dataset: headline} of the one model evaluated in ``eval_dir``."""
+    (per_dataset,) = srv.headlines(eval_dir).values()
+    return per_dataset
 
 
 def few_shot(model: Path, out: Path, logs: Path) -> dict[str, dict[str, tuple[float, float]]]:
@@ -71,7 +61,7 @@ def few_shot(model: Path, out: Path, logs: Path) -> dict[str, dict[str, tuple[fl
     table: dict[str, dict[str, tuple[float, float]]] = {}
     for method in PROBE_METHODS:
         where = out / method
-        run_logged([str(BIN / "medclip"), "eval", "suite", "covid", "--datasets", *FEW_SHOT_DATASETS,
+        srv.run_timed([str(BIN / "medclip"), "eval", "suite", "covid", "--datasets", *FEW_SHOT_DATASETS,
                     "--model", str(model), "--shots", *map(str, SHOTS), "--fractions", "--seeds", "0", "1", "2",
                     "--probe-method", method, "--out", str(where), "--force", "--no-plots", "--no-progress"],
                    logs / f"{out.name}-{method}.log")
@@ -115,7 +105,7 @@ def fine_tune(args, mode: str, seed: int, shards: Path, out: Path) -> dict:
     cmd = [str(BIN / "medclip"), "pretrain", "--config", f"finetune_{mode}"]
     for item in overrides:
         cmd += ["--set", item]
-    wall = run_logged(cmd, out / f"{mode}-seed{seed}.log")
+    wall = srv.run_timed(cmd, out / f"{mode}-seed{seed}.log")
     steps = run_facts(run_dir)["steps"]
     evals = run_dir / "eval"
     result = {"wall_s": wall, **run_facts(run_dir),
@@ -168,7 +158,7 @@ def build_shards(out: Path) -> Path:
     probe = out / "build"
     if probe.exists():
         shutil.rmtree(probe)
-    run_logged([str(BIN / "medclip"), "pretrain", "--config", "finetune_full", "--set", f"run.output_dir={probe}",
+    srv.run_timed([str(BIN / "medclip"), "pretrain", "--config", "finetune_full", "--set", f"run.output_dir={probe}",
                 "--set", "run.steps=1", "--set", "eval.suites=[]", "--set", "run.progress=false",
                 "--set", f"model.checkpoint={out.resolve() / 'start'}"], out / "build.log")
     return probe / "shards"
@@ -180,7 +170,7 @@ def evaluate_start(start_model: Path, out: Path) -> dict:
     if saved.is_file() and json.loads(saved.read_text()).get("model") == str(start_model.resolve()):
         return json.loads(saved.read_text())
     evaluated = out / "start-eval"
-    run_logged([str(BIN / "medclip"), "eval", "suite", "covid", "--model", str(start_model), "--out", str(evaluated),
+    srv.run_timed([str(BIN / "medclip"), "eval", "suite", "covid", "--model", str(start_model), "--out", str(evaluated),
                 "--force", "--no-plots", "--no-progress", "--seeds", "0"], out / "start-eval.log")
     start = {"model": str(start_model.resolve()), "raw": headlines(evaluated),
              "few_shot": few_shot(start_model, out / "start-fewshot", out)}
