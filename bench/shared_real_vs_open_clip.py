@@ -87,7 +87,9 @@ def open_clip_train_main(argv: list[str]) -> None:
     import open_clip_train.data as data
     from open_clip_train.main import main
 
-    import medclip  # noqa: F401  (registers medclip-* configs with open_clip)
+    import medclip
+
+    medclip.register_model_configs()  # the medclip-* configs, for open_clip's create_model
 
     # open_clip_train 3.x is written for webdataset 0.2, whose tar expander has no end-of-shard marker;
     # webdataset >= 1.0 yields an empty dict there, which its grouping function cannot read. Drop the

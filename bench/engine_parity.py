@@ -1,0 +1,186 @@
+"""Engine parity and ablation rows: medclip against open_clip_train on identical input, then medclip's own
+choices switched on one at a time, each row over the same seeds and the same number of steps.
+
+Every row trains ``medclip-small-resnet18`` (the ``shared_real`` recipe's model) for ``--steps`` steps of the
+recipe's batch, lr, weight decay, Adam settings and warmup, fp32, one loader worker, and is evaluated by the
+same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (``ROWS``):
+
+- ``open_clip_train``: the reference, open_clip_train's own ``main`` on the caption-pool shards (every image
+  once per pass with a caption drawn uniformly from its radiologist and label-derived captions; see
+  shared_real_vs_open_clip.py), its sample shuffle buffer of 5,000;
+- ``parity``: medclip reading those same pool shards (a manifest over them), IT-Align only, shuffle buffer
+  5,000: identical input and settings. It must equal the reference within the seeds' spread on every task;
+  where it does not, that is a defect of the engine;
+- ``own-shards``: medclip's own input, the recipe's shards with one caption drawn per visit from the pool,
+  still IT-only with buffer 5,000;
+- ``buffer-500``: and the recipe's shuffle buffer (500);
+- ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped.
+
+Each row's difference to the one before it is what that choice costs or buys. A row/seed whose export exists
+is not trained again (the script can be stopped and re-run), and each model is evaluated once into
+``OUT/eval/ROW-sSEED``. The table: mean ± std over seeds per row and dataset, and each row minus the reference
+with ``=`` where the difference is within the spread (the larger of the two rows' standard deviations).
+
+    .venv/bin/python bench/engine_parity.py --steps 240 --seeds 0 1 2          # ~1.5 h on an idle 2-core CPU
+    .venv/bin/python bench/engine_parity.py --rows open_clip_train parity --seeds 0   # parity alone, one seed
+    .venv/bin/python bench/engine_parity.py --report                           # the table of what is trained
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import shared_real_vs_open_clip as srv  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
+
+REPO = srv.REPO
+OPEN_CLIP_SAMPLE_SHUFFLE = 5000  # open_clip_train.data's _SAMPLE_SHUFFLE_SIZE for webdataset training
+IT_ONLY = ["objective.pc_weight=0"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    data: str  # "pool": the caption-pool shards; "own": the recipe's shards with their caption pools
+    overrides: tuple[str, ...] = ()  # recipe overrides of the medclip run (None engine: open_clip_train)
+    engine: str = "medclip"
+
+
+ROWS = {
+    "open_clip_train": Row("pool", engine="open_clip_train"),
+    "parity": Row("pool", (*IT_ONLY, f"data.shuffle_buffer={OPEN_CLIP_SAMPLE_SHUFFLE}")),
+    "own-shards": Row("own", (*IT_ONLY, f"data.shuffle_buffer={OPEN_CLIP_SAMPLE_SHUFFLE}")),
+    "buffer-500": Row("own", IT_ONLY),
+    "shipped": Row("own"),
+}
+
+
+def pool_manifest(pool_urls: list[str], images: int, path: Path) -> Path:
+    """A medclip manifest over the pool shards open_clip_train reads (their ``.txt`` is the caption)."""
+    path.write_text(yaml.safe_dump({
+        "name": "caption-pool", "urls": pool_urls, "shards": len(pool_urls), "samples": images,
+        "counts_exact": True, "caption_fields": ["txt"], "split": "train",
+    }))
+    return path
+
+
+def scaled_pc_start(recipe, steps: int) -> str:
+    """The recipe's PC-Align start at the same fraction of a ``steps``-long run."""
+    start = round(recipe.objective.pc_start_step * steps / recipe.run.steps)
+    return f"objective.pc_start_step={start}"
+
+
+def medclip_overrides(row: Row, recipe, steps: int, manifest: Path | None) -> list[str]:
+    extra = [*row.overrides]
+    if row.data == "pool":
+        extra += ["data.build=[]", f"data.sources=[{{manifest: {manifest}}}]"]
+    if "objective.pc_weight=0" not in extra:
+        extra.append(scaled_pc_start(recipe, steps))
+    return extra
+
+
+def train_row(name: str, row: Row, seed: int, args, recipe, shards_root: Path, pool: srv.BaselineShards,
+              out: Path) -> Path:
+    """The export of one row and seed, trained unless it is there already."""
+    run_dir = out / f"{name}-s{seed}"
+    export = run_dir / "export"
+    if (export / "open_clip_config.json").exists():
+        return export
+    samples = args.steps * recipe.data.batch_size
+    pool_urls = pool.for_data("pool", samples) if row.data == "pool" else None
+    start = time.perf_counter()
+    if row.engine == "open_clip_train":
+        seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))
+        _, checkpoint = srv.train_baseline(seeded, recipe.model.name, pool_urls, args.steps, run_dir)
+        srv.export_baseline(recipe.model.name, checkpoint, export)
+    else:
+        manifest = pool_manifest(pool_urls, len(pool_urls) // len(pool.urls) * pool.images_per_pass,
+                                 out / "caption-pool.yaml") if pool_urls else None
+        bench_args = argparse.Namespace(recipe=args.recipe, overrides=args.overrides, budget=None)
+        srv.fresh_run_dir(run_dir, shards_root)
+        cmd = srv.medclip_command(bench_args, run_dir, seed, args.steps,
+                                  medclip_overrides(row, recipe, args.steps, manifest))
+        srv.run_timed(cmd, out / f"{name}-s{seed}.log")
+    print(f"{name} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f}s -> {export}", flush=True)
+    return export
+
+
+def evaluate(export: Path, eval_dir: Path) -> dict[str, float]:
+    """Headline per dataset of ``export`` on the shared_real suite (evaluated once, then read back)."""
+    if not any(eval_dir.glob("*/*.json")):
+        eval_dir.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [str(srv.BIN / "medclip"), "eval", "suite", "shared_real", "--model", str(export), "--out",
+               str(eval_dir), "--no-plots", "--no-progress", "--workers", "1"]
+        srv.run_timed(cmd, eval_dir.with_suffix(".log"))
+    return srv.headlines(eval_dir).get(str(export), {})
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(results: dict[str, dict[int, dict[str, float]]], reference: str = "open_clip_train") -> list[str]:
+    """Markdown rows: dataset x row, mean ± std over seeds (x100), and the row minus the reference."""
+    rows = [name for name in results if results[name]]
+    datasets = sorted(set.intersection(*(set(h) for name in rows for h in results[name].values())))
+    lines = ["| dataset | " + " | ".join(f"{name} (seeds {len(results[name])})" for name in rows) + " |",
+             "|---" * (len(rows) + 1) + "|"]
+    for dataset in datasets:
+        cells = []
+        ref = mean_std([h[dataset] for h in results[reference].values()]) if reference in rows else None
+        for name in rows:
+            mean, std = mean_std([h[dataset] for h in results[name].values()])
+            cell = f"{100 * mean:.1f} ± {100 * std:.1f}"
+            if ref is not None and name != reference:
+                diff = mean - ref[0]
+                cell += f" ({100 * diff:+.1f}{' =' if abs(diff) <= max(std, ref[1]) else ''})"
+            cells.append(cell)
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="pretrain/shared_real.yaml")
+    parser.add_argument("--steps", type=int, default=240, help="training steps of every row")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="recipe override for every medclip row (repeatable)")
+    parser.add_argument("--out", default="runs/engine_parity")
+    parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished rows")
+    args = parser.parse_args(argv)
+    from medclip.training.config import load_recipe
+
+    recipe = load_recipe(REPO / args.recipe, args.overrides)
+    out = (REPO / args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    shards_root = out / "shards"
+    pool = None
+    if not args.report:
+        manifests = srv.build_shards(recipe, shards_root)
+        pool = srv.BaselineShards(srv.shard_urls(manifests), out / "caption_pool")
+    results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in args.rows}
+    for seed in args.seeds:
+        for name in args.rows:
+            export = out / f"{name}-s{seed}" / "export"
+            if not args.report:
+                export = train_row(name, ROWS[name], seed, args, recipe, shards_root, pool, out)
+            if (export / "open_clip_config.json").exists():
+                results[name][seed] = evaluate(export, out / "eval" / f"{name}-s{seed}")
+    lines = table(results)
+    print("\n".join(lines))
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
