@@ -23,6 +23,7 @@ from medclip.data.slots import seeded_rng
 from medclip.data.spans import NameTokenizer, caption_concepts, tokenize_with_concepts
 from medclip.data.stream_config import StreamConfig
 from medclip.data.text import SpanTokenizer
+from medclip.data.windows import caption_window
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +94,14 @@ class SampleDecoder:
         if pixels is None:
             return None
         # One caption per visit, drawn from an RNG of the sample's stream position: same draw after resume.
-        choice = draw_caption(seeded_rng(self.cfg.seed, epoch, sample["__key__"], position), len(captions),
-                              self.cfg.first_caption_share)
+        rng = seeded_rng(self.cfg.seed, epoch, sample["__key__"], position)
+        choice = draw_caption(rng, len(captions), self.cfg.first_caption_share)
+        caption = captions[choice]
         concepts = caption_concepts(meta, m.concept_field, choice, self.cfg.max_concepts) if indexed else []
-        text = tokenize_with_concepts(self.tokenizer, captions[choice], concepts, skips)
+        if self.cfg.long_captions == "window":  # the same RNG, after the draw: the window replays on resume
+            caption, concepts = caption_window(rng, caption, concepts, self.tokenizer.count_tokens,
+                                               self.tokenizer.context_length - 2, skips)
+        text = tokenize_with_concepts(self.tokenizer, caption, concepts, skips)
         decoded = DecodedSample(sample["__key__"], pixels, text.ids, text.spans, text.cuis, text.positive)
         if self.names is not None:
             decoded.names, decoded.name_pad = self.names(text.names)

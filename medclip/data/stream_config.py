@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from medclip.data.windows import check_long_captions
 from medclip.errors import MedclipError
 
 
@@ -45,6 +46,9 @@ class StreamConfig:
     # Chance of drawing a sample's first caption (a table's own caption comes before its label captions,
     # see training.prepare); the others share the rest evenly. None: every caption equally likely.
     first_caption_share: float | None = None
+    # A caption longer than the text context: "head" truncates its end (open_clip's tokenizers), "window" draws
+    # a run of whole sentences that fits (medclip.data.windows).
+    long_captions: str = "head"
     # Run the shell commands of pipe: shard URLs (the user trusts the manifests; off by default).
     allow_pipe: bool = False
 
@@ -58,6 +62,7 @@ class StreamConfig:
         if self.epoch_samples is not None and self.epoch_samples < 1:
             raise MedclipError(f"epoch_samples must be positive, got {self.epoch_samples}")
         check_first_caption_share(self.first_caption_share)
+        check_long_captions(self.long_captions)
 
     @property
     def workers_per_rank(self) -> int:

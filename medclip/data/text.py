@@ -140,6 +140,13 @@ class SpanTokenizer:
             out.append((hit[0], hit[-1] + 1) if cs < ce and hit else None)
         return TokenizedCaption(ids=ids, spans=out)
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens of ``text`` without the start and end tokens, however many the context holds."""
+        cleaned = " ".join(_fix_text(text).split())
+        if self.kind == "hf":
+            return len(self.tokenizer.tokenizer(cleaned, add_special_tokens=False)["input_ids"])
+        return sum(len(self._word(word)[0]) for _, word in self.bpe.words(cleaned.lower()))
+
     def take_new_words(self) -> dict:
         """Word cache entries added since the last call (a loader worker hands them to its parent)."""
         new, self._new_words = self._new_words, {}
@@ -175,12 +182,7 @@ class SpanTokenizer:
         for start, word in self.bpe.words(cleaned):
             if len(ids) > self.context_length:  # the rest would be truncated anyway
                 break
-            cached = self._word_cache.get(word)
-            if cached is None:
-                pieces = self._bpe_word(word)
-                cached = (tuple(p[0] for p in pieces), pieces)
-                if len(self._word_cache) < WORD_CACHE_SIZE:
-                    self._word_cache[word] = self._new_words[word] = cached
+            cached = self._word(word)
             ids.extend(cached[0])
             if offsets:
                 spans.extend((start + a, start + b) for _, a, b in cached[1])
@@ -193,6 +195,16 @@ class SpanTokenizer:
             return out, []
         spans = spans[: len(ids) - 1] + [(0, 0)]  # the end token (kept or moved by truncation) has none
         return out, spans + [(0, 0)] * (self.context_length - len(spans))
+
+    def _word(self, word: str) -> tuple[tuple[int, ...], tuple[tuple[int, int, int], ...]]:
+        """(token ids, (token id, char start, char end) per token) of one BPE word, through the cache."""
+        cached = self._word_cache.get(word)
+        if cached is None:
+            pieces = self._bpe_word(word)
+            cached = (tuple(p[0] for p in pieces), pieces)
+            if len(self._word_cache) < WORD_CACHE_SIZE:
+                self._word_cache[word] = self._new_words[word] = cached
+        return cached
 
     def _bpe_word(self, word: str) -> tuple[tuple[int, int, int], ...]:
         """(token id, char start, char end) of each BPE token of one word, offsets within the word."""

@@ -14,6 +14,7 @@ import yaml
 from medclip import resources
 from medclip.data.leakage import LeakageCheckConfig
 from medclip.data.stream import check_first_caption_share
+from medclip.data.windows import check_long_captions
 from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
 from medclip.models.loading import PRECISIONS
@@ -81,6 +82,9 @@ class DataConfig:
     gpu_decode: bool = False
     # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
     first_caption_share: float | None = None
+    # Captions longer than the text context: head (truncated at the end, as open_clip) or window (a run of whole
+    # sentences that fits, drawn per visit, with its concepts; docs/data.md).
+    long_captions: str = "head"
     # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).
     epoch_samples: int | None = None
     # Let manifests run the shell commands of their pipe: URLs (only for manifests you trust; --allow-pipe).
@@ -317,6 +321,7 @@ def validate(recipe: Recipe) -> Recipe:
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
+    check_long_captions(recipe.data.long_captions, "recipe key data.long_captions")
     if not 0 <= recipe.data.leakage_check.max_distance < 64:
         raise MedclipError(f"recipe key data.leakage_check.max_distance must be 0-63 (bits of a 64-bit hash), got "
                            f"{recipe.data.leakage_check.max_distance}")
