@@ -110,6 +110,29 @@ def test_no_weight_decay_on_norms_biases_and_scales():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.parametrize("name", ["medclip-small-resnet18", "medclip-small", "medclip-tiny"])
+def test_weight_decay_sets_equal_open_clip_trains(name):
+    """Engine parity (bench/engine_parity.py): the parameters without weight decay are open_clip_train's own
+    (its main.py: ``p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or 'logit_scale' in n``)."""
+    model = medclip.load(name).model
+    theirs = {n for n, p in model.named_parameters()
+              if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n}
+    assert {n for n, p in model.named_parameters() if no_decay(n, p)} == theirs
+
+
+def test_schedule_equals_open_clip_trains_cosine():
+    """Engine parity: the lr of every step is open_clip_train's cosine_lr (linear warmup, cosine to 0)."""
+    from open_clip_train.scheduler import cosine_lr
+
+    from medclip.training.config import OptimConfig
+
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1e-3)
+    theirs = cosine_lr(optimizer, 1e-3, warmup_length=50, steps=240)
+    ours = lr_lambda(OptimConfig(lr=1e-3, warmup_steps=50), total_steps=240)
+    for step in range(240):
+        assert 1e-3 * ours(step) == pytest.approx(theirs(step), rel=1e-9, abs=1e-15)
+
+
 def test_warmup_then_cosine_schedule():
     from medclip.training.config import OptimConfig
 
