@@ -14,7 +14,9 @@ same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (`
 - ``own-shards``: medclip's own input, the recipe's shards with one caption drawn per visit from the pool,
   still IT-only with buffer 5,000;
 - ``buffer-500``: and the recipe's shuffle buffer (500);
-- ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped.
+- ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped;
+- candidates, each the recipe plus one change, to compare with ``shipped``: ``long-captions`` (captions
+  longer than the context cut to a window of whole sentences instead of truncated at the end).
 
 Each row's difference to the one before it is what that choice costs or buys. A row/seed whose export exists
 is not trained again (the script can be stopped and re-run), and each model is evaluated once into
@@ -60,6 +62,8 @@ ROWS = {
     "own-shards": Row("own", (*IT_ONLY, f"data.shuffle_buffer={OPEN_CLIP_SAMPLE_SHUFFLE}")),
     "buffer-500": Row("own", IT_ONLY),
     "shipped": Row("own"),
+    # Candidates beyond the recipe, each against "shipped":
+    "long-captions": Row("own", ("data.long_captions=window",)),
 }
 
 
