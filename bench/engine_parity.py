@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import open_clip_baseline as ocb  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
+import _open_clip_baseline as ocb  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
 import shared_real_vs_open_clip as srv  # noqa: E402  (the medclip runs of the shared_real bench)
 
 REPO = ocb.REPO

@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from open_clip_baseline import (  # noqa: E402  (the reference's side: one implementation for every bench)
+from _open_clip_baseline import (  # noqa: E402  (the reference's side: one implementation for every bench)
     BIN,
     REPO,
     BaselineShards,

@@ -28,7 +28,7 @@ def _bench():
 
 
 def _baseline():
-    return _load("open_clip_baseline_bench", "open_clip_baseline.py")
+    return _load("open_clip_baseline_bench", "_open_clip_baseline.py")
 
 
 def test_baseline_runs_the_recipes_optimiser(tmp_path):

@@ -4,7 +4,7 @@ run on them with a recipe's settings, and its checkpoint exported and scored lik
 Used by shared_real_vs_open_clip.py and engine_parity.py. Run as a script, it is open_clip_train's own
 ``main`` with medclip's model configs registered (what ``SELF`` runs in a subprocess)::
 
-    .venv/bin/python bench/open_clip_baseline.py --train-data ... --model medclip-small-resnet18 ...
+    .venv/bin/python bench/_open_clip_baseline.py --train-data ... --model medclip-small-resnet18 ...
 """
 
 from __future__ import annotations
