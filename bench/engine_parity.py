@@ -14,7 +14,9 @@ same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (`
 - ``own-shards``: medclip's own input, the recipe's shards with one caption drawn per visit from the pool,
   still IT-only with buffer 5,000;
 - ``buffer-500``: and the recipe's shuffle buffer (500);
-- ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped.
+- ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped;
+- candidates, each the recipe plus one change, to compare with ``shipped``: ``long-captions`` (captions
+  longer than the context cut to a window of whole sentences instead of truncated at the end).
 
 Each row's difference to the one before it is what that choice costs or buys. A row/seed whose export exists
 is not trained again (the script can be stopped and re-run), and each model is evaluated once into
@@ -39,9 +41,10 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import shared_real_vs_open_clip as srv  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
+import _open_clip_baseline as ocb  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
+import shared_real_vs_open_clip as srv  # noqa: E402  (the medclip runs of the shared_real bench)
 
-REPO = srv.REPO
+REPO = ocb.REPO
 OPEN_CLIP_SAMPLE_SHUFFLE = 5000  # open_clip_train.data's _SAMPLE_SHUFFLE_SIZE for webdataset training
 IT_ONLY = ["objective.pc_weight=0"]
 
@@ -59,6 +62,8 @@ ROWS = {
     "own-shards": Row("own", (*IT_ONLY, f"data.shuffle_buffer={OPEN_CLIP_SAMPLE_SHUFFLE}")),
     "buffer-500": Row("own", IT_ONLY),
     "shipped": Row("own"),
+    # Candidates beyond the recipe, each against "shipped":
+    "long-captions": Row("own", ("data.long_captions=window",)),
 }
 
 
@@ -86,7 +91,7 @@ def medclip_overrides(row: Row, recipe, steps: int, manifest: Path | None) -> li
     return extra
 
 
-def train_row(name: str, row: Row, seed: int, args, recipe, shards_root: Path, pool: srv.BaselineShards,
+def train_row(name: str, row: Row, seed: int, args, recipe, shards_root: Path, pool: ocb.BaselineShards,
               out: Path) -> Path:
     """The export of one row and seed, trained unless it is there already."""
     run_dir = out / f"{name}-s{seed}"
@@ -98,8 +103,8 @@ def train_row(name: str, row: Row, seed: int, args, recipe, shards_root: Path, p
     start = time.perf_counter()
     if row.engine == "open_clip_train":
         seeded = dataclasses.replace(recipe, run=dataclasses.replace(recipe.run, seed=seed))
-        _, checkpoint = srv.train_baseline(seeded, recipe.model.name, pool_urls, args.steps, run_dir)
-        srv.export_baseline(recipe.model.name, checkpoint, export)
+        _, checkpoint = ocb.train_baseline(seeded, recipe.model.name, pool_urls, args.steps, run_dir)
+        ocb.export_baseline(recipe.model.name, checkpoint, export)
     else:
         manifest = pool_manifest(pool_urls, len(pool_urls) // len(pool.urls) * pool.images_per_pass,
                                  out / "caption-pool.yaml") if pool_urls else None
@@ -107,7 +112,7 @@ def train_row(name: str, row: Row, seed: int, args, recipe, shards_root: Path, p
         srv.fresh_run_dir(run_dir, shards_root)
         cmd = srv.medclip_command(bench_args, run_dir, seed, args.steps,
                                   medclip_overrides(row, recipe, args.steps, manifest))
-        srv.run_timed(cmd, out / f"{name}-s{seed}.log")
+        ocb.run_timed(cmd, out / f"{name}-s{seed}.log")
     print(f"{name} seed {seed}: {args.steps} steps in {time.perf_counter() - start:.0f}s -> {export}", flush=True)
     return export
 
@@ -116,10 +121,10 @@ def evaluate(export: Path, eval_dir: Path) -> dict[str, float]:
     """Headline per dataset of ``export`` on the shared_real suite (evaluated once, then read back)."""
     if not any(eval_dir.glob("*/*.json")):
         eval_dir.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [str(srv.BIN / "medclip"), "eval", "suite", "shared_real", "--model", str(export), "--out",
+        cmd = [str(ocb.BIN / "medclip"), "eval", "suite", "shared_real", "--model", str(export), "--out",
                str(eval_dir), "--no-plots", "--no-progress", "--workers", "1"]
-        srv.run_timed(cmd, eval_dir.with_suffix(".log"))
-    return srv.headlines(eval_dir).get(str(export), {})
+        ocb.run_timed(cmd, eval_dir.with_suffix(".log"))
+    return ocb.headlines(eval_dir).get(str(export), {})
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -165,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     shards_root = out / "shards"
     pool = None
     if not args.report:
-        manifests = srv.build_shards(recipe, shards_root)
-        pool = srv.BaselineShards(srv.shard_urls(manifests), out / "caption_pool")
+        manifests = ocb.build_shards(recipe, shards_root)
+        pool = ocb.BaselineShards(ocb.shard_urls(manifests), out / "caption_pool")
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in args.rows}
     for seed in args.seeds:
         for name in args.rows:

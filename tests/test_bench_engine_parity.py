@@ -35,8 +35,8 @@ def _mini_pool(tmp_path, bench, images=8, passes=2):
     table = tmp_path / "rows.jsonl"
     table.write_text("".join(json.dumps({**r, "image": str(medpix / r["image"])}) + "\n" for r in rows))
     spec = BuildSpec(name="mini", input=str(table), max_side=48, label_captions=["{modality} image."])
-    urls = bench.srv.shard_urls([build_source(spec, tmp_path / "shards")])
-    paths, per_pass = bench.srv.write_caption_pool(urls, tmp_path / "pool", passes=passes)
+    urls = bench.ocb.shard_urls([build_source(spec, tmp_path / "shards")])
+    paths, per_pass = bench.ocb.write_caption_pool(urls, tmp_path / "pool", passes=passes)
     return urls, paths, per_pass
 
 
@@ -92,9 +92,9 @@ def test_open_clip_train_side_trains_a_medclip_model(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     recipe = load_recipe(RECIPE, ["data.batch_size=4", "optim.warmup_steps=1"])
-    argv = bench.srv.baseline_argv(recipe, "medclip-tiny", paths, 2, logs, "baseline")
-    proc = subprocess.run(bench.srv.SELF + argv, cwd=ROOT, capture_output=True, text=True)
+    argv = bench.ocb.baseline_argv(recipe, "medclip-tiny", paths, 2, logs, "baseline")
+    proc = subprocess.run(bench.ocb.SELF + argv, cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     checkpoint = logs / "baseline" / "checkpoints" / "epoch_1.pt"
-    export = bench.srv.export_baseline("medclip-tiny", checkpoint, tmp_path / "export")
+    export = bench.ocb.export_baseline("medclip-tiny", checkpoint, tmp_path / "export")
     assert (Path(export) / "open_clip_config.json").exists()

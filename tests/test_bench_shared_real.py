@@ -16,11 +16,19 @@ from medclip.training.config import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("shared_real_bench", ROOT / "bench" / "shared_real_vs_open_clip.py")
+def _load(name: str, file: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _bench():
+    return _load("shared_real_bench", "shared_real_vs_open_clip.py")
+
+
+def _baseline():
+    return _load("open_clip_baseline_bench", "_open_clip_baseline.py")
 
 
 def test_baseline_runs_the_recipes_optimiser(tmp_path):
@@ -29,7 +37,7 @@ def test_baseline_runs_the_recipes_optimiser(tmp_path):
                          ["optim.beta1=0.8", "optim.beta2=0.95", "optim.eps=1e-7", "optim.lr=2e-3"])
     # "vit" in the name would make open_clip_train choose 0.9 / 0.98 / 1e-6 on its own
     model, settings = bench.baseline_settings(recipe, "ViT-B-32@64")
-    args = parse_args(bench.baseline_argv(settings, model, ["a.tar"], 300, tmp_path, "baseline"))
+    args = parse_args(_baseline().baseline_argv(settings, model, ["a.tar"], 300, tmp_path, "baseline"))
     assert (args.beta1, args.beta2, args.eps, args.lr) == (0.8, 0.95, 1e-7, 2e-3)
     assert args.wd == recipe.optim.weight_decay
     assert args.batch_size == 64 and args.train_num_samples == 300 * 64
@@ -78,10 +86,10 @@ def test_caption_pool_shards_draw_one_caption_per_image_and_pass(tmp_path):
                      label_captions=["{modality} image of the {location_category}.", "{plane} {modality} image."])
     bench = _bench()
     urls = bench.shard_urls([build_source(spec, tmp_path / "shards")])
-    source = {key: (image, pool) for url in urls for key, _, image, pool in bench.read_samples(url)}
+    source = {key: (image, pool) for url in urls for key, _, image, pool in _baseline().read_samples(url)}
     assert len(source) == 8 and all(len(pool) == 3 for _, pool in source.values())
 
-    paths, per_pass = bench.write_caption_pool(urls, tmp_path / "pool", passes=6)
+    paths, per_pass = _baseline().write_caption_pool(urls, tmp_path / "pool", passes=6)
     assert per_pass == 8 and len(paths) == 6 * len(urls)
     drawn: dict[str, set] = {key: set() for key in source}
     for p in range(6):
@@ -102,7 +110,7 @@ def test_caption_pool_shards_draw_one_caption_per_image_and_pass(tmp_path):
     # uniform draws over 3 captions in 6 passes: the label captions are used, not only the radiologist's
     assert sum(len(d) for d in drawn.values()) > 8 + 4
     # more passes later keep the earlier passes' draws
-    again, _ = bench.write_caption_pool(urls, tmp_path / "pool2", passes=2)
+    again, _ = _baseline().write_caption_pool(urls, tmp_path / "pool2", passes=2)
     for a, b in zip(again, paths):
         with tarfile.open(a) as ta, tarfile.open(b) as tb:
             assert [(m.name, ta.extractfile(m).read()) for m in ta.getmembers()] == \
