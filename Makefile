@@ -12,7 +12,7 @@ $(PY):
 
 # Reinstall when the package metadata changes.
 $(STAMP): $(PY) setup.cfg pyproject.toml
-	$(PY) -m pip install --quiet -e '.[train,dev,dicom]'
+	$(PY) -m pip install --quiet -e '.[train,dev,dicom,bench]'
 	touch $(STAMP)
 
 lint: $(STAMP)

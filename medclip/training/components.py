@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import AugmentationCfg, PreprocessCfg, image_transform_v2
 from torch import nn
 
 from medclip.errors import MedclipError
@@ -146,6 +146,13 @@ def prepare_demo(recipe, model_cfg: dict, output_dir: Path, is_main: bool) -> Pa
     return manifest
 
 
+def train_transform(recipe, model: nn.Module):
+    """open_clip's training transform for the model, with the recipe's augmentation settings."""
+    augmentation = AugmentationCfg(scale=tuple(recipe.data.crop_scale)) if recipe.data.crop_scale else None
+    return image_transform_v2(PreprocessCfg(**build_preprocess_cfg(model)), is_train=recipe.data.augment,
+                              aug_cfg=augmentation)
+
+
 def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path,
                device: torch.device = torch.device("cpu")):
     """The rank's training stream over the recipe's sources (or the demo set), tokenized for the model.
@@ -173,8 +180,8 @@ def build_data(recipe, model: nn.Module, model_cfg: dict, env, output_dir: Path,
         if source.weight is not None:
             manifest = dataclasses.replace(manifest, weight=source.weight)
         manifests.append(manifest)
-    transform = image_transform_v2(PreprocessCfg(**build_preprocess_cfg(model)), is_train=recipe.data.augment)
-    return build_train_stream(manifests, build_tokenizer(model_cfg), transform, recipe.data.batch_size,
+    return build_train_stream(manifests, build_tokenizer(model_cfg), train_transform(recipe, model),
+                              recipe.data.batch_size,
                               seed=recipe.run.seed, rank=env.rank, world_size=env.world_size,
                               num_workers=recipe.data.num_workers, shuffle_buffer=recipe.data.shuffle_buffer,
                               first_caption_share=recipe.data.first_caption_share,

@@ -74,6 +74,9 @@ class DataConfig:
     num_workers: int = 2
     shuffle_buffer: int = 1000
     augment: bool = True
+    # The random crop's area range, as a fraction of the image (open_clip's AugmentationCfg.scale); None: open_clip's
+    # default (0.9, 1.0).
+    crop_scale: list[float] | None = None
     # Decode large JPEGs at the DCT scale the random crop needs (1/2, 1/4, 1/8), the crop drawn on the full
     # size (README, Data): 3-8x less loader CPU at 1-2k px sources. False: decode every image at full size.
     fast_decode: bool = True
@@ -322,6 +325,10 @@ def validate(recipe: Recipe) -> Recipe:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
     check_long_captions(recipe.data.long_captions, "recipe key data.long_captions")
+    scale = recipe.data.crop_scale
+    if scale is not None and not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise MedclipError(f"recipe key data.crop_scale must be [min, max] with 0 < min <= max <= 1 (fractions of "
+                           f"the image's area), got {scale!r}")
     if not 0 <= recipe.data.leakage_check.max_distance < 64:
         raise MedclipError(f"recipe key data.leakage_check.max_distance must be 0-63 (bits of a 64-bit hash), got "
                            f"{recipe.data.leakage_check.max_distance}")
