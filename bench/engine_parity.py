@@ -18,10 +18,11 @@ same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (`
 - candidates, each the recipe plus one change, to compare with ``shipped``: ``long-captions`` (captions
   longer than the context cut to a window of whole sentences instead of truncated at the end).
 
-Each row's difference to the one before it is what that choice costs or buys. A row/seed whose export exists
-is not trained again (the script can be stopped and re-run), and each model is evaluated once into
-``OUT/eval/ROW-sSEED``. The table: mean ± std over seeds per row and dataset, and each row minus the reference
-with ``=`` where the difference is within the spread (the larger of the two rows' standard deviations).
+A row/seed whose export exists is not trained again (the script can be stopped and re-run), and each model is
+evaluated once into ``OUT/eval/ROW-sSEED``. Two tables: mean ± std over seeds per row and dataset (and
+``medpix_dev_mean``, the mean of the MedPix dev headlines), with each row minus open_clip_train, then with each
+row minus the row before it (what that choice costs or buys); ``=`` marks a difference within the spread (the
+larger of the two rows' standard deviations).
 
     .venv/bin/python bench/engine_parity.py --steps 240 --seeds 0 1 2          # ~1.5 h on an idle 2-core CPU
     .venv/bin/python bench/engine_parity.py --rows open_clip_train parity --seeds 0   # parity alone, one seed
@@ -43,6 +44,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _open_clip_baseline as ocb  # noqa: E402  (shards, caption pool, open_clip_train: one implementation)
 import shared_real_vs_open_clip as srv  # noqa: E402  (the medclip runs of the shared_real bench)
+from sweep_shared_real import DEV  # noqa: E402  (the MedPix dev datasets settings are chosen on)
 
 REPO = ocb.REPO
 OPEN_CLIP_SAMPLE_SHUFFLE = 5000  # open_clip_train.data's _SAMPLE_SHUFFLE_SIZE for webdataset training
@@ -131,21 +133,33 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(results: dict[str, dict[int, dict[str, float]]], reference: str = "open_clip_train") -> list[str]:
-    """Markdown rows: dataset x row, mean ± std over seeds (x100), and the row minus the reference."""
+def with_dev_mean(headlines: dict[str, float]) -> dict[str, float]:
+    """A seed's headlines and ``medpix_dev_mean``, the mean of the MedPix dev ones (the sweep's objective)."""
+    if all(d in headlines for d in DEV):
+        return {**headlines, "medpix_dev_mean": statistics.fmean(headlines[d] for d in DEV)}
+    return headlines
+
+
+def _difference(mean: float, std: float, other: tuple[float, float]) -> str:
+    diff = mean - other[0]
+    return f" ({100 * diff:+.1f}{' =' if abs(diff) <= max(std, other[1]) else ''})"
+
+
+def table(results: dict[str, dict[int, dict[str, float]]], reference: str | None = "open_clip_train") -> list[str]:
+    """Markdown rows: dataset x row, mean ± std over seeds (x100), and in brackets the row minus ``reference``
+    (None: minus the row before it), ``=`` where that is within the larger of the two standard deviations."""
     rows = [name for name in results if results[name]]
     datasets = sorted(set.intersection(*(set(h) for name in rows for h in results[name].values())))
     lines = ["| dataset | " + " | ".join(f"{name} (seeds {len(results[name])})" for name in rows) + " |",
              "|---" * (len(rows) + 1) + "|"]
     for dataset in datasets:
+        stats = {name: mean_std([h[dataset] for h in results[name].values()]) for name in rows}
         cells = []
-        ref = mean_std([h[dataset] for h in results[reference].values()]) if reference in rows else None
-        for name in rows:
-            mean, std = mean_std([h[dataset] for h in results[name].values()])
-            cell = f"{100 * mean:.1f} ± {100 * std:.1f}"
-            if ref is not None and name != reference:
-                diff = mean - ref[0]
-                cell += f" ({100 * diff:+.1f}{' =' if abs(diff) <= max(std, ref[1]) else ''})"
+        for i, name in enumerate(rows):
+            against = reference if reference is not None else rows[i - 1] if i else None
+            cell = f"{100 * stats[name][0]:.1f} ± {100 * stats[name][1]:.1f}"
+            if against in stats and against != name:
+                cell += _difference(*stats[name], stats[against])
             cells.append(cell)
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return lines
@@ -179,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
             if not args.report:
                 export = train_row(name, ROWS[name], seed, args, recipe, shards_root, pool, out)
             if (export / "open_clip_config.json").exists():
-                results[name][seed] = evaluate(export, out / "eval" / f"{name}-s{seed}")
-    lines = table(results)
+                results[name][seed] = with_dev_mean(evaluate(export, out / "eval" / f"{name}-s{seed}"))
+    lines = ["Each row against open_clip_train:", "", *table(results), "",
+             "Each row against the row before it (what that choice costs or buys):", "", *table(results, None)]
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))

@@ -77,10 +77,17 @@ def test_table_marks_differences_within_the_spread():
     bench = _bench()
     results = {"open_clip_train": {0: {"a": 0.50, "b": 0.20}, 1: {"a": 0.60, "b": 0.22}},
                "parity": {0: {"a": 0.52, "b": 0.30}, 1: {"a": 0.62, "b": 0.32}}}
+    results["shipped"] = {0: {"a": 0.64, "b": 0.30}, 1: {"a": 0.64, "b": 0.30}}
     lines = bench.table(results)
-    assert lines[0] == "| dataset | open_clip_train (seeds 2) | parity (seeds 2) |"
-    assert lines[2] == "| a | 55.0 ± 7.1 | 57.0 ± 7.1 (+2.0 =) |"  # 2 points inside a 7-point spread
-    assert lines[3] == "| b | 21.0 ± 1.4 | 31.0 ± 1.4 (+10.0) |"
+    assert lines[0] == "| dataset | open_clip_train (seeds 2) | parity (seeds 2) | shipped (seeds 2) |"
+    # 2 points inside a 7.1-point spread, 9 outside it; 10 points outside 1.4
+    assert lines[2] == "| a | 55.0 ± 7.1 | 57.0 ± 7.1 (+2.0 =) | 64.0 ± 0.0 (+9.0) |"
+    assert lines[3] == "| b | 21.0 ± 1.4 | 31.0 ± 1.4 (+10.0) | 30.0 ± 0.0 (+9.0) |"
+    stepwise = bench.table(results, None)  # each row against the one before it
+    assert stepwise[2] == "| a | 55.0 ± 7.1 | 57.0 ± 7.1 (+2.0 =) | 64.0 ± 0.0 (+7.0 =) |"
+    assert stepwise[3] == "| b | 21.0 ± 1.4 | 31.0 ± 1.4 (+10.0) | 30.0 ± 0.0 (-1.0 =) |"
+    seed = {name: 0.5 for name in bench.DEV} | {"covid_view": 0.9, "medpix_modality": 0.8}
+    assert bench.with_dev_mean(seed)["medpix_dev_mean"] == pytest.approx((0.8 + 5 * 0.5) / 6)  # COVID-19 not in it
 
 
 @pytest.mark.integration
