@@ -122,3 +122,14 @@ def test_unwritable_output_dirs_are_one_line_and_exit_2_from_the_cli(tmp_path, m
         assert main(["pretrain", "--config", "demo", "--set", f"run.output_dir={out}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("medclip: error: the run cannot start: ") and fix in err[0], err
+
+
+def test_start_weights_by_zoo_name_path_or_nothing(tmp_path):
+    """A zoo model's name alone is left to medclip.load (a cached snapshot or a download); a path must exist."""
+    assert preflight.check_start_weights(_recipe(tmp_path, "model.checkpoint=biomedclip")) == []
+    assert preflight.check_start_weights(_recipe(tmp_path, f"model.checkpoint=biomedclip={tmp_path}")) == []
+    assert preflight.check_start_weights(_recipe(tmp_path)) == []
+    missing = tmp_path / "nope"
+    for spec in (missing, f"biomedclip={missing}"):
+        [problem] = preflight.check_start_weights(_recipe(tmp_path, f"model.checkpoint={spec}"))
+        assert problem.startswith(f"model.checkpoint {missing} does not exist") and "zoo model's name" in problem

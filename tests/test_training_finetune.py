@@ -155,8 +155,8 @@ def test_bad_fine_tuning_input_stops_with_one_line(start_export, tmp_path, capsy
     assert "model.lora.rank 1000 is larger than layer" in line and "choose a rank of at most" in line
     line = refused(capsys, finetune("finetune_lora", start_export, out, "--set", "model.checkpoint="))
     assert line == ("medclip: error: this recipe fine-tunes a trained model: set model.checkpoint (--set "
-                    "model.checkpoint=DIR with a medclip export, a weights file, or NAME=PATH for a zoo model's "
-                    "local snapshot)")
+                    "model.checkpoint=DIR with a medclip export, a weights file, a zoo model's name, or NAME=PATH for "
+                    "its local snapshot)")
     line = refused(capsys, finetune("finetune_full", tmp_path / "no-such-export", out))
     assert f"model.checkpoint {tmp_path / 'no-such-export'} does not exist" in line
     # weights of another model than the recipe's model.name

@@ -336,7 +336,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise MedclipError(f"recipe key data.epoch_samples must be positive (or null), got {recipe.data.epoch_samples}")
     if recipe.model.finetune and not recipe.model.checkpoint:
         raise MedclipError("this recipe fine-tunes a trained model: set model.checkpoint (--set model.checkpoint=DIR "
-                           "with a medclip export, a weights file, or NAME=PATH for a zoo model's local snapshot)")
+                           "with a medclip export, a weights file, a zoo model's name, or NAME=PATH for its local snapshot)")
     if recipe.data.batch_size % recipe.optim.accum_steps:
         raise MedclipError(f"data.batch_size {recipe.data.batch_size} is not divisible by "
                            f"optim.accum_steps {recipe.optim.accum_steps}")

@@ -79,18 +79,19 @@ def check_packages(recipe) -> list[str]:
 
 
 def check_start_weights(recipe) -> list[str]:
-    """model.checkpoint names something on disk: a file or directory, or the PATH of a zoo model's NAME=PATH."""
+    """model.checkpoint names something on disk (a file or directory, or the PATH of a zoo model's NAME=PATH), or
+    a zoo model by name alone (medclip.load finds its snapshot in the Hugging Face cache, or downloads it)."""
     from medclip.models import pretrained
 
     spec = recipe.model.checkpoint
-    if not spec:
+    if not spec or pretrained.get(spec) is not None:
         return []
     name, sep, path = spec.partition("=")
     where = path if sep and pretrained.get(name) is not None else spec
     if Path(where).exists():
         return []
     return [f"model.checkpoint {where} does not exist (set model.checkpoint to a medclip export directory, a "
-            f"weights file, or NAME=PATH for a zoo model's local snapshot)"]
+            f"weights file, a zoo model's name (medclip.list_pretrained()), or NAME=PATH for its local snapshot)"]
 
 
 # ------------------------------------------------------------------ training data
