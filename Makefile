@@ -20,7 +20,7 @@ lint: $(STAMP)
 
 # Everything (CI runs this).
 test: lint
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=30 tests
 
 # The unit tier, for the edit-test loop: the `integration` tests are left out.
 test-fast: lint
