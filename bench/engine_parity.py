@@ -149,6 +149,8 @@ def table(results: dict[str, dict[int, dict[str, float]]], reference: str | None
     """Markdown rows: dataset x row, mean ± std over seeds (x100), and in brackets the row minus ``reference``
     (None: minus the row before it), ``=`` where that is within the larger of the two standard deviations."""
     rows = [name for name in results if results[name]]
+    if not rows:
+        return ["(no row has a finished, evaluated seed yet)"]
     datasets = sorted(set.intersection(*(set(h) for name in rows for h in results[name].values())))
     lines = ["| dataset | " + " | ".join(f"{name} (seeds {len(results[name])})" for name in rows) + " |",
              "|---" * (len(rows) + 1) + "|"]
