@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import socket
+import sys
 import tarfile
+from pathlib import Path
 
 import torch
 
@@ -101,3 +104,14 @@ def write_shard(path, samples: dict[str, dict[str, bytes]]):
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
     return path
+
+
+def load_bench(file: str):
+    """A bench script of bench/ as a module (its sibling helpers importable, registered for its dataclasses)."""
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{Path(file).stem}", bench / file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

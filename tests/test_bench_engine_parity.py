@@ -1,14 +1,13 @@
 """The engine parity bench: its parity row gives medclip the input and settings open_clip_train gets, each
 ablation row adds one of medclip's own choices, and the open_clip_train side trains medclip's models."""
 
-import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from conftest import require_shared
+from engine_helpers import load_bench
 
 from medclip.data.manifest import load_manifest
 from medclip.training.config import load_recipe
@@ -18,12 +17,7 @@ RECIPE = ROOT / "pretrain" / "shared_real.yaml"
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("engine_parity_bench", ROOT / "bench" / "engine_parity.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("engine_parity.py")
 
 
 def _mini_pool(tmp_path, bench, images=8, passes=2):

@@ -1,7 +1,6 @@
 """The shared_real comparison: open_clip_train gets the recipe's optimiser and batch settings and, for data
 parity, the same caption pool; medclip is held to the same budget."""
 
-import importlib.util
 import json
 import math
 import tarfile
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import require_shared
+from engine_helpers import load_bench
 from open_clip_train.params import parse_args
 
 from medclip.training.config import load_recipe
@@ -16,19 +16,12 @@ from medclip.training.config import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, file: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _bench():
-    return _load("shared_real_bench", "shared_real_vs_open_clip.py")
+    return load_bench("shared_real_vs_open_clip.py")
 
 
 def _baseline():
-    return _load("open_clip_baseline_bench", "_open_clip_baseline.py")
+    return load_bench("_open_clip_baseline.py")
 
 
 def test_baseline_runs_the_recipes_optimiser(tmp_path):

@@ -1,13 +1,12 @@
 """The shared_real sweep: every trial is a valid recipe of the same training samples, scored on the MedPix dev
 datasets only (never a test split), and the study reports the best trial's settings as overrides."""
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
+from engine_helpers import load_bench
 from torchvision import transforms
 
 import medclip
@@ -20,11 +19,7 @@ RECIPE = ROOT / "pretrain" / "shared_real.yaml"
 
 
 def _sweep():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("sweep_bench", ROOT / "bench" / "sweep_shared_real.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sweep_shared_real.py")
 
 
 def test_objective_reads_only_dev_splits():
