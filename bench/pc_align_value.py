@@ -63,6 +63,8 @@ VARIANTS = {
     "it_only": ("the same recipe without PC-Align", ["objective.pc_weight=0"]),
     "heads_on_last_block": ("heads read the last block's tokens, as ConceptCLIP's (still trained on names)",
                             ["objective.pc_patch_states=last", "objective.pc_patch_context=1"]),
+    "heads_on_block1": ("heads read the first block's tokens with their 3x3 neighbours (a patch next to its "
+                        "surroundings)", ["objective.pc_patch_states=block1"]),
     "patch_alone": ("heads read each patch embedding without its 3x3 neighbours", ["objective.pc_patch_context=1"]),
     "no_concept_names": ("heads trained on caption spans only (queried with names)",
                          ["objective.use_concept_names=false"]),

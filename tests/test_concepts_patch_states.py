@@ -54,8 +54,34 @@ def test_embed_states_are_the_first_blocks_input(tiny_encoder):
         pooled, states = towers.image_tokens(model, images, "embed")
         torch.testing.assert_close(states, _embeddings_by_hand(model.visual, images))
         torch.testing.assert_close(pooled, model.encode_image(images))
-    with pytest.raises(MedclipError, match="'last' or 'embed'"):
+    with pytest.raises(MedclipError, match="'last', 'embed' or 'block<N>'"):
         towers.image_tokens(model, images, "middle")
+
+
+def test_block_states_are_that_blocks_output(tiny_encoder):
+    """'block<N>': the tokens after the N-th block through ln_post, from the pass that gives the pooled features."""
+    model = tiny_encoder.model.eval()
+    visual = model.visual
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        x = visual.conv1(images).flatten(2).transpose(1, 2)
+        x = torch.cat([visual.class_embedding.expand(2, 1, -1), x], dim=1) + visual.positional_embedding
+        x = visual.ln_pre(x)
+        by_block = []
+        for block in visual.transformer.resblocks:
+            x = block(x)
+            by_block.append(visual.ln_post(x)[:, 1:])
+        for n in range(1, len(by_block) + 1):
+            pooled, states = towers.image_tokens(model, images, f"block{n}")
+            torch.testing.assert_close(states, by_block[n - 1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(pooled, model.encode_image(images))
+        torch.testing.assert_close(towers.image_tokens(model, images, "last")[1], by_block[-1], atol=1e-5, rtol=1e-4)
+    depth = len(by_block)
+    with pytest.raises(MedclipError, match=f"has {depth} blocks"):
+        towers.image_tokens(model, images, f"block{depth + 1}")
+    for bad in ("block0", "block", "block-1", "block01"):
+        with pytest.raises(MedclipError, match="block<N>"):
+            ConceptHeadsConfig(6, 4, 5, patch_states=bad)
 
 
 def test_patch_context_reads_the_grid_neighbourhood():
@@ -113,3 +139,15 @@ def test_queries_read_what_the_heads_were_trained_on_and_export_keeps_it(tiny_en
     reloaded = medclip.load(str(save(encoder, tmp_path / "export")), device="cpu")
     assert reloaded.heads.config == heads.config
     torch.testing.assert_close(explain(reloaded, image, names).scores, maps.scores)
+
+
+def test_recipe_with_a_block_the_tower_lacks_stops_when_the_heads_are_built(tiny_encoder, tmp_path):
+    from medclip.training.config import load_recipe
+    from medclip.training.parts import build_heads
+
+    recipe = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "model.name=medclip-tiny", "objective.pc_weight=0.5",
+                                "objective.pc_patch_states=block4"])
+    with pytest.raises(MedclipError, match=r"objective.pc_patch_states: patch states 'block4': the image tower has 3 blocks"):
+        build_heads(recipe, tiny_encoder.model, {"embed_dim": 128}, torch.device("cpu"))
+    ok = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "objective.pc_weight=0.5", "objective.pc_patch_states=block2"])
+    assert build_heads(ok, tiny_encoder.model, {"embed_dim": 128}, torch.device("cpu")).config.patch_states == "block2"

@@ -7,6 +7,7 @@ medclip saves them beside the model (``medclip_heads.safetensors``) and loads th
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -18,8 +19,19 @@ from medclip.errors import MedclipError
 # Which image-token states the patch head reads: 'last' = the image tower's last block (ConceptCLIP);
 # 'embed' = the patch embeddings before the first block, where a patch has seen only its own pixels
 # (after attention every token can carry the whole image, and max pooling then rewards whichever
-# position gathers it, not the patch that shows the concept).
-PATCH_STATES = ("last", "embed")
+# position gathers it, not the patch that shows the concept); 'block<N>' = the tokens after the N-th
+# block (1-based), in between: a patch compared with its surroundings but still mostly itself.
+PATCH_STATES = ("last", "embed", "block<N>")
+
+
+def patch_block(patch_states: str) -> int | None:
+    """N of 'block<N>' (N >= 1); None for 'last' and 'embed'; an error for anything else."""
+    if patch_states in ("last", "embed"):
+        return None
+    match = re.fullmatch(r"block([1-9][0-9]*)", patch_states)
+    if match is None:
+        raise MedclipError(f"patch_states must be 'last', 'embed' or 'block<N>' (N >= 1), got {patch_states!r}")
+    return int(match.group(1))
 
 
 @dataclass
@@ -39,8 +51,7 @@ class ConceptHeadsConfig:
     patch_context: int = 1
 
     def __post_init__(self):
-        if self.patch_states not in PATCH_STATES:
-            raise MedclipError(f"patch_states must be one of {PATCH_STATES}, got {self.patch_states!r}")
+        patch_block(self.patch_states)
         if self.patch_context < 1 or self.patch_context % 2 == 0:
             raise MedclipError(f"patch_context must be an odd number >= 1, got {self.patch_context}")
 

@@ -16,6 +16,7 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer
 
 from medclip.errors import MedclipError
+from medclip.models.heads import patch_block
 
 
 def image_width(model) -> int:
@@ -50,36 +51,51 @@ def grid_size(model) -> tuple[int, int]:
 def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tuple[torch.Tensor, torch.Tensor]:
     """(pooled image features [B, D] unnormalized, patch states [B, P, W] before projection).
 
-    ``patch_states``: 'last' = the last block's tokens; 'embed' = the patch embeddings the first block
-    receives (open_clip ViT: after the positional embedding and ln_pre), from the same forward pass.
+    ``patch_states`` (models.heads.PATCH_STATES): 'last' = the last block's tokens; 'embed' = the patch
+    embeddings the first block receives (open_clip ViT: after the positional embedding and ln_pre);
+    'block<N>' = the tokens after the N-th block through ln_post (open_clip ViT). One forward pass.
     """
+    check_patch_states(model, patch_states)
     visual = model.visual
     if patch_states == "embed":
-        if not isinstance(visual, VisionTransformer):
-            raise MedclipError(f"patch states 'embed' need an open_clip ViT image tower, not {type(visual).__name__}")
         return _vit_embeddings(visual, images)
-    if patch_states != "last":
-        raise MedclipError(f"patch states must be 'last' or 'embed', got {patch_states!r}")
+    block = patch_block(patch_states)
     if isinstance(visual, VisionTransformer):
-        return _vit_tokens(visual, images)
-    if isinstance(visual, TimmModel):
-        feats = visual.trunk.forward_features(images)
-        pooled = visual.head(visual.trunk.forward_head(feats))
-        if feats.ndim == 4:  # convolutional trunk: feature-map cells are the patches
-            return pooled, feats.flatten(2).transpose(1, 2)
-        return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
-    raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, timm towers)")
+        return _vit_tokens(visual, images, -1 if block is None else block - 1)
+    feats = visual.trunk.forward_features(images)
+    pooled = visual.head(visual.trunk.forward_head(feats))
+    if feats.ndim == 4:  # convolutional trunk: feature-map cells are the patches
+        return pooled, feats.flatten(2).transpose(1, 2)
+    return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
 
 
-def _vit_tokens(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # open_clip's public forward_intermediates: the last block's tokens through ln_post, class token
-    # split off, and the pooled projected features, in one pass (grad checkpointing honoured). Its
-    # tokens equal the forward's own only for the plain layout (ln_post on every token, no attention
-    # pooler); other layouts have no per-patch states in the joint space, so refuse them.
+def check_patch_states(model, patch_states: str) -> None:
+    """One line when the image tower cannot give ``patch_states`` (checked when PC-Align's heads are built)."""
+    visual = model.visual
+    if not isinstance(visual, (VisionTransformer, TimmModel)):
+        raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, "
+                           "timm towers)")
+    block = patch_block(patch_states)
+    if patch_states == "last":
+        return
+    if not isinstance(visual, VisionTransformer):
+        raise MedclipError(f"patch states {patch_states!r} need an open_clip ViT image tower, not "
+                           f"{type(visual).__name__} (use 'last')")
+    depth = len(visual.transformer.resblocks)
+    if block is not None and block > depth:
+        raise MedclipError(f"patch states {patch_states!r}: the image tower has {depth} blocks")
+
+
+def _vit_tokens(visual: VisionTransformer, images: torch.Tensor, block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    # open_clip's public forward_intermediates: one block's tokens (0-based index; -1 the last) through
+    # ln_post, class token split off, and the pooled projected features, in one pass (grad checkpointing
+    # honoured). The last block's tokens equal the forward's own only for the plain layout (ln_post on
+    # every token, no attention pooler); other layouts have no per-patch states in the joint space.
     if visual.attn_pool is not None or visual.final_ln_after_pool:
         raise MedclipError("per-patch states need a ViT with token or average pooling and ln_post before "
                         "pooling (no attentional pooler, final_ln_after_pool false)")
-    out = visual.forward_intermediates(images, indices=1, normalize_intermediates=True, output_fmt="NLC")
+    indices = 1 if block == -1 else [block]
+    out = visual.forward_intermediates(images, indices=indices, normalize_intermediates=True, output_fmt="NLC")
     return out["image_features"], out["image_intermediates"][-1]
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from medclip.concepts.tokens import pad_token_id
+from medclip.errors import MedclipError
 from medclip.models import loading, towers
 from medclip.models.encoder import AMP_DTYPES
 from medclip.models.heads import ConceptHeads, ConceptHeadsConfig
@@ -102,6 +103,10 @@ def build_heads(recipe: Recipe, model: nn.Module, model_cfg: dict, device: torch
     """PC-Align's concept heads, when the objective uses them."""
     if recipe.objective.pc_weight <= 0:
         return None
+    try:
+        towers.check_patch_states(model, recipe.objective.pc_patch_states)
+    except MedclipError as exc:
+        raise MedclipError(f"objective.pc_patch_states: {exc}") from None
     config = ConceptHeadsConfig(image_width=towers.image_width(model), text_width=towers.text_width(model),
                                 embed_dim=int(model_cfg["embed_dim"]), **recipe.objective.heads_options())
     return ConceptHeads(config).to(device).train()
