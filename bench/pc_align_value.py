@@ -30,7 +30,8 @@ table keeps every seed. Runs are kept under ``--out`` and reused when their reso
     .venv/bin/python bench/pc_align_value.py --variants pc_align it_only --seeds 0 1 2
     .venv/bin/python bench/pc_align_value.py --variants pc_align --seeds 0 --figure docs/demo_heatmap.png
     .venv/bin/python bench/pc_align_value.py --no-model --split demo random planted
-    .venv/bin/python bench/pc_align_value.py --split random --variants pc_align it_only --seeds 0
+    .venv/bin/python bench/pc_align_value.py --split random --variants pc_align it_only --seeds 0 \
+        --findings-figure docs/grounding_findings.png
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ import time
 from pathlib import Path
 
 import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _pc_align_figures as figures  # noqa: E402  (the README's heatmaps)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -315,21 +319,6 @@ def per_concept_table(refs: list[dict], results: dict) -> str:
     return text
 
 
-def render_figure(run_dir: Path, path: Path) -> None:
-    """The README's heatmap: ``medclip explain`` on the first held-out CT slice with a pleural effusion."""
-    import medclip
-    from medclip.concepts.explain import explain, rank_concepts
-    from medclip.data.demo import CUIS, iter_demo_split
-
-    sample = next(s for s in iter_demo_split(run_dir / "demo_data", "val")
-                  if s.labels["modality"] == "CT" and s.labels["finding"] == "pleural effusion")
-    encoder = medclip.load(str(run_dir / "export"), device="cpu")
-    concepts = ["pleural effusion", "nodule", "mass", "cardiomegaly", "hemorrhage"]
-    maps = explain(encoder, sample.image, concepts)
-    maps.save_png(path, rank_concepts(encoder, sample.image, sorted(CUIS), top_k=9))
-    print(f"figure: {path} (held-out {sample.key}: {sample.captions[0]})")
-
-
 def run_split(args, out: Path, split: str) -> None:
     """Train (or reuse) every variant on one split for every seed, score them, print and keep the table."""
     base = out if split == "demo" else out / split  # the demo split's runs stay where earlier tables found them
@@ -356,7 +345,9 @@ def run_split(args, out: Path, split: str) -> None:
     (base / "table.md").write_text(table + "\n")
     print(f"results: {base / 'results.json'}")
     if args.figure and split == "demo":
-        render_figure(out / "pc_align" / f"seed_{args.seeds[0]}", args.figure.resolve())
+        figures.render_figure(out / "pc_align" / f"seed_{args.seeds[0]}", args.figure.resolve())
+    if args.findings_figure and split == "random":
+        figures.render_findings_figure(base / "pc_align" / f"seed_{args.seeds[0]}", args.findings_figure.resolve())
 
 
 def reference_data(split: str, seed: int, out: Path, data_root: Path) -> Path:
@@ -436,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: tabulate the finished runs under --out (e.g. while others still train)")
     parser.add_argument("--figure", type=Path, help="also render the README heatmap from pc_align, first seed")
+    parser.add_argument("--findings-figure", type=Path,
+                        help="also render one held-out image per finding from pc_align on --split random, first seed")
     parser.add_argument("--split", nargs="+", default=["demo"], choices=list(SPLITS),
                         help="the grounding split(s) to train and score on (module docstring)")
     parser.add_argument("--no-model", action="store_true",

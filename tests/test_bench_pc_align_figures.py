@@ -1,0 +1,39 @@
+"""bench/pc_align_value.py's figure of one held-out image per finding (README, issue 28 item 5)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+from engine_helpers import load_bench
+
+from medclip.concepts.explain import explain
+from medclip.concepts.grounding import pointing_game
+from medclip.data.demo import CUIS
+
+
+def test_findings_figure_shows_each_finding_once_with_its_own_box_and_pointing_result(tmp_path):
+    import medclip
+    from medclip.models.export import save
+
+    figures = load_bench("_pc_align_figures.py")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "medclip", "data", "demo", "--out", str(run / "demo_data"),
+                           "--n-train", "10", "--n-val", "120", "--image-size", "64", "--layout", "random"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    panels = figures.first_per_finding(run / "demo_data")
+    names = [name for _, name, _ in panels]
+    assert names == [c for c in CUIS if c in names] and len(names) == len(set(names)) >= 6
+    for sample, name, box in panels:
+        assert {"name": name, "bbox": box} in [{"name": b["name"], "bbox": b["bbox"]} for b in sample.boxes]
+
+    torch.manual_seed(0)
+    save(medclip.load("medclip-tiny", device="cpu"), run / "export")
+    hits = figures.render_findings_figure(run, tmp_path / "findings.png")
+    assert (tmp_path / "findings.png").stat().st_size > 10_000
+    encoder = medclip.load(str(run / "export"), device="cpu")
+    expected = [pointing_game(explain(encoder, sample.image, [name]).source_heatmaps()[0], box)
+                for sample, name, box in panels]
+    assert hits == expected
