@@ -69,6 +69,8 @@ VARIANTS = {
                             ["objective.pc_patch_states=last", "objective.pc_patch_context=1"]),
     "heads_on_block1": ("heads read the first block's tokens with their 3x3 neighbours (a patch next to its "
                         "surroundings)", ["objective.pc_patch_states=block1"]),
+    "conv_head": ("the patch head as two convolutions over the grid (3x3, then 3x3 and 1x1; two non-linearities)",
+                  ["objective.pc_patch_head=conv"]),
     "patch_alone": ("heads read each patch embedding without its 3x3 neighbours", ["objective.pc_patch_context=1"]),
     "no_concept_names": ("heads trained on caption spans only (queried with names)",
                          ["objective.use_concept_names=false"]),

@@ -115,7 +115,7 @@ def test_objective_trains_the_heads_on_local_states(tiny_encoder):
     grads = torch.autograd.grad(pc, [model.visual.conv1.weight, *blocks], allow_unused=True)
     assert grads[0].abs().sum() > 0
     assert all(g is None or g.abs().sum() == 0 for g in grads[1:])
-    assert objective.config.heads_options() == {"patch_states": "embed", "patch_context": 3}
+    assert objective.config.heads_options() == {"patch_states": "embed", "patch_context": 3, "patch_head": "mlp"}
 
 
 def test_queries_read_what_the_heads_were_trained_on_and_export_keeps_it(tiny_encoder, tmp_path):
@@ -151,3 +151,33 @@ def test_recipe_with_a_block_the_tower_lacks_stops_when_the_heads_are_built(tiny
         build_heads(recipe, tiny_encoder.model, {"embed_dim": 128}, torch.device("cpu"))
     ok = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "objective.pc_weight=0.5", "objective.pc_patch_states=block2"])
     assert build_heads(ok, tiny_encoder.model, {"embed_dim": 128}, torch.device("cpu")).config.patch_states == "block2"
+
+
+def test_conv_patch_head_is_two_convolutions_over_the_grid_and_survives_export(tiny_encoder, tmp_path):
+    """'conv': k x k conv, GELU, 3x3 conv, GELU, 1x1 conv over the patch grid (zero beyond the edge)."""
+    import medclip
+    from medclip.models.export import save
+
+    heads = ConceptHeads(ConceptHeadsConfig(6, 4, 5, patch_states="embed", patch_context=3, patch_head="conv"))
+    states = torch.randn(2, 12, 6, generator=torch.Generator().manual_seed(1))
+    grid = (3, 4)
+    first, second, last = (m.weight for m in heads.patch_head if isinstance(m, torch.nn.Conv2d))
+    # the first layer is the 'mlp' head's k x k neighbourhood layer: the same numbers through F.unfold's order
+    hidden = F.gelu(_neighbourhood_by_hand(states, grid, 3) @ first.flatten(1).T)  # [B, P, hidden]
+    maps = hidden.transpose(1, 2).reshape(2, -1, *grid)
+    hidden = F.gelu(F.conv2d(maps, second, padding=1))
+    expected = F.conv2d(hidden, last).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(heads.embed_patches(states, grid), expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(MedclipError, match="patch grid"):
+        heads.embed_patches(states)
+    with pytest.raises(MedclipError, match="objective.pc_patch_head must be one of"):
+        ObjectiveConfig.from_dict({"pc_patch_head": "transformer"})
+
+    encoder = medclip.load("medclip-tiny", device="cpu")
+    config = ConceptHeadsConfig(towers.image_width(encoder.model), towers.text_width(encoder.model), 32,
+                                patch_states="embed", patch_context=3, patch_head="conv")
+    encoder.heads = ConceptHeads(config).eval()
+    image, names = gradient_image(seed=5), ["pleural effusion", "nodule"]
+    reloaded = medclip.load(str(save(encoder, tmp_path / "export")), device="cpu")
+    assert reloaded.heads.config.patch_head == "conv"
+    torch.testing.assert_close(explain(reloaded, image, names).scores, explain(encoder, image, names).scores)

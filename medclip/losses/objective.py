@@ -64,6 +64,7 @@ class ObjectiveConfig:
     # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
     pc_patch_states: str = "last"
     pc_patch_context: int = 1
+    pc_patch_head: str = "mlp"  # models.heads.PATCH_HEADS
 
     def __post_init__(self):
         if self.it_kind not in IT_KINDS:
@@ -90,7 +91,8 @@ class ObjectiveConfig:
 
     def heads_options(self) -> dict:
         """The recipe's choices for the PC-Align heads (models.heads.ConceptHeadsConfig fields)."""
-        return {"patch_states": self.pc_patch_states, "patch_context": self.pc_patch_context}
+        return {"patch_states": self.pc_patch_states, "patch_context": self.pc_patch_context,
+                "patch_head": self.pc_patch_head}
 
     @classmethod
     def from_dict(cls, values: dict) -> ObjectiveConfig:

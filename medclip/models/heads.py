@@ -22,6 +22,11 @@ from medclip.errors import MedclipError
 # position gathers it, not the patch that shows the concept); 'block<N>' = the tokens after the N-th
 # block (1-based), in between: a patch compared with its surroundings but still mostly itself.
 PATCH_STATES = ("last", "embed", "block<N>")
+# The patch head's form. 'mlp': each patch's k x k neighbourhood -> hidden -> concept space (one
+# non-linearity; ConceptCLIP's MLP when k = 1). 'conv': the same k x k layer as a convolution over the
+# grid, then a 3x3 convolution and a 1x1 projection (two non-linearities, k + 2 patches seen): a small
+# detector that can compare a patch with its surroundings, e.g. a dark spot against brighter tissue.
+PATCH_HEADS = ("mlp", "conv")
 
 
 def patch_block(patch_states: str) -> int | None:
@@ -49,9 +54,12 @@ class ConceptHeadsConfig:
     # The patch head reads each patch together with its k x k neighbours on the grid (zero beyond the
     # edge), odd k; 1 = the patch alone. Context for local states ('embed'), which see one patch only.
     patch_context: int = 1
+    patch_head: str = "mlp"  # see PATCH_HEADS
 
     def __post_init__(self):
         patch_block(self.patch_states)
+        if self.patch_head not in PATCH_HEADS:
+            raise MedclipError(f"patch_head must be one of {PATCH_HEADS}, got {self.patch_head!r}")
         if self.patch_context < 1 or self.patch_context % 2 == 0:
             raise MedclipError(f"patch_context must be an odd number >= 1, got {self.patch_context}")
 
@@ -63,6 +71,13 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out_dim, bias=False))
 
 
+def _conv_head(in_dim: int, hidden: int, out_dim: int, context: int) -> nn.Sequential:
+    # No biases, zero padding: at the grid's edge a patch sees zeros, as the 'mlp' head's neighbourhood does.
+    return nn.Sequential(nn.Conv2d(in_dim, hidden, context, padding=context // 2, bias=False), nn.GELU(),
+                         nn.Conv2d(hidden, hidden, 3, padding=1, bias=False), nn.GELU(),
+                         nn.Conv2d(hidden, out_dim, 1, bias=False))
+
+
 class ConceptHeads(nn.Module):
     """Patch head, concept head, and PC-Align's own learnable scale t_c and bias b_c."""
 
@@ -70,26 +85,35 @@ class ConceptHeads(nn.Module):
         super().__init__()
         self.config = config
         hidden = config.hidden_dim or config.embed_dim
-        self.patch_head = _mlp(config.image_width * config.patch_context ** 2, hidden, config.embed_dim)
+        if config.patch_head == "conv":
+            self.patch_head = _conv_head(config.image_width, hidden, config.embed_dim, config.patch_context)
+        else:
+            self.patch_head = _mlp(config.image_width * config.patch_context ** 2, hidden, config.embed_dim)
         self.concept_head = _mlp(config.text_width, hidden, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(config.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(config.init_logit_bias)))
 
     def embed_patches(self, patch_states: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """[B, P, Wv] -> [B, P, D] (not normalized); ``grid`` (rows, columns) with P = rows x columns
-        is needed when ``patch_context`` > 1."""
+        is needed when ``patch_context`` > 1 or the head is 'conv'."""
+        if self.config.patch_head == "conv":
+            maps = self._as_maps(patch_states, grid)
+            return self.patch_head(maps).flatten(2).transpose(1, 2)
         return self.patch_head(self._with_context(patch_states, grid))
+
+    def _as_maps(self, states: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
+        """[B, P, W] -> [B, W, rows, columns]."""
+        if grid is None or grid[0] * grid[1] != states.shape[1]:
+            raise MedclipError(f"the {self.config.patch_head} patch head with context {self.config.patch_context} "
+                               f"needs the patch grid of the {states.shape[1]} patches, got {grid}")
+        return states.transpose(1, 2).reshape(states.shape[0], states.shape[2], *grid)
 
     def _with_context(self, states: torch.Tensor, grid: tuple[int, int] | None) -> torch.Tensor:
         """[B, P, W] -> [B, P, W k^2]: each patch's k x k neighbourhood, in F.unfold's channel order."""
         k = self.config.patch_context
         if k == 1:
             return states
-        if grid is None or grid[0] * grid[1] != states.shape[1]:
-            raise MedclipError(f"patch_context {k} needs the patch grid of the {states.shape[1]} patches, got {grid}")
-        batch, _, width = states.shape
-        maps = states.transpose(1, 2).reshape(batch, width, *grid)
-        return F.unfold(maps, k, padding=k // 2).transpose(1, 2)
+        return F.unfold(self._as_maps(states, grid), k, padding=k // 2).transpose(1, 2)
 
     def embed_spans(self, token_states: torch.Tensor, span_mask: torch.Tensor) -> torch.Tensor:
         """Mean of token states over each concept span, then the concept head (or the reverse order
