@@ -360,4 +360,4 @@ def test_readme_is_a_user_guide_linking_every_docs_page():
         "README.md is the user guide: move measured tables and detail to a docs/ page it links"
     linked = set(re.findall(r"\]\((docs/[^)#\s]+)", readme))
     assert set(DOC_PAGES) - {"README.md"} <= linked, sorted(set(DOC_PAGES) - {"README.md"} - linked)
-    assert "docs/demo_heatmap.png" in linked
+    assert "docs/grounding_findings.png" in linked
