@@ -12,7 +12,7 @@ from medclip.training.config import load_recipe
 from medclip.training.monitor import read_log
 from medclip.training.trainer import Pretrainer
 
-BUDGET = 30.0  # seconds for training and the final save
+BUDGET = 15.0  # seconds for training and the final save
 REPORT = 10.0  # curves.png and the summary, written after the budget's final save
 
 
