@@ -64,9 +64,13 @@ def render_findings_figure(run_dir: Path, path: Path) -> list[bool]:
         hits.append(hit)
         ax.imshow(sample.image)
         ax.imshow(heat.numpy(), cmap="jet", alpha=0.45)
-        x0, y0, x1, y1 = bbox
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", linewidth=1.5))
-        row, col = divmod(int(heat.flatten().argmax()), heat.shape[1])
+        # The pixels the pointing game counts (every pixel the box touches), and a maximum inside them on a hit.
+        left, top, right, bottom = math.floor(bbox[0]), math.floor(bbox[1]), math.ceil(bbox[2]), math.ceil(bbox[3])
+        ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor="white",
+                               linewidth=1.5))
+        peaks = (heat == heat.max()).nonzero().tolist()
+        inside = [(r, c) for r, c in peaks if top <= r < bottom and left <= c < right]
+        row, col = (inside if hit else peaks)[0]
         ax.plot([col], [row], marker="+", color="white", markersize=10, markeredgewidth=2)
         ax.set_title(f"{name} ({sample.labels['modality']})\nscore {float(maps.image_scores[0]):.2f}, "
                      f"{'hit' if hit else 'miss'}", fontsize=9)

@@ -439,6 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--real", action="store_true",
                         help="instead: shared_real with and without its PC-Align stage (~10 min per run)")
     args = parser.parse_args(argv)
+    if args.findings_figure and ("random" not in args.split or "pc_align" not in args.variants or args.no_model
+                                 or args.real):
+        parser.error("--findings-figure draws the pc_align runs of --split random: add both")
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.real:

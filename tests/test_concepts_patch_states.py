@@ -181,3 +181,49 @@ def test_conv_patch_head_is_two_convolutions_over_the_grid_and_survives_export(t
     reloaded = medclip.load(str(save(encoder, tmp_path / "export")), device="cpu")
     assert reloaded.heads.config.patch_head == "conv"
     torch.testing.assert_close(explain(reloaded, image, names).scores, explain(encoder, image, names).scores)
+
+
+def test_resuming_with_heads_that_read_other_states_stops_with_one_line(tmp_path):
+    """'embed' and 'block1' heads have the same tensors: without the check the run would resume heads trained on
+    one kind of state reading another."""
+    from engine_helpers import FixedStream, make_batch, recipe
+
+    from medclip.training.checkpoint import list_checkpoints
+    from medclip.training.trainer import Pretrainer
+
+    def run(*overrides: str, resume=None):
+        r = recipe(tmp_path, "run.steps=2", "run.checkpoint_every=1", "objective.pc_patch_context=3", *overrides)
+        return Pretrainer.from_recipe(r, resume=resume, data=FixedStream(make_batch(8, seed=1)))
+
+    run("objective.pc_patch_states=embed").run()
+    checkpoint = list_checkpoints(tmp_path)[-1]
+    for item, was in (("pc_patch_states=block1", "embed"), ("pc_patch_head=conv", "mlp")):
+        with pytest.raises(MedclipError) as caught:
+            run("objective.pc_patch_states=embed", f"objective.{item}", "run.steps=3", resume="latest")
+        key = item.split("=")[0]
+        assert str(caught.value) == (f"--resume: {checkpoint} was trained with objective.{key} {was}, this recipe "
+                                     f"has {item.split('=')[1]}; resume with --set objective.{key}={was}, or start "
+                                     f"a new run in another run.output_dir")
+
+
+def test_vit_layouts_without_per_patch_states_stop_when_the_heads_are_built(tmp_path):
+    import open_clip
+
+    from medclip.training.config import load_recipe
+    from medclip.training.parts import build_heads
+
+    config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+              "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+    for vision, states, message in (
+            ({"final_ln_after_pool": True}, "last", "final_ln_after_pool false"),
+            ({"patch_dropout": 0.5}, "block1", "patch states 'block1' need the whole patch grid"),
+            ({"patch_dropout": 0.5}, "embed", "patch states 'embed' need the whole patch grid")):
+        model = open_clip.CLIP(config["embed_dim"], {**config["vision_cfg"], **vision}, config["text_cfg"]).train()
+        r = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "objective.pc_weight=0.5",
+                               f"objective.pc_patch_states={states}"])
+        with pytest.raises(MedclipError, match=f"^objective.pc_patch_states: .*{message}"):
+            build_heads(r, model, config, torch.device("cpu"))
+    # 'last' with patch dropout: any subset of the last block's tokens is a bag of patches (as before)
+    model = open_clip.CLIP(32, {**config["vision_cfg"], "patch_dropout": 0.5}, config["text_cfg"]).train()
+    r = load_recipe(None, [f"run.output_dir={tmp_path}", "data.demo=true", "objective.pc_weight=0.5"])
+    assert build_heads(r, model, config, torch.device("cpu")) is not None

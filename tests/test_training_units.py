@@ -80,7 +80,8 @@ def test_a_missing_recipe_is_one_line(tmp_path, capsys):
     from medclip.cli import main
 
     assert main(["pretrain", "--config", str(tmp_path / "x.yaml")]) == 2
-    assert "recipe not found" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("medclip: error: recipe not found"), err
 
 
 @pytest.mark.parametrize("override", ["data.batch_size=[1", "run.steps=.inf", "optim.beta1=2.0", "optim.eps=-1",

@@ -21,13 +21,13 @@ from medclip.errors import MedclipError
 # (after attention every token can carry the whole image, and max pooling then rewards whichever
 # position gathers it, not the patch that shows the concept); 'block<N>' = the tokens after the N-th
 # block (1-based), in between: a patch compared with its surroundings but still mostly itself
-# (localises worse than 'embed' on the demo set: docs/grounding.md).
+# (localised worse than 'embed' on the demo set's random split, one seed: docs/grounding.md).
 PATCH_STATES = ("last", "embed", "block<N>")
 # The patch head's form. 'mlp': each patch's k x k neighbourhood -> hidden -> concept space (one
 # non-linearity; ConceptCLIP's MLP when k = 1). 'conv': the same k x k layer as a convolution over the
 # grid, then a 3x3 convolution and a 1x1 projection (two non-linearities, k + 2 patches seen): a small
 # detector that can compare a patch with its surroundings, e.g. a dark spot against brighter tissue
-# (its wider view localises worse than 'mlp' on the demo set: docs/grounding.md).
+# (localised worse than 'mlp' on the demo set's random split, one seed: docs/grounding.md).
 PATCH_HEADS = ("mlp", "conv")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from open_clip.timm_model import TimmModel
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import PatchDropout, VisionTransformer
 
 from medclip.errors import MedclipError
 from medclip.models.heads import patch_block
@@ -69,13 +69,16 @@ def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tup
     return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
 
 
-def check_patch_states(model, patch_states: str) -> None:
-    """One line when the image tower cannot give ``patch_states`` (checked when PC-Align's heads are built)."""
+def check_patch_states(model, patch_states: str, training: bool | None = None) -> None:
+    """One line when the image tower cannot give ``patch_states`` (checked when PC-Align's heads are built, for
+    training; ``training`` None: the tower's own mode)."""
     visual = model.visual
     if not isinstance(visual, (VisionTransformer, TimmModel)):
         raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, "
                            "timm towers)")
     block = patch_block(patch_states)
+    if isinstance(visual, VisionTransformer):
+        _check_vit_layout(visual)
     if patch_states == "last":
         return
     if not isinstance(visual, VisionTransformer):
@@ -84,6 +87,19 @@ def check_patch_states(model, patch_states: str) -> None:
     depth = len(visual.transformer.resblocks)
     if block is not None and block > depth:
         raise MedclipError(f"patch states {patch_states!r}: the image tower has {depth} blocks")
+    # Patch dropout (active in training only) would hand the grid-reading heads a random subset of the grid.
+    dropout = visual.patch_dropout
+    if (visual.training if training is None else training) and isinstance(dropout, PatchDropout) and dropout.prob > 0:
+        raise MedclipError(f"patch states {patch_states!r} need the whole patch grid: turn the image tower's "
+                           f"patch dropout off (vision_cfg patch_dropout {dropout.prob})")
+
+
+def _check_vit_layout(visual: VisionTransformer) -> None:
+    # The plain layout only (ln_post on every token, no attention pooler): other layouts have no per-patch
+    # states in the joint space.
+    if visual.attn_pool is not None or visual.final_ln_after_pool:
+        raise MedclipError("per-patch states need a ViT with token or average pooling and ln_post before "
+                           "pooling (no attentional pooler, final_ln_after_pool false)")
 
 
 def _vit_tokens(visual: VisionTransformer, images: torch.Tensor, block: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,9 +107,7 @@ def _vit_tokens(visual: VisionTransformer, images: torch.Tensor, block: int = -1
     # ln_post, class token split off, and the pooled projected features, in one pass (grad checkpointing
     # honoured). The last block's tokens equal the forward's own only for the plain layout (ln_post on
     # every token, no attention pooler); other layouts have no per-patch states in the joint space.
-    if visual.attn_pool is not None or visual.final_ln_after_pool:
-        raise MedclipError("per-patch states need a ViT with token or average pooling and ln_post before "
-                        "pooling (no attentional pooler, final_ln_after_pool false)")
+    _check_vit_layout(visual)
     indices = 1 if block == -1 else [block]
     out = visual.forward_intermediates(images, indices=indices, normalize_intermediates=True, output_fmt="NLC")
     return out["image_features"], out["image_intermediates"][-1]

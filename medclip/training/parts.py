@@ -104,7 +104,7 @@ def build_heads(recipe: Recipe, model: nn.Module, model_cfg: dict, device: torch
     if recipe.objective.pc_weight <= 0:
         return None
     try:
-        towers.check_patch_states(model, recipe.objective.pc_patch_states)
+        towers.check_patch_states(model, recipe.objective.pc_patch_states, training=True)
     except MedclipError as exc:
         raise MedclipError(f"objective.pc_patch_states: {exc}") from None
     config = ConceptHeadsConfig(image_width=towers.image_width(model), text_width=towers.text_width(model),

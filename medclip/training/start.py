@@ -92,7 +92,8 @@ class RunStart:
         if module.heads is not None and "heads" not in obj:
             raise MedclipError(f"{path} has no PC-Align heads, but this recipe trains PC-Align")
         problem = (rundir.lineage_problem(path, obj.get("run_id"), owner, self.output_dir)
-                   or self._lora_problem(path, obj) or self._model_problem(path, obj, module))
+                   or self._lora_problem(path, obj) or self._heads_problem(path, obj, module)
+                   or self._model_problem(path, obj, module))
         if problem:
             raise MedclipError(problem)
         return obj
@@ -110,6 +111,21 @@ class RunStart:
                 return (f"--resume: {path} was trained with model.lora.{key} {old}, this recipe has "
                         f"{new}; resume with --set model.lora.{key}={old}, or start a new run in another "
                         f"run.output_dir")
+        return None
+
+    def _heads_problem(self, path: Path, obj: dict, module) -> str | None:
+        """Why the checkpoint's PC-Align heads read other patch states than this recipe's (None when they do).
+        Other states (e.g. 'embed' and 'block1') fit the same tensors: the resumed heads would read what they
+        were not trained on."""
+        if module.heads is None:
+            return None
+        trained = ((obj.get("recipe") or {}).get("objective") or {})
+        for key, new in module.heads.config.to_dict().items():
+            option = f"pc_{key}"
+            if key in ("patch_states", "patch_context", "patch_head") and option in trained and trained[option] != new:
+                return (f"--resume: {path} was trained with objective.{option} {trained[option]}, this recipe has "
+                        f"{new}; resume with --set objective.{option}={trained[option]}, or start a new run in "
+                        f"another run.output_dir")
         return None
 
     def _model_problem(self, path: Path, obj: dict, module) -> str | None:
