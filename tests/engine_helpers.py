@@ -109,7 +109,8 @@ def write_shard(path, samples: dict[str, dict[str, bytes]]):
 def load_bench(file: str):
     """A bench script of bench/ as a module (its sibling helpers importable, registered for its dataclasses)."""
     bench = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench))
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
     spec = importlib.util.spec_from_file_location(f"bench_{Path(file).stem}", bench / file)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module

@@ -60,7 +60,7 @@ class ObjectiveConfig:
     # or 'negative' (ConceptCLIP's form).
     pc_same_concept: str = "ignore"
     use_concept_names: bool = False  # also align the embedding of each concept's name
-    # What the patch head reads (models.heads.PATCH_STATES: 'last' block or the patch 'embed'dings) and
+    # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings or 'blockN') and
     # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
     pc_patch_states: str = "last"
     pc_patch_context: int = 1

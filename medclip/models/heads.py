@@ -22,7 +22,7 @@ from medclip.errors import MedclipError
 # position gathers it, not the patch that shows the concept); 'block<N>' = the tokens after the N-th
 # block (1-based), in between: a patch compared with its surroundings but still mostly itself
 # (localised worse than 'embed' on the demo set's random split, one seed: docs/grounding.md).
-PATCH_STATES = ("last", "embed", "block<N>")
+PATCH_STATES = ("last", "embed")  # and 'block<N>' (patch_block)
 # The patch head's form. 'mlp': each patch's k x k neighbourhood -> hidden -> concept space (one
 # non-linearity; ConceptCLIP's MLP when k = 1). 'conv': the same k x k layer as a convolution over the
 # grid, then a 3x3 convolution and a 1x1 projection (two non-linearities, k + 2 patches seen): a small
@@ -33,11 +33,12 @@ PATCH_HEADS = ("mlp", "conv")
 
 def patch_block(patch_states: str) -> int | None:
     """N of 'block<N>' (N >= 1); None for 'last' and 'embed'; an error for anything else."""
-    if patch_states in ("last", "embed"):
+    if patch_states in PATCH_STATES:
         return None
     match = re.fullmatch(r"block([1-9][0-9]*)", patch_states)
     if match is None:
-        raise MedclipError(f"patch_states must be 'last', 'embed' or 'block<N>' (N >= 1), got {patch_states!r}")
+        raise MedclipError(f"patch_states must be {', '.join(map(repr, PATCH_STATES))} or 'block<N>' (N >= 1), "
+                           f"got {patch_states!r}")
     return int(match.group(1))
 
 

@@ -55,11 +55,10 @@ def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tup
     embeddings the first block receives (open_clip ViT: after the positional embedding and ln_pre);
     'block<N>' = the tokens after the N-th block through ln_post (open_clip ViT). One forward pass.
     """
-    check_patch_states(model, patch_states)
+    block = check_patch_states(model, patch_states)
     visual = model.visual
     if patch_states == "embed":
         return _vit_embeddings(visual, images)
-    block = patch_block(patch_states)
     if isinstance(visual, VisionTransformer):
         return _vit_tokens(visual, images, -1 if block is None else block - 1)
     feats = visual.trunk.forward_features(images)
@@ -69,9 +68,10 @@ def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tup
     return pooled, feats[:, getattr(visual.trunk, "num_prefix_tokens", 0):]
 
 
-def check_patch_states(model, patch_states: str, training: bool | None = None) -> None:
-    """One line when the image tower cannot give ``patch_states`` (checked when PC-Align's heads are built, for
-    training; ``training`` None: the tower's own mode)."""
+def check_patch_states(model, patch_states: str, training: bool | None = None) -> int | None:
+    """N of 'block<N>' (None otherwise), or one line when the image tower cannot give ``patch_states`` (checked
+    when PC-Align's heads are built, for training, and by every ``image_tokens``; ``training`` None: the tower's
+    own mode)."""
     visual = model.visual
     if not isinstance(visual, (VisionTransformer, TimmModel)):
         raise MedclipError(f"{type(visual).__name__} image tower: no per-patch states (supported: open_clip ViT, "
@@ -80,7 +80,7 @@ def check_patch_states(model, patch_states: str, training: bool | None = None) -
     if isinstance(visual, VisionTransformer):
         _check_vit_layout(visual)
     if patch_states == "last":
-        return
+        return None
     if not isinstance(visual, VisionTransformer):
         raise MedclipError(f"patch states {patch_states!r} need an open_clip ViT image tower, not "
                            f"{type(visual).__name__} (use 'last')")
@@ -92,6 +92,7 @@ def check_patch_states(model, patch_states: str, training: bool | None = None) -
     if (visual.training if training is None else training) and isinstance(dropout, PatchDropout) and dropout.prob > 0:
         raise MedclipError(f"patch states {patch_states!r} need the whole patch grid: turn the image tower's "
                            f"patch dropout off (vision_cfg patch_dropout {dropout.prob})")
+    return block
 
 
 def _check_vit_layout(visual: VisionTransformer) -> None:
@@ -106,8 +107,8 @@ def _vit_tokens(visual: VisionTransformer, images: torch.Tensor, block: int = -1
     # open_clip's public forward_intermediates: one block's tokens (0-based index; -1 the last) through
     # ln_post, class token split off, and the pooled projected features, in one pass (grad checkpointing
     # honoured). The last block's tokens equal the forward's own only for the plain layout (ln_post on
-    # every token, no attention pooler); other layouts have no per-patch states in the joint space.
-    _check_vit_layout(visual)
+    # every token, no attention pooler: image_tokens checked it); other layouts have no per-patch states in
+    # the joint space.
     indices = 1 if block == -1 else [block]
     out = visual.forward_intermediates(images, indices=indices, normalize_intermediates=True, output_fmt="NLC")
     return out["image_features"], out["image_intermediates"][-1]

@@ -119,13 +119,13 @@ class RunStart:
         were not trained on."""
         if module.heads is None:
             return None
-        trained = ((obj.get("recipe") or {}).get("objective") or {})
-        for key, new in module.heads.config.to_dict().items():
-            option = f"pc_{key}"
-            if key in ("patch_states", "patch_context", "patch_head") and option in trained and trained[option] != new:
-                return (f"--resume: {path} was trained with objective.{option} {trained[option]}, this recipe has "
-                        f"{new}; resume with --set objective.{option}={trained[option]}, or start a new run in "
-                        f"another run.output_dir")
+        trained = (obj.get("recipe") or {}).get("objective") or {}
+        for option in ("pc_patch_states", "pc_patch_context", "pc_patch_head"):
+            old, new = trained.get(option), getattr(self.recipe.objective, option)
+            if old is not None and old != new:  # None: a checkpoint from before the option
+                return (f"--resume: {path} was trained with objective.{option} {old}, this recipe has {new}; "
+                        f"resume with --set objective.{option}={old}, or start a new run in another "
+                        f"run.output_dir")
         return None
 
     def _model_problem(self, path: Path, obj: dict, module) -> str | None:
