@@ -121,3 +121,37 @@ def test_build_source_rebuilds_when_its_spec_or_input_changes(tmp_path, caplog):
     # Unchanged: reused as before.
     stamp = manifest_path.stat().st_mtime_ns
     assert build_source(labelled, out) == manifest_path and manifest_path.stat().st_mtime_ns == stamp
+
+
+def test_label_names_rename_values_and_leave_placeholders_out(tmp_path, caplog):
+    """Label captions name a finding as the evaluation does; a placeholder value (`todo`) writes no label caption."""
+    covid = require_shared("covid-cxr")
+    rows = [json.loads(line) for line in (covid / "train.jsonl").read_text().splitlines()]
+    picked = [next(r for r in rows if r["finding"] == f and r["view"]) for f in ("COVID-19", "ARDS", "todo", "SARS")]
+    table = tmp_path / "rows.jsonl"
+    table.write_text("".join(json.dumps({**r, "image": str(covid / r["image"])}) + "\n" for r in picked))
+    spec = BuildSpec(name="covid-mini", input=str(table), label_captions=["{view} chest X-ray showing {finding}."],
+                     label_names={"finding": {"COVID-19": "COVID-19 pneumonia", "ARDS": "acute respiratory distress "
+                                              "syndrome", "todo": None}}, max_side=32)
+    caplog.set_level(logging.INFO, logger="medclip.training.prepare")
+    metas = _shard_metas(build_source(spec, tmp_path / "shards"))
+    label_captions = [[c for c in m["captions"] if "chest X-ray showing" in c] for m in metas]
+    view = [r["view"] for r in picked]
+    assert label_captions == [[f"{view[0]} chest X-ray showing COVID-19 pneumonia."],
+                              [f"{view[1]} chest X-ray showing acute respiratory distress syndrome."],
+                              [],  # todo: named null, so only its own caption
+                              [f"{view[3]} chest X-ray showing SARS."]]  # not listed: written as it is
+    assert metas[2]["captions"] == [picked[2]["caption"].strip()]
+    assert any("finding='todo' x1" in r.message for r in caplog.records)
+
+
+def test_label_names_of_a_field_no_template_writes_stop_the_recipe():
+    import pytest
+
+    from medclip.errors import MedclipError
+    from medclip.training.config import load_recipe
+
+    with pytest.raises(MedclipError, match=r"label_names\.findng names values of a field no label_captions template "
+                                           r"writes \(fields the templates use: finding, view\)"):
+        load_recipe("finetune_full", ["data.build=[{name: c, input: x.jsonl, label_captions: ['{view} showing "
+                                      "{finding}.'], label_names: {findng: {todo: null}}}]"])

@@ -19,7 +19,7 @@ from medclip.errors import MedclipError
 from medclip.losses.objective import ObjectiveConfig  # the recipe's objective section is the loss config
 from medclip.models.loading import PRECISIONS
 from medclip.training.attention import BACKENDS
-from medclip.training.prepare import BuildSpec
+from medclip.training.prepare import BuildSpec, check_label_names
 
 
 @dataclass
@@ -209,6 +209,13 @@ def _coerce(value, tp, where: str):
         if not isinstance(value, list):
             raise MedclipError(f"recipe key {where}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, dict):
+            raise MedclipError(f"recipe key {where}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -323,6 +330,8 @@ def validate(recipe: Recipe) -> Recipe:
         raise MedclipError(f"recipe key optim.min_lr ({recipe.optim.min_lr}) is above optim.lr ({recipe.optim.lr})")
     if not recipe.data.sources and not recipe.data.demo and not recipe.data.build:
         raise MedclipError("recipe has no data: set data.demo: true, or list data.sources or data.build")
+    for spec in recipe.data.build:
+        check_label_names(spec)
     check_first_caption_share(recipe.data.first_caption_share, "recipe key data.first_caption_share")
     check_long_captions(recipe.data.long_captions, "recipe key data.long_captions")
     scale = recipe.data.crop_scale

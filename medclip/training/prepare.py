@@ -32,6 +32,11 @@ class BuildSpec:
     # Extra captions written from each row's label fields, e.g. "{modality} of the {location}": one caption
     # per template whose fields are all present (UniMed's way of giving label-only data text).
     label_captions: list[str] = field(default_factory=list)
+    # How a label value is written in those captions, per field: {finding: {ARDS: acute respiratory distress
+    # syndrome, todo: null}}. The evaluation's class names belong here, so that training and zero-shot prompts
+    # name a finding alike; null leaves a placeholder value out (no label caption from that row's templates
+    # that use the field). Values not listed are written as they are.
+    label_names: dict[str, dict[str, str | None]] = field(default_factory=dict)
     vocab: list[str] = field(default_factory=list)  # concept vocabularies (MeSH TSV, CheXpert folder, ...)
     max_side: int | None = 256
     seed: int = 0  # of the sample order in the shards (rows are permuted, not written in table order)
@@ -39,23 +44,53 @@ class BuildSpec:
     processes: int = 1
 
 
-def _label_caption(template: str, labels: dict) -> str | None:
+def check_label_names(spec: BuildSpec) -> None:
+    """One line for a label_names field that no label caption template writes (a typo would rename nothing)."""
+    import string
+
+    used = {name for template in spec.label_captions for _, name, _, _ in string.Formatter().parse(template) if name}
+    unused = sorted(set(spec.label_names) - used)
+    if unused:
+        raise MedclipError(f"data.build {spec.name}: label_names.{unused[0]} names values of a field no label_captions "
+                           f"template writes (fields the templates use: {', '.join(sorted(used)) or 'none'})")
+
+
+def _named_labels(labels: dict, names: dict[str, dict[str, str | None]]) -> dict[str, str]:
+    """The row's label values as captions write them: renamed by ``names``, empty and null-named ones left out."""
+    named = {}
+    for field_name, value in labels.items():
+        if value in (None, ""):
+            continue
+        text = str(value)
+        text = names.get(field_name, {}).get(text, text)
+        if text is not None:
+            named[field_name] = text
+    return named
+
+
+def _label_caption(template: str, labels: dict[str, str]) -> str | None:
     try:
-        text = template.format(**{k: str(v) for k, v in labels.items() if v not in (None, "")})
+        text = template.format(**labels)
     except (KeyError, IndexError):
         return None  # a field this row does not have
     return text.strip() or None
 
 
 def _records(spec: BuildSpec, annotator) -> Iterator:
+    from collections import Counter
+
     from medclip.data.builder import read_table
     from medclip.data.records import RecordError
 
+    left_out = Counter()  # (field, value) named null, per row that had it
     for record in read_table(spec.input, caption_fields=spec.caption_fields, source=spec.name):
         if isinstance(record, RecordError):
             yield record
             continue
-        extra = [c for t in spec.label_captions if (c := _label_caption(t, record.labels))]
+        labels = _named_labels(record.labels, spec.label_names)
+        left_out.update((f, str(v)) for f, v in record.labels.items()
+                        if v not in (None, "") and f in spec.label_names and f not in labels)
+        extra = [c for t in spec.label_captions if (c := _label_caption(t, labels))]
         captions = list(dict.fromkeys(record.captions + extra))  # keep order, drop repeats
         concepts = list(record.concepts)
         if annotator is not None:
@@ -63,6 +98,9 @@ def _records(spec: BuildSpec, annotator) -> Iterator:
             concepts += [m for m in annotator.annotate_captions(captions)
                          if (m["caption_index"], m["start"], m["end"]) not in own]
         yield replace(record, captions=captions, concepts=concepts)
+    if left_out:
+        log.info("data.build %s: label values named null (no label caption from templates using them): %s",
+                 spec.name, ", ".join(f"{f}={v!r} x{n}" for (f, v), n in sorted(left_out.items())))
 
 
 def _annotator(vocab_paths: list[str]):
@@ -99,6 +137,8 @@ def build_key(spec: BuildSpec) -> dict:
     settings = {"input": str(Path(spec.input).resolve()), "caption_fields": list(spec.caption_fields),
                 "label_captions": list(spec.label_captions), "vocab": [str(Path(v).resolve()) for v in spec.vocab],
                 "max_side": spec.max_side, **_order_settings(spec)}
+    if spec.label_names:  # only when set: shards built before the option existed stay reusable
+        settings["label_names"] = spec.label_names
     files = _file_stamps([spec.input, *spec.vocab])
     digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True).encode()).hexdigest()
     return {"digest": digest, "settings": settings, "files": files}
