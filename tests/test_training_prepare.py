@@ -155,3 +155,5 @@ def test_label_names_of_a_field_no_template_writes_stop_the_recipe():
                                            r"writes \(fields the templates use: finding, view\)"):
         load_recipe("finetune_full", ["data.build=[{name: c, input: x.jsonl, label_captions: ['{view} showing "
                                       "{finding}.'], label_names: {findng: {todo: null}}}]"])
+    with pytest.raises(MedclipError, match=r"recipe key data\.build\[0\]\.label_names: expected a mapping, got \['todo'\]"):
+        load_recipe("finetune_full", ["data.build=[{name: c, input: x.jsonl, label_names: [todo]}]"])
