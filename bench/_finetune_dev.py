@@ -28,13 +28,16 @@ def _split_rows(rows: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
 
 
 def _write_table(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps({**r, "image": str(COVID / r["image"])}) + "\n" for r in rows))
+    """Written only when its content changes: the recipe's data.build reuses shards while the table's mtime stays."""
+    text = "".join(json.dumps({**r, "image": str(COVID / r["image"])}) + "\n" for r in rows)
+    if not path.is_file() or path.read_text() != text:
+        path.write_text(text)
 
 
 def _dev_suite(folder: Path) -> Path:
     """zero_shot/covid.yaml evaluated on dev.jsonl, its probes trained on train.jsonl."""
     suite = yaml.safe_load((REPO / "zero_shot" / "covid.yaml").read_text())
-    suite.update(suite="covid_dev", root=str(folder))
+    suite.update(suite="covid_dev", root=str(folder.resolve()))
     for dataset in suite["datasets"]:
         dataset["args"] = {**dataset["args"], "path": "dev.jsonl"}
         if "train" in dataset:
@@ -47,7 +50,7 @@ def _dev_suite(folder: Path) -> Path:
 def _dev_recipe(folder: Path, mode: str, suite: Path) -> Path:
     recipe = yaml.safe_load((REPO / "pretrain" / f"finetune_{mode}.yaml").read_text())
     (build,) = recipe["data"]["build"]
-    build["input"] = str(folder / "train.jsonl")
+    build["input"] = str((folder / "train.jsonl").resolve())
     recipe["eval"]["suites"] = [str(suite)]
     path = folder / f"finetune_{mode}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))

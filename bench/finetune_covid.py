@@ -65,8 +65,8 @@ def headlines(eval_dir: Path) -> dict[str, float]:
     (per_dataset,) = srv.headlines(eval_dir).values()
     for record in read_results(eval_dir):
         if record["dataset"] == "covid_finding":
-            assert record["classnames"][0].startswith("COVID-19"), record["classnames"]
-            per_dataset["covid_finding_auc"] = record["details"]["per_class_auc"][0]
+            covid = record["classnames"].index("COVID-19 pneumonia")  # the suite's name of COVID-19
+            per_dataset["covid_finding_auc"] = record["details"]["per_class_auc"][covid]
     return per_dataset
 
 
@@ -110,7 +110,7 @@ def fine_tune(args, mode: str, seed: int, shards: Path, out: Path) -> dict:
     """One fine-tuning run and its evaluation (kept in OUT/MODE-seedS.json: a rerun skips finished runs)."""
     saved = out / f"{mode}-seed{seed}.json"
     if saved.is_file():
-        return json.loads(saved.read_text())
+        return reused(saved, args.suite)
     run_dir = out / f"{mode}-seed{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
@@ -125,13 +125,23 @@ def fine_tune(args, mode: str, seed: int, shards: Path, out: Path) -> dict:
     wall = srv.run_timed(cmd, out / f"{mode}-seed{seed}.log")
     steps = run_facts(run_dir)["steps"]
     evals = run_dir / "eval"
-    result = {"wall_s": wall, **run_facts(run_dir),
+    result = {"suite": args.suite, "wall_s": wall, **run_facts(run_dir),
               "raw": headlines(evals / f"step_{steps}"), "ema": headlines(evals / f"step_{steps}-ema")}
     result["few_shot"] = ({} if args.dev else
                           few_shot(run_dir / "export", args.suite, out / f"{mode}-seed{seed}-fewshot", out))
     saved.write_text(json.dumps(result))
     print(f"{mode} seed {seed}: {result['steps']} steps, {wall:.0f}s, raw {result['raw']}, ema {result['ema']}",
           flush=True)
+    return result
+
+
+def reused(saved: Path, suite: str) -> dict:
+    """A kept result, refused when it was scored on another suite (the dev protocol and the test split must not
+    mix in one --out)."""
+    result = json.loads(saved.read_text())
+    if result.get("suite", "covid") != suite:
+        raise SystemExit(f"{saved} was scored on {result.get('suite', 'covid')}, this run scores {suite}: "
+                         "use another --out")
     return result
 
 
@@ -148,7 +158,7 @@ def print_main_table(start: dict, runs: dict[str, list[dict]]) -> None:
                                                    for d in MAIN_COLUMNS) + " | – | – | – |")
     for mode, results in runs.items():
         for weights in ("raw", "ema"):
-            cells = [mean_std([r[weights][d] for r in results]) for d in MAIN_COLUMNS]
+            cells = [mean_std([r[weights].get(d, float("nan")) for r in results]) for d in MAIN_COLUMNS]
             peak_key = next((k for k in results[0] if k.startswith("peak_")), None)
             share = results[0]["trainable_params"] / results[0]["total_params"]
             peak = mean_std([r[peak_key] for r in results]) if peak_key else "–"
@@ -186,11 +196,11 @@ def evaluate_start(start_model: Path, args, out: Path) -> dict:
     """The starting model's suite results and few-shot table (kept in OUT/start.json for the same model)."""
     saved = out / "start.json"
     if saved.is_file() and json.loads(saved.read_text()).get("model") == str(start_model.resolve()):
-        return json.loads(saved.read_text())
+        return reused(saved, args.suite)
     evaluated = out / "start-eval"
     srv.run_timed([str(BIN / "medclip"), "eval", "suite", args.suite, "--model", str(start_model), "--out", str(evaluated),
                 "--force", "--no-plots", "--no-progress", "--seeds", "0"], out / "start-eval.log")
-    start = {"model": str(start_model.resolve()), "raw": headlines(evaluated),
+    start = {"model": str(start_model.resolve()), "suite": args.suite, "raw": headlines(evaluated),
              "few_shot": {} if args.dev else few_shot(start_model, args.suite, out / "start-fewshot", out)}
     saved.write_text(json.dumps(start))
     print(f"start: {start['raw']}", flush=True)
@@ -204,13 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--ema-decay", type=float, default=0.99)
-    parser.add_argument("--out", type=Path, default=REPO / "runs/bench_finetune_covid")
+    parser.add_argument("--out", type=Path, help="default runs/bench_finetune_covid (--dev: ..._dev)")
     parser.add_argument("--report", action="store_true", help="print the tables of the runs finished so far")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="recipe override, all modes")
     parser.add_argument("--dev", action="store_true",
                         help="train on 80%% of the train split's patients, evaluate on the other 20%% (no test split, "
                              "no few-shot): where settings are chosen")
     args = parser.parse_args(argv)
+    args.out = args.out or REPO / ("runs/bench_finetune_covid_dev" if args.dev else "runs/bench_finetune_covid")
     if not (args.start / "open_clip_config.json").is_file():
         raise SystemExit(f"--start {args.start} is not a medclip export: run `medclip pretrain --config shared_real`")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -132,7 +132,8 @@ def test_label_names_rename_values_and_leave_placeholders_out(tmp_path, caplog):
     table.write_text("".join(json.dumps({**r, "image": str(covid / r["image"])}) + "\n" for r in picked))
     spec = BuildSpec(name="covid-mini", input=str(table), label_captions=["{view} chest X-ray showing {finding}."],
                      label_names={"finding": {"COVID-19": "COVID-19 pneumonia", "ARDS": "acute respiratory distress "
-                                              "syndrome", "todo": None}}, max_side=32)
+                                              "syndrome", "todo": None, "Legionellla": "legionella pneumonia"}},
+                     max_side=32)
     caplog.set_level(logging.INFO, logger="medclip.training.prepare")
     metas = _shard_metas(build_source(spec, tmp_path / "shards"))
     label_captions = [[c for c in m["captions"] if "chest X-ray showing" in c] for m in metas]
@@ -143,6 +144,8 @@ def test_label_names_rename_values_and_leave_placeholders_out(tmp_path, caplog):
                               [f"{view[3]} chest X-ray showing SARS."]]  # not listed: written as it is
     assert metas[2]["captions"] == [picked[2]["caption"].strip()]
     assert any("finding='todo' x1" in r.message for r in caplog.records)
+    assert any("label_names values no row of" in r.message and "finding='Legionellla'" in r.message
+               for r in caplog.records)  # a misspelt value renames nothing: the log says so
 
 
 def test_label_names_of_a_field_no_template_writes_stop_the_recipe():
@@ -157,3 +160,35 @@ def test_label_names_of_a_field_no_template_writes_stop_the_recipe():
                                       "{finding}.'], label_names: {findng: {todo: null}}}]"])
     with pytest.raises(MedclipError, match=r"recipe key data\.build\[0\]\.label_names: expected a mapping, got \['todo'\]"):
         load_recipe("finetune_full", ["data.build=[{name: c, input: x.jsonl, label_names: [todo]}]"])
+
+
+def test_label_names_keys_yaml_reads_as_other_types_and_bad_templates_stop_in_one_line():
+    import pytest
+
+    from medclip.errors import MedclipError
+    from medclip.training.config import load_recipe
+
+    build = "data.build=[{name: c, input: x.jsonl, label_captions: ['%s'], label_names: %s}]"
+    with pytest.raises(MedclipError, match=r"label_names\.effusion: key True is not text .*quote it"):
+        load_recipe("finetune_full", [build % ("{effusion}", "{effusion: {yes: pleural effusion, no: null}}")])
+    recipe = load_recipe("finetune_full", [build % ("{effusion}", "{effusion: {'yes': pleural effusion, 'no': null}}")])
+    assert recipe.data.build[0].label_names == {"effusion": {"yes": "pleural effusion", "no": None}}
+    with pytest.raises(MedclipError, match=r"label_captions: template '\{view chest' is not a format string"):
+        load_recipe("finetune_full", [build % ("{view chest", "{}")])
+    # {finding[0]} reads the field finding: its names are used, not refused
+    assert load_recipe("finetune_full", [build % ("{finding[0]}", "{finding: {todo: null}}")])
+
+
+def test_fine_tuning_recipes_name_findings_as_the_covid_suite_does():
+    """Training captions and zero-shot prompts must say the same words: the recipes' label_names agree with the
+    suite's class names (and with each other)."""
+    from medclip.evaluation.suites import load_suite
+    from medclip.training.config import load_recipe
+
+    (finding,) = [d for d in load_suite("covid").datasets if d.name == "covid_finding"]
+    names = [load_recipe(f"finetune_{mode}").data.build[0].label_names for mode in ("full", "lit", "lora")]
+    assert names[0] == names[1] == names[2]
+    assert len(finding.classes.labels) == 7
+    for label, name in zip(finding.classes.labels, finding.classes.names):
+        assert names[0]["finding"].get(label, label) == name  # a value not listed is written as it is
+    assert names[0]["finding"]["todo"] is None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from medclip.losses.objective import ObjectiveConfig  # the recipe's objective s
 from medclip.models.loading import PRECISIONS
 from medclip.training.attention import BACKENDS
 from medclip.training.prepare import BuildSpec, check_label_names
+from medclip.training.recipe_values import build_section
 
 
 @dataclass
@@ -187,72 +187,6 @@ NON_NEGATIVE = ("optim.weight_decay", "optim.warmup_steps", "data.num_workers", 
 UNIT_INTERVAL = ("optim.beta1", "optim.beta2", "model.lora.dropout")  # Adam's betas, dropout: [0, 1)
 
 
-def _is_optional(tp) -> bool:
-    return typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in typing.get_args(tp)
-
-
-def _coerce(value, tp, where: str):
-    """Check/convert one YAML or command-line value to the field's declared type."""
-    if _is_optional(tp):
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
-            return None
-        tp = next(t for t in typing.get_args(tp) if t is not type(None))
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise MedclipError(f"recipe key {where}: expected a mapping, got {value!r}")
-        return _build(tp, value, where)
-    origin = typing.get_origin(tp)
-    if origin is list:
-        (item_tp,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
-        if not isinstance(value, list):
-            raise MedclipError(f"recipe key {where}: expected a list, got {value!r}")
-        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, value_tp = typing.get_args(tp)
-        if isinstance(value, str):
-            value = yaml.safe_load(value)
-        if not isinstance(value, dict):
-            raise MedclipError(f"recipe key {where}: expected a mapping, got {value!r}")
-        return {_coerce(k, key_tp, where): _coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise MedclipError(f"recipe key {where}: expected true/false, got {value!r}")
-    if tp in (int, float):
-        if isinstance(value, bool):
-            raise MedclipError(f"recipe key {where}: expected a number, got {value!r}")
-        try:
-            number = float(value)
-            if tp is int and number != int(number):
-                raise ValueError
-            return tp(int(number)) if tp is int else number
-        except (TypeError, ValueError, OverflowError):  # int(inf) overflows, int(nan) is a ValueError
-            raise MedclipError(f"recipe key {where}: expected {tp.__name__}, got {value!r}") from None
-    if tp is str:
-        if not isinstance(value, (str, int, float)):
-            raise MedclipError(f"recipe key {where}: expected a string, got {value!r}")
-        return str(value)
-    raise MedclipError(f"recipe key {where}: unsupported type {tp}")
-
-
-def _build(cls, values: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise MedclipError(f"unknown recipe key {where}{unknown[0]} (valid keys here: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise MedclipError(f"recipe section {prefix or 'top level'}: {exc}") from exc
-
-
 def _set_path(tree: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = tree
@@ -399,4 +333,4 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise MedclipError(f"recipe {path} must be a mapping of sections")
     for item in overrides or []:
         _set_path(values, *parse_override(item))
-    return validate(_build(Recipe, values))
+    return validate(build_section(Recipe, values))

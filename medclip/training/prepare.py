@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import string
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -44,28 +46,43 @@ class BuildSpec:
     processes: int = 1
 
 
-def check_label_names(spec: BuildSpec) -> None:
-    """One line for a label_names field that no label caption template writes (a typo would rename nothing)."""
-    import string
+def template_fields(templates: list[str], where: str = "label_captions") -> set[str]:
+    """The row fields label caption templates write ({finding}, {finding[0]} and {finding.x} all read finding)."""
+    fields = set()
+    for template in templates:
+        try:
+            parsed = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise MedclipError(f"{where}: template {template!r} is not a format string: {exc} (write a literal "
+                               f"brace as {{{{ or }}}})") from None
+        fields |= {name.split(".")[0].split("[")[0] for _, name, _, _ in parsed if name}
+    return fields
 
-    used = {name for template in spec.label_captions for _, name, _, _ in string.Formatter().parse(template) if name}
+
+def check_label_names(spec: BuildSpec) -> None:
+    """One line for a bad label caption template, or a label_names field no template writes (a typo would
+    rename nothing)."""
+    used = template_fields(spec.label_captions, f"data.build {spec.name}: label_captions")
     unused = sorted(set(spec.label_names) - used)
     if unused:
         raise MedclipError(f"data.build {spec.name}: label_names.{unused[0]} names values of a field no label_captions "
                            f"template writes (fields the templates use: {', '.join(sorted(used)) or 'none'})")
 
 
-def _named_labels(labels: dict, names: dict[str, dict[str, str | None]]) -> dict[str, str]:
-    """The row's label values as captions write them: renamed by ``names``, empty and null-named ones left out."""
-    named = {}
+def _named_labels(labels: dict, names: dict[str, dict[str, str | None]]) -> tuple[dict[str, str], list[tuple]]:
+    """The row's label values as captions write them (renamed by ``names``; empty ones left out), and the
+    (field, value) pairs left out because ``names`` maps them to null or to an empty name."""
+    named, left_out = {}, []
     for field_name, value in labels.items():
-        if value in (None, ""):
+        text = "" if value is None else str(value).strip()  # stripped as the evaluation compares labels
+        if not text:
             continue
-        text = str(value)
-        text = names.get(field_name, {}).get(text, text)
-        if text is not None:
-            named[field_name] = text
-    return named
+        name = names.get(field_name, {}).get(text, text)
+        if name:
+            named[field_name] = name
+        else:
+            left_out.append((field_name, text))
+    return named, left_out
 
 
 def _label_caption(template: str, labels: dict[str, str]) -> str | None:
@@ -77,19 +94,18 @@ def _label_caption(template: str, labels: dict[str, str]) -> str | None:
 
 
 def _records(spec: BuildSpec, annotator) -> Iterator:
-    from collections import Counter
-
     from medclip.data.builder import read_table
     from medclip.data.records import RecordError
 
     left_out = Counter()  # (field, value) named null, per row that had it
+    seen: set[tuple[str, str]] = set()  # (field, value) of the rows, for the fields label_names lists
     for record in read_table(spec.input, caption_fields=spec.caption_fields, source=spec.name):
         if isinstance(record, RecordError):
             yield record
             continue
-        labels = _named_labels(record.labels, spec.label_names)
-        left_out.update((f, str(v)) for f, v in record.labels.items()
-                        if v not in (None, "") and f in spec.label_names and f not in labels)
+        labels, dropped = _named_labels(record.labels, spec.label_names)
+        left_out.update(dropped)
+        seen.update((f, str(v).strip()) for f, v in record.labels.items() if f in spec.label_names)
         extra = [c for t in spec.label_captions if (c := _label_caption(t, labels))]
         captions = list(dict.fromkeys(record.captions + extra))  # keep order, drop repeats
         concepts = list(record.concepts)
@@ -101,6 +117,10 @@ def _records(spec: BuildSpec, annotator) -> Iterator:
     if left_out:
         log.info("data.build %s: label values named null (no label caption from templates using them): %s",
                  spec.name, ", ".join(f"{f}={v!r} x{n}" for (f, v), n in sorted(left_out.items())))
+    unmatched = sorted((f, v) for f, values in spec.label_names.items() for v in values if (f, v) not in seen)
+    if unmatched:  # a misspelt value renames nothing: say so
+        log.warning("data.build %s: label_names values no row of %s has: %s", spec.name, spec.input,
+                    ", ".join(f"{f}={v!r}" for f, v in unmatched))
 
 
 def _annotator(vocab_paths: list[str]):
@@ -137,8 +157,9 @@ def build_key(spec: BuildSpec) -> dict:
     settings = {"input": str(Path(spec.input).resolve()), "caption_fields": list(spec.caption_fields),
                 "label_captions": list(spec.label_captions), "vocab": [str(Path(v).resolve()) for v in spec.vocab],
                 "max_side": spec.max_side, **_order_settings(spec)}
-    if spec.label_names:  # only when set: shards built before the option existed stay reusable
-        settings["label_names"] = spec.label_names
+    names = {f: values for f, values in spec.label_names.items() if values}
+    if names:  # only when set: shards built before the option existed stay reusable
+        settings["label_names"] = names
     files = _file_stamps([spec.input, *spec.vocab])
     digest = hashlib.sha256(json.dumps([settings, files], sort_keys=True).encode()).hexdigest()
     return {"digest": digest, "settings": settings, "files": files}
@@ -151,9 +172,9 @@ def _stale_reason(stored: dict | None, key: dict) -> str | None:
     if stored.get("digest") == key["digest"]:
         return None
     before, now = stored.get("settings", {}), key["settings"]
-    changed = [name for name in now if before.get(name) != now[name]]
+    changed = [name for name in {**before, **now} if before.get(name) != now.get(name)]
     if changed:
-        return "setting(s) changed: " + ", ".join(f"{n} {before.get(n)!r} -> {now[n]!r}" for n in changed)
+        return "setting(s) changed: " + ", ".join(f"{n} {before.get(n)!r} -> {now.get(n)!r}" for n in changed)
     files_before = stored.get("files", {})
     touched = sorted(set(files_before) ^ set(key["files"])
                      | {f for f in key["files"] if files_before.get(f) != key["files"][f]})

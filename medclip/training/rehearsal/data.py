@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +30,7 @@ import yaml
 
 from medclip import jsonio, resources
 from medclip.errors import MedclipError
+from medclip.training.prepare import template_fields
 
 log = logging.getLogger(__name__)
 
@@ -194,10 +194,6 @@ def prepare_source(source: dict, pool: list, data_dir: Path, min_samples: int) -
 
 # ----------------------------------------------------------------------------- data.build tables
 
-def _template_fields(templates: list[str]) -> list[str]:
-    return sorted({f for t in templates for _, f, _, _ in string.Formatter().parse(t) if f})
-
-
 def subset_table(src: Path, dst: Path, rows: int, image_field: str = "image") -> int:
     """The first ``rows`` rows of a JSONL table, image paths made absolute (the images are read in place)."""
     kept = []
@@ -226,7 +222,7 @@ def stand_in_table(spec: dict, pool: list, dst: Path) -> int:
         row = {"image": str(path), **{k: str(v) for k, v in record.labels.items()}}
         for j, name in enumerate(spec.get("caption_fields") or ["caption"]):
             row[name] = record.captions[j % len(record.captions)]
-        for name in _template_fields(spec.get("label_captions") or []):
+        for name in sorted(template_fields(spec.get("label_captions") or [])):
             row.setdefault(name, f"{name} {i % 3}")
         rows.append(row)
     dst.write_text("".join(jsonio.dumps(r) + "\n" for r in rows))
