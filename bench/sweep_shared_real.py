@@ -124,6 +124,24 @@ def report(study) -> list[str]:
     return lines
 
 
+def open_study(db: Path, sampler_seed: int):
+    """The study in ``db`` (created if new), ready for this call's trials.
+
+    Trials a killed call left RUNNING are marked FAIL (one call runs at a time). The sampler's seed is offset
+    by the trials already there: with the same seed, a second call would draw the first call's start-up
+    settings again and train them twice.
+    """
+    import optuna
+
+    study = optuna.create_study(study_name="shared_real_dev", storage=f"sqlite:///{db}", direction="maximize",
+                                load_if_exists=True)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        print(f"trial {trial.number}: left running by a stopped call, marked failed", flush=True)
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials))
+    return study
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="pretrain/shared_real.yaml")
@@ -138,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report", action="store_true", help="train nothing: print the study so far")
     args = parser.parse_args(argv)
     try:
-        import optuna
+        import optuna  # noqa: F401  (checked here: open_study and the trials import it)
     except ImportError:
         raise SystemExit("the sweep needs Optuna: pip install -e '.[bench]'") from None
     from medclip.training.config import load_recipe
@@ -147,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args.samples = args.samples or recipe.run.steps * recipe.data.batch_size
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name="shared_real_dev", storage=f"sqlite:///{out / 'study.db'}",
-                                direction="maximize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=args.sampler_seed))
+    study = open_study(out / "study.db", args.sampler_seed)
     if not args.report:
         shards_root = out / "shards"
         ocb.build_shards(recipe, shards_root)

@@ -76,3 +76,23 @@ def test_crop_scale_reaches_the_training_transform():
     assert train_transform(load_recipe(RECIPE), model).transforms[0].scale == (0.9, 1.0)  # open_clip's default
     with pytest.raises(MedclipError, match="data.crop_scale must be"):
         load_recipe(RECIPE, ["data.crop_scale=[0.9, 0.5]"])
+
+
+def test_a_second_call_draws_new_settings_and_fails_trials_a_killed_call_left_running(tmp_path):
+    """Re-running the sweep adds trials: it must not replay the first call's start-up draws (the same sampler
+    seed would), and a trial whose process was killed must not stay RUNNING."""
+    sweep, db = _sweep(), tmp_path / "study.db"
+    first = sweep.open_study(db, sampler_seed=0)
+    for _ in range(2):
+        trial = first.ask()
+        trial.suggest_float("lr", 1e-5, 1e-2, log=True)
+        first.tell(trial, 0.5)
+    killed = first.ask()
+    killed.suggest_float("lr", 1e-5, 1e-2, log=True)  # its process dies here: RUNNING in the database
+
+    second = sweep.open_study(db, sampler_seed=0)
+    states = {t.number: t.state for t in second.trials}
+    assert states[killed.number] == optuna.trial.TrialState.FAIL
+    new = second.ask()
+    new.suggest_float("lr", 1e-5, 1e-2, log=True)
+    assert new.params["lr"] not in {t.params["lr"] for t in second.trials if t.number != new.number}
