@@ -62,8 +62,10 @@ def headlines(eval_dir: Path) -> dict[str, float]:
     moves by 1/7 with one image of them, while COVID-19 against the rest ranks 100+ images against 16."""
     from medclip.evaluation.report import read_results
 
-    (per_dataset,) = srv.headlines(eval_dir).values()
-    for record in read_results(eval_dir):
+    per_dataset: dict[str, float] = {}
+    for record in read_results(eval_dir):  # one model per folder: the records are its datasets
+        if record["headline"] is not None:
+            per_dataset[record["dataset"]] = record["headline"]
         if record["dataset"] == "covid_finding":
             covid = record["classnames"].index("COVID-19 pneumonia")  # the suite's name of COVID-19
             per_dataset["covid_finding_auc"] = record["details"]["per_class_auc"][covid]

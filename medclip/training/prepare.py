@@ -69,14 +69,17 @@ def check_label_names(spec: BuildSpec) -> None:
                            f"template writes (fields the templates use: {', '.join(sorted(used)) or 'none'})")
 
 
-def _named_labels(labels: dict, names: dict[str, dict[str, str | None]]) -> tuple[dict[str, str], list[tuple]]:
-    """The row's label values as captions write them (renamed by ``names``; empty ones left out), and the
-    (field, value) pairs left out because ``names`` maps them to null or to an empty name."""
+def _present_labels(labels: dict) -> dict[str, str]:
+    """The row's non-empty label values as text, stripped as the evaluation compares labels."""
+    present = {f: "" if v is None else str(v).strip() for f, v in labels.items()}
+    return {f: text for f, text in present.items() if text}
+
+
+def _named_labels(labels: dict[str, str], names: dict[str, dict[str, str | None]]) -> tuple[dict[str, str], list[tuple]]:
+    """The present label values as captions write them (renamed by ``names``), and the (field, value) pairs
+    left out because ``names`` maps them to null or to an empty name."""
     named, left_out = {}, []
-    for field_name, value in labels.items():
-        text = "" if value is None else str(value).strip()  # stripped as the evaluation compares labels
-        if not text:
-            continue
+    for field_name, text in labels.items():
         name = names.get(field_name, {}).get(text, text)
         if name:
             named[field_name] = name
@@ -103,9 +106,10 @@ def _records(spec: BuildSpec, annotator) -> Iterator:
         if isinstance(record, RecordError):
             yield record
             continue
-        labels, dropped = _named_labels(record.labels, spec.label_names)
+        present = _present_labels(record.labels)
+        labels, dropped = _named_labels(present, spec.label_names)
         left_out.update(dropped)
-        seen.update((f, str(v).strip()) for f, v in record.labels.items() if f in spec.label_names)
+        seen.update((f, v) for f, v in present.items() if f in spec.label_names)
         extra = [c for t in spec.label_captions if (c := _label_caption(t, labels))]
         captions = list(dict.fromkeys(record.captions + extra))  # keep order, drop repeats
         concepts = list(record.concepts)
