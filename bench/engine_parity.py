@@ -16,7 +16,9 @@ same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (`
 - ``buffer-500``: and the recipe's shuffle buffer (500);
 - ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped;
 - candidates, each the recipe plus one change, to compare with ``shipped``: ``long-captions`` (captions
-  longer than the context cut to a window of whole sentences instead of truncated at the end).
+  longer than the context cut to a window of whole sentences instead of truncated at the end);
+  ``pool-positives`` (a caption is a positive of every image whose caption pool holds it, e.g. a label
+  caption of every image with those labels, where open_clip makes it a negative).
 
 A row/seed whose export exists is not trained again (the script can be stopped and re-run), and each model is
 evaluated once into ``OUT/eval/ROW-sSEED``. Two tables: mean ± std over seeds per row and dataset (and
@@ -56,6 +58,7 @@ class Row:
     data: str  # "pool": the caption-pool shards; "own": the recipe's shards with their caption pools
     overrides: tuple[str, ...] = ()  # recipe overrides of the medclip run (None engine: open_clip_train)
     engine: str = "medclip"
+    changes: str | None = None  # the row this one changes (the second table's reference); None: the row before
 
 
 ROWS = {
@@ -65,7 +68,8 @@ ROWS = {
     "buffer-500": Row("own", IT_ONLY),
     "shipped": Row("own"),
     # Candidates beyond the recipe, each against "shipped":
-    "long-captions": Row("own", ("data.long_captions=window",)),
+    "long-captions": Row("own", ("data.long_captions=window",), changes="shipped"),
+    "pool-positives": Row("own", ("objective.it_positives=pool",), changes="shipped"),
 }
 
 
@@ -147,7 +151,8 @@ def _difference(mean: float, std: float, other: tuple[float, float]) -> str:
 
 def table(results: dict[str, dict[int, dict[str, float]]], reference: str | None = "open_clip_train") -> list[str]:
     """Markdown rows: dataset x row, mean ± std over seeds (x100), and in brackets the row minus ``reference``
-    (None: minus the row before it), ``=`` where that is within the larger of the two standard deviations."""
+    (None: minus the row it changes, ``Row.changes``, or else the row before it), ``=`` where that is within the
+    larger of the two standard deviations."""
     rows = [name for name in results if results[name]]
     if not rows:
         return ["(no row has a finished, evaluated seed yet)"]
@@ -158,7 +163,8 @@ def table(results: dict[str, dict[int, dict[str, float]]], reference: str | None
         stats = {name: mean_std([h[dataset] for h in results[name].values()]) for name in rows}
         cells = []
         for i, name in enumerate(rows):
-            against = reference if reference is not None else rows[i - 1] if i else None
+            changed = ROWS[name].changes if name in ROWS else None
+            against = reference if reference is not None else changed or (rows[i - 1] if i else None)
             cell = f"{100 * stats[name][0]:.1f} ± {100 * stats[name][1]:.1f}"
             if against in stats and against != name:
                 cell += _difference(*stats[name], stats[against])
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             if (export / "open_clip_config.json").exists():
                 results[name][seed] = with_dev_mean(evaluate(export, out / "eval" / f"{name}-s{seed}"))
     lines = ["Each row against open_clip_train:", "", *table(results), "",
-             "Each row against the row before it (what that choice costs or buys):", "", *table(results, None)]
+             "Each row against the row before it, a candidate against shipped (what that choice costs or buys):", "", *table(results, None)]
     print("\n".join(lines))
     (out / "table.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=2))

@@ -8,8 +8,9 @@ objective is the mean of their headlines (zero-shot modality, body region, plane
 the body-region and modality linear probes).
 
 The search space (``SPACE``): lr, warmup, batch size, random-crop scale (augmentation strength), the share of
-the radiologist caption against the label captions, long-caption handling, PC-Align's weight (0: IT-only), its
-start (a fraction of the run) and its patch neighbourhood. Resolution is not searched: the image size belongs
+the radiologist caption against the label captions, long-caption handling, IT-Align's positives (a caption's own
+image, or every image whose pool holds it), PC-Align's weight (0: IT-only), its start (a fraction of the run)
+and its patch neighbourhood. Resolution is not searched: the image size belongs
 to the model's architecture (its config), which the comparison with open_clip_train keeps fixed.
 
 The study lives in ``OUT/study.db`` (SQLite): stop the script and run it again to add trials; shards are built
@@ -56,6 +57,8 @@ SPACE: dict[str, Callable] = {
     "first_caption_share": lambda t, r, s: [
         "data.first_caption_share=" + t.suggest_categorical("first_caption_share", ["null", "0.25", "0.5", "0.75"])],
     "long_captions": lambda t, r, s: [f"data.long_captions={t.suggest_categorical('long_captions', ['head', 'window'])}"],
+    "it_positives": lambda t, r, s: [
+        f"objective.it_positives={t.suggest_categorical('it_positives', ['own', 'pool'])}"],
     "pc_weight": lambda t, r, s: [f"objective.pc_weight={t.suggest_float('pc_weight', 0.0, 0.3)}"],
     "pc_start": _pc_start,
     "pc_patch_context": lambda t, r, s: [

@@ -80,6 +80,9 @@ def test_table_marks_differences_within_the_spread():
     stepwise = bench.table(results, None)  # each row against the one before it
     assert stepwise[2] == "| a | 55.0 ± 7.1 | 57.0 ± 7.1 (+2.0 =) | 64.0 ± 0.0 (+7.0 =) |"
     assert stepwise[3] == "| b | 21.0 ± 1.4 | 31.0 ± 1.4 (+10.0) | 30.0 ± 0.0 (-1.0 =) |"
+    results["long-captions"] = {0: {"a": 0.40, "b": 0.40}, 1: {"a": 0.40, "b": 0.40}}
+    results["pool-positives"] = {0: {"a": 0.70, "b": 0.40}, 1: {"a": 0.70, "b": 0.40}}  # candidates: against shipped
+    assert bench.table(results, None)[2].endswith("| 40.0 ± 0.0 (-24.0) | 70.0 ± 0.0 (+6.0) |")
     assert bench.table({"parity": {}}) == ["(no row has a finished, evaluated seed yet)"]  # --report before any run
     seed = {name: 0.5 for name in bench.DEV} | {"covid_view": 0.9, "medpix_modality": 0.8}
     assert bench.with_dev_mean(seed)["medpix_dev_mean"] == pytest.approx((0.8 + 5 * 0.5) / 6)  # COVID-19 not in it

@@ -41,7 +41,7 @@ def test_every_trial_is_a_valid_recipe_of_the_same_samples(seed):
     assert chosen.objective.pc_start_step <= 0.8 * steps + 1 and 0.4 <= chosen.data.crop_scale[0] <= 1
     names = {o.split("=", 1)[0] for o in overrides}
     assert {"optim.lr", "optim.warmup_steps", "data.batch_size", "data.crop_scale", "data.first_caption_share",
-            "data.long_captions", "objective.pc_weight", "objective.pc_start_step"} <= names
+            "data.long_captions", "objective.it_positives", "objective.pc_weight", "objective.pc_start_step"} <= names
 
 
 def test_study_scores_trials_and_reports_the_best(tmp_path, monkeypatch):

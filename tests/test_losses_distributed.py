@@ -60,13 +60,17 @@ def _synthetic_cases(rank: int, errors: dict):
 
     # Caption keys with duplicates inside a rank (rows 0, 2) and across ranks (rows 1, 4 and 0, 5).
     all_keys = torch.tensor([7, 8, 7, 9, 8, 7])
+    # Caption pools (drawn caption first) of different widths per rank: rank 0's row 1 holds caption 7 drawn
+    # by rows 0, 2 and 5; rank 1's row 3 holds 7 and 8. The single-process batch pads rank 0's to width 3.
+    pools = [torch.tensor([[7, 20], [8, 7], [7, 21]]), torch.tensor([[9, 7, 8], [8, 22, 22], [7, 23, 24]])]
+    full_pools = torch.cat([torch.cat([pools[0], pools[0][:, :1]], dim=1), pools[1]])
 
-    def it_loss(kind, xi, xt, world, keys=None):
+    def it_loss(kind, xi, xt, world, keys=None, pool_keys=None):
         fi = F.normalize(img_tower(xi), dim=-1)
         ft = F.normalize(txt_tower(xt), dim=-1)
         if kind == "infonce":
-            return infonce_loss(fi, ft, log_scale.exp(), None, world=world)
-        return sigmoid_loss(fi, ft, log_scale.exp(), bias, world=world, caption_keys=keys)
+            return infonce_loss(fi, ft, log_scale.exp(), None, world=world, pool_keys=pool_keys)
+        return sigmoid_loss(fi, ft, log_scale.exp(), bias, world=world, caption_keys=keys, pool_keys=pool_keys)
 
     def pc_loss(cfg, ps, states, ids, mask, world):
         concepts = heads.concept_head(states)
@@ -82,6 +86,10 @@ def _synthetic_cases(rank: int, errors: dict):
         "it_sigmoid": lambda inputs, world: it_loss("sigmoid", *inputs, world),
         "it_sigmoid_same_caption": lambda inputs, world: it_loss(
             "sigmoid", *inputs, world, all_keys[rows] if world is None else all_keys),
+        "it_infonce_pool": lambda inputs, world: it_loss(
+            "infonce", *inputs, world, pool_keys=pools[rank] if world is None else full_pools),
+        "it_sigmoid_pool": lambda inputs, world: it_loss(
+            "sigmoid", *inputs, world, pool_keys=pools[rank] if world is None else full_pools),
         "pc_max_naive": lambda inputs, world: pc_loss(PCAlignConfig("max", chunk_size=None), *inputs, world),
         "pc_max_chunked": lambda inputs, world: pc_loss(PCAlignConfig("max", chunk_size=2), *inputs, world),
         "pc_topk_chunked": lambda inputs, world: pc_loss(PCAlignConfig("topk", topk=2, chunk_size=3), *inputs, world),
@@ -198,8 +206,8 @@ def distributed_errors(tmp_path_factory):
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 
-CASES = ["it_infonce", "it_sigmoid", "it_sigmoid_same_caption", "pc_max_naive", "pc_max_chunked",
-         "pc_topk_chunked", "pc_lse_chunked"]
+CASES = ["it_infonce", "it_sigmoid", "it_sigmoid_same_caption", "it_infonce_pool", "it_sigmoid_pool",
+         "pc_max_naive", "pc_max_chunked", "pc_topk_chunked", "pc_lse_chunked"]
 
 
 @pytest.mark.integration

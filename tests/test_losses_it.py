@@ -16,11 +16,13 @@ from medclip.losses import (
     ObjectiveConfig,
     World,
     clamp_logit_scales_,
+    concat_features,
     hash_captions,
     infonce_loss,
     init_logit_params_,
     sigmoid_loss,
 )
+from medclip.losses.it_align import pool_positives
 
 
 def _inputs(seed: int, n: int = 6, d: int = 16):
@@ -178,3 +180,65 @@ def test_objective_same_caption_rule(tiny_encoder):
         ObjectiveConfig(it_same_caption="ignore")
     with pytest.raises(MedclipError, match="applies to it_kind 'sigmoid' only"):
         ObjectiveConfig(it_kind="infonce", it_same_caption="positive")
+
+
+def test_pool_positives_by_hand():
+    """A caption is a positive of every image whose pool holds it, both directions."""
+    # image 0 drew its report (10), its pool also holds the label caption 7; image 1 drew 7;
+    # image 2 drew its report (12) and holds 7 too; image 3 drew 13, nothing shared.
+    pools = torch.tensor([[10, 7], [7, 7], [12, 7], [13, 13]])
+    image_to_text, text_to_image = pool_positives(pools, World.single())
+    assert image_to_text.tolist() == [[True, True, False, False], [False, True, False, False],
+                                      [False, True, True, False], [False, False, False, True]]
+    assert text_to_image.tolist() == [[True, False, False, False], [True, True, True, False],
+                                      [False, False, True, False], [False, False, False, True]]
+    with pytest.raises(MedclipError, match=r"\[B, K >= 1\]"):
+        pool_positives(pools[:, 0], World.single())
+
+
+def test_pool_positives_infonce_is_the_soft_target_loss_and_plain_without_sharing():
+    image, text, log_scale, bias = _inputs(4, n=4)
+    pools = torch.tensor([[10, 7], [7, 7], [12, 7], [13, 13]])
+    ours = infonce_loss(image, text, log_scale.exp(), None, world=World.single(), pool_keys=pools)
+    logits = log_scale.exp() * image @ text.T
+    image_to_text, text_to_image = pool_positives(pools, World.single())
+    ref = 0.0
+    for i in range(4):  # mean over each row's positives of -log softmax, both directions
+        ref = ref - torch.log_softmax(logits[i], 0)[image_to_text[i]].mean() / 8
+        ref = ref - torch.log_softmax(logits[:, i], 0)[text_to_image[i]].mean() / 8
+    assert torch.allclose(ours, ref, atol=1e-6)
+    params = (image, text, log_scale)
+    for a, r in zip(_grads(ours, *params), _grads(ref, *params)):
+        assert torch.allclose(a, r, atol=1e-6)
+    plain = infonce_loss(image, text, log_scale.exp(), None, world=World.single())
+    assert abs(float(ours - plain)) > 1e-3
+    unshared = torch.tensor([[10, 20], [11, 21], [12, 12], [13, 23]])  # no caption in another image's pool
+    assert torch.allclose(infonce_loss(image, text, log_scale.exp(), None, world=World.single(), pool_keys=unshared),
+                          plain, atol=1e-6)
+    sig = sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single(), pool_keys=pools)
+    labels = image_to_text.float() * 2 - 1
+    assert torch.allclose(sig, -F.logsigmoid(labels * (logits + bias)).sum() / 4, atol=1e-6)
+
+
+def test_objective_pool_positives_read_the_batch(tiny_encoder):
+    model, tokenizer = tiny_encoder.model, tiny_encoder.tokenizer
+    captions = ["ct image of the head.", "axial ct shows a mass", "ct image of the head.", "a lung nodule"]
+    pools = torch.tensor([[1, 2], [3, 1], [1, 1], [4, 4]])
+    batch = {"images": torch.randn(4, 3, 64, 64), "text": tokenizer(captions), "pool_keys": pools}
+    objective = Objective(ObjectiveConfig(it_positives="pool", pc_weight=0.0), world=World.single())
+    features = objective.forward_features(model, None, batch, step=0)
+    assert torch.equal(features.pool_keys, pools)
+    loss = objective.losses(features, 0, model, None)["it"]
+    expected = infonce_loss(features.image, features.text, model.logit_scale.exp(), None, world=World.single(),
+                            pool_keys=pools)
+    assert torch.allclose(loss, expected)
+    own = Objective(ObjectiveConfig(pc_weight=0.0), world=World.single())
+    assert own.forward_features(model, None, batch, step=0).pool_keys is None
+    halves = [objective.forward_features(model, None, {k: v[s] for k, v in batch.items()}, step=0)
+              for s in (slice(0, 2), slice(2, 4))]
+    halves[1].pool_keys = halves[1].pool_keys[:, :1]  # a narrower part is padded with its drawn key
+    assert torch.equal(concat_features(halves).pool_keys, torch.tensor([[1, 2], [3, 1], [1, 1], [4, 4]]))
+    with pytest.raises(MedclipError, match="needs the batch field pool_keys"):
+        objective.forward_features(model, None, {k: v for k, v in batch.items() if k != "pool_keys"}, step=0)
+    with pytest.raises(MedclipError, match="it_positives must be one of"):
+        ObjectiveConfig(it_positives="labels")

@@ -74,8 +74,19 @@ def _name_tokens(samples: list[DecodedSample], concepts: int) -> torch.Tensor:
     return names
 
 
+def _pool_keys(samples: list[DecodedSample]) -> torch.Tensor | None:
+    """[B, K] int64 caption keys of each sample's pool, its drawn caption's first; short pools are padded
+    with the drawn caption's key (a repeat adds no positive). None when a sample has none."""
+    if not samples or not all(s.pool_keys for s in samples):
+        return None
+    width = max(len(s.pool_keys) for s in samples)
+    rows = [list(s.pool_keys) for s in samples]
+    return torch.tensor([row + [row[0]] * (width - len(row)) for row in rows], dtype=torch.int64)
+
+
 def collate(samples: list[DecodedSample]) -> dict:
-    """The training batch contract: images, text, concept_spans/ids/mask (C >= 1), keys.
+    """The training batch contract: images, text, concept_spans/ids/mask (C >= 1), keys, and pool_keys [B, K]
+    (the caption keys of each sample's pool, column 0 the drawn caption's; see DecodedSample.pool_keys).
 
     ``images`` is uint8 [B, 3, H, W] when the decoder ships uint8 (see the stream's doc), else float;
     with device decode, JPEGs still to decode are under ``pending_jpegs`` (normalize_batch decodes them).
@@ -87,6 +98,9 @@ def collate(samples: list[DecodedSample]) -> dict:
         **concepts,
         "keys": [s.key for s in samples],
     }
+    pool = _pool_keys(samples)
+    if pool is not None:
+        out["pool_keys"] = pool
     if samples and samples[0].names is not None:
         out["concept_name_tokens"] = _name_tokens(samples, concepts["concept_ids"].shape[1])
     pending = pending_jpegs([s.image for s in samples], lambda n: _batch_tensor((n,), torch.uint8))

@@ -7,6 +7,7 @@ resume, whatever process decodes the sample.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -56,6 +57,13 @@ def sample_captions(m: Manifest, sample: dict, meta: dict) -> tuple[list[str], b
     return [], False
 
 
+def caption_key(caption: str) -> int:
+    """A signed 64-bit key of a caption's text (stripped): equal texts, equal keys, in every process and run
+    (distinct texts collide with probability ~2**-64 per pair)."""
+    digest = hashlib.blake2b(caption.strip().encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
+
+
 @dataclass
 class DecodedSample:
     key: str
@@ -67,6 +75,16 @@ class DecodedSample:
     positive: list[bool]
     names: torch.Tensor | None = None  # [n concepts, L] name tokens, with concept_name_length
     name_pad: int = 0
+    # caption_key of the caption drawn this visit and of every caption in the sample's pool (the drawn one
+    # first): a caption shared by several images (a label-derived one) describes each of them
+    # (objective.it_positives: pool).
+    pool_keys: tuple[int, ...] = ()
+
+
+def pool_keys(captions: list[str], choice: int) -> tuple[int, ...]:
+    """caption_key of ``captions[choice]``, then of every other caption of the pool."""
+    keys = [caption_key(c) for c in captions]
+    return (keys[choice], *keys[:choice], *keys[choice + 1:])
 
 
 class SampleDecoder:
@@ -102,7 +120,8 @@ class SampleDecoder:
             caption, concepts = caption_window(rng, caption, concepts, self.tokenizer.count_tokens,
                                                self.tokenizer.context_length - 2, skips)
         text = tokenize_with_concepts(self.tokenizer, caption, concepts, skips)
-        decoded = DecodedSample(sample["__key__"], pixels, text.ids, text.spans, text.cuis, text.positive)
+        decoded = DecodedSample(sample["__key__"], pixels, text.ids, text.spans, text.cuis, text.positive,
+                                pool_keys=pool_keys(captions, choice))
         if self.names is not None:
             decoded.names, decoded.name_pad = self.names(text.names)
         return decoded

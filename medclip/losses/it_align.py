@@ -14,6 +14,13 @@ the same caption (label-derived captions such as "CT image of the Head." repeat 
 batch). Given ``caption_keys`` (``hash_captions(text_tokens)``), ``sigmoid_loss`` labels every pair
 with identical captions positive. InfoNCE needs no such rule: identical captions have identical
 embeddings, and then CLIP's targets give the same loss and parameter gradients as shared positives.
+
+Caption pools (``pool_keys`` [n, K], the keys of each image's captions, column 0 the one drawn this
+step): a caption drawn for one image also describes every other image whose pool holds it, e.g. "CT
+image of the Head." describes every head CT, whichever caption those images drew. With pool keys every
+such pair is a positive: InfoNCE spreads its target evenly over each row's positives (UniCL's
+image-text-label contrast, Yang et al. 2022), sigmoid labels them 1. Without them (open_clip) the pair is
+a negative: the loss pushes a head CT away from the caption that names it.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from medclip.errors import MedclipError
-from medclip.losses.distributed import World, all_gather_no_grad, all_gather_with_grad, resolve
+from medclip.losses.distributed import World, all_gather_no_grad, all_gather_with_grad, all_reduce_max, resolve
 
 # Initial (log scale, bias) for a sigmoid IT-Align: CLIP-style temperature or SigLIP's paper values.
 SIGMOID_INITS = {
@@ -53,16 +60,43 @@ def _same_caption(keys: torch.Tensor, world: World) -> torch.Tensor:
     return keys[:, None] == all_keys[None, :]
 
 
+def pad_pool_keys(pool_keys: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, K] pool keys -> [B, width], each row padded with its drawn caption's key (a repeat adds no positive)."""
+    return torch.cat([pool_keys, pool_keys[:, :1].expand(-1, width - pool_keys.shape[1])], dim=1)
+
+
+def pool_positives(pool_keys: torch.Tensor, world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """([n, N] local image i's pool holds caption j of the global batch, [n, N] local caption i is in the
+    pool of image j of the global batch); each pair's own caption is in its pool, so the diagonal is set."""
+    if pool_keys.ndim != 2 or pool_keys.shape[1] < 1:
+        raise MedclipError(f"pool_keys must be [B, K >= 1] caption keys, got shape {tuple(pool_keys.shape)}")
+    # Ranks' batches may hold pools of different sizes: pad to the widest before the gather.
+    width = all_reduce_max(pool_keys.shape[1], world, device=pool_keys.device)
+    all_pools = torch.cat(all_gather_no_grad(pad_pool_keys(pool_keys, width), world))
+    drawn, all_drawn = pool_keys[:, 0], all_pools[:, 0]
+    image_to_text = (pool_keys[:, :, None] == all_drawn[None, None, :]).any(dim=1)
+    text_to_image = (drawn[:, None, None] == all_pools[None, :, :]).any(dim=2)
+    return image_to_text, text_to_image
+
+
+def _soft_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against the target spread evenly over each row's positives."""
+    targets = positives.float()
+    return F.cross_entropy(logits.float(), targets / targets.sum(dim=1, keepdim=True))
+
+
 def infonce_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
     logit_bias: torch.Tensor | None = None,
     world: World | None = None,
+    pool_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric cross-entropy over scaled cosine logits (features already normalized).
 
-    ``logit_scale`` is the multiplier (``model.logit_scale.exp()``), as open_clip passes it.
+    ``logit_scale`` is the multiplier (``model.logit_scale.exp()``), as open_clip passes it. With
+    ``pool_keys`` every image-caption pair whose caption is in the image's pool is a positive.
     """
     world = resolve(world)
     all_text = torch.cat(all_gather_with_grad(text_features, world))
@@ -72,6 +106,10 @@ def infonce_loss(
     if logit_bias is not None:
         logits_per_image = logits_per_image + logit_bias
         logits_per_text = logits_per_text + logit_bias
+    if pool_keys is not None:
+        image_to_text, text_to_image = pool_positives(pool_keys, world)
+        return (_soft_cross_entropy(logits_per_image, image_to_text)
+                + _soft_cross_entropy(logits_per_text, text_to_image)) / 2
     n = image_features.shape[0]
     labels = torch.arange(n, device=image_features.device) + n * world.rank
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
@@ -84,17 +122,21 @@ def sigmoid_loss(
     logit_bias: torch.Tensor,
     world: World | None = None,
     caption_keys: torch.Tensor | None = None,
+    pool_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Pairwise binary loss of the local images against every text of the global batch.
 
     Normalised like SigLIP: summed over texts, divided by the local batch size. With
-    ``caption_keys``, every pair with identical captions is labelled positive.
+    ``caption_keys``, every pair with identical captions is labelled positive; with ``pool_keys``,
+    every pair whose caption is in the image's pool.
     """
     world = resolve(world)
     all_text = torch.cat(all_gather_with_grad(text_features, world))
     logits = logit_scale * image_features @ all_text.T + logit_bias
     n = image_features.shape[0]
-    if caption_keys is None:
+    if pool_keys is not None:
+        labels = pool_positives(pool_keys, world)[0].to(logits.dtype) * 2 - 1
+    elif caption_keys is None:
         labels = -torch.ones_like(logits)
         own = torch.arange(n, device=logits.device) + n * world.rank
         labels[torch.arange(n, device=logits.device), own] = 1.0

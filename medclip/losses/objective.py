@@ -29,6 +29,7 @@ from medclip.losses.it_align import (
     infonce_loss,
     init_logit_params_,
     model_logit_params,
+    pad_pool_keys,
     sigmoid_loss,
 )
 from medclip.losses.pc_align import POOLS, PCAlignConfig, pc_align_loss
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 
 IT_KINDS = ("infonce", "sigmoid")
 SAME_CAPTION_RULES = ("negative", "positive")
+IT_POSITIVES = ("own", "pool")
 
 
 @dataclass
@@ -50,6 +52,10 @@ class ObjectiveConfig:
     # Sigmoid IT-Align, pairs whose captions are identical: 'negative' as in SigLIP / open_clip, or
     # 'positive', for recipes whose captions repeat (label captions). InfoNCE needs no rule (it_align.py).
     it_same_caption: str = "negative"
+    # IT-Align's positives: 'own' (a caption is the positive of its own image only, as open_clip) or 'pool'
+    # (also of every image of the global batch whose caption pool holds it: a label-derived caption names
+    # every image with those labels; it_align.py). Both IT kinds; 'pool' needs the batch's pool_keys.
+    it_positives: str = "own"
     pc_weight: float = 1.0  # lambda; 0 turns PC-Align off
     pc_start_step: int = 0  # ConceptCLIP turns PC-Align on in a second stage
     pc_pool: str = "max"  # 'max' | 'topk' | 'lse'
@@ -77,6 +83,8 @@ class ObjectiveConfig:
         if self.it_same_caption == "positive" and self.it_kind != "sigmoid":
             raise MedclipError("it_same_caption 'positive' applies to it_kind 'sigmoid' only: with InfoNCE, "
                                "identical captions already train as shared positives")
+        if self.it_positives not in IT_POSITIVES:
+            raise MedclipError(f"it_positives must be one of {IT_POSITIVES}, got {self.it_positives!r}")
         if self.pc_weight < 0:
             raise MedclipError(f"pc_weight must be >= 0, got {self.pc_weight}")
         if self.pc_start_step < 0:
@@ -117,6 +125,7 @@ class Features:
     image: torch.Tensor  # [B, D] normalized
     text: torch.Tensor  # [B, D] normalized
     caption_keys: torch.Tensor | None = None  # [B] int64, equal for identical captions (it_same_caption)
+    pool_keys: torch.Tensor | None = None  # [B, K] int64 caption keys of each image's pool (it_positives 'pool')
     patches: torch.Tensor | None = None  # [B, P, Dc] heads.embed_patches, not normalized
     concepts: torch.Tensor | None = None  # [B, C, Dc] span (and name) embeddings, not normalized
     concept_mask: torch.Tensor | None = None  # [B, C] bool
@@ -145,11 +154,15 @@ def concat_features(parts: list[Features]) -> Features:
     image = torch.cat([p.image for p in parts])
     text = torch.cat([p.text for p in parts])
     keys = None if parts[0].caption_keys is None else torch.cat([p.caption_keys for p in parts])
+    pools = None
+    if parts[0].pool_keys is not None:
+        width = max(p.pool_keys.shape[1] for p in parts)
+        pools = torch.cat([pad_pool_keys(p.pool_keys, width) for p in parts])
     if not all(p.has_concepts for p in parts):
-        return Features(image, text, keys)
+        return Features(image, text, keys, pools)
     c = max(p.concept_mask.shape[1] for p in parts)
     return Features(
-        image, text, keys,
+        image, text, keys, pools,
         patches=torch.cat([p.patches for p in parts]),
         concepts=torch.cat([_pad_concepts(p.concepts, c) for p in parts]),
         concept_mask=torch.cat([_pad_concepts(p.concept_mask, c, False) for p in parts]),
@@ -224,6 +237,17 @@ class Objective:
             name_mask[rows, cols] = words.any(dim=1)
         return embeds, name_mask
 
+    def _pool_keys(self, batch: dict, batch_size: int) -> torch.Tensor | None:
+        if self.config.it_positives != "pool":
+            return None
+        pools = batch.get("pool_keys")
+        if pools is None:
+            raise MedclipError("objective.it_positives 'pool' needs the batch field pool_keys [B, K] (the caption "
+                               "keys of each sample's pool, which medclip's training stream gives)")
+        if pools.ndim != 2 or pools.shape[0] != batch_size or pools.shape[1] < 1:
+            raise MedclipError(f"pool_keys must be [B, K >= 1] with B = {batch_size}, got {tuple(pools.shape)}")
+        return pools
+
     def forward_features(self, model, heads, batch: dict, step: int | None = None) -> Features:
         """Run both towers once; add PC-Align's patch and concept embeddings when PC-Align is active."""
         for key in ("images", "text"):
@@ -236,7 +260,8 @@ class Objective:
         image_pooled, patch_states = towers.image_tokens(model, images, heads.config.patch_states if pc_on else "last")
         text_pooled, token_states = towers.text_tokens(model, text)
         keys = hash_captions(text) if self.config.it_same_caption == "positive" else None
-        features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys)
+        features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys,
+                            self._pool_keys(batch, images.shape[0]))
         if not pc_on:
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])
@@ -260,9 +285,10 @@ class Objective:
         scale, bias = model_logit_params(model, cfg.it_kind)
         if cfg.it_kind == "sigmoid":
             it = sigmoid_loss(features.image, features.text, scale, bias, world=self.world,
-                              caption_keys=features.caption_keys)
+                              caption_keys=features.caption_keys, pool_keys=features.pool_keys)
         else:
-            it = infonce_loss(features.image, features.text, scale, bias, world=self.world)
+            it = infonce_loss(features.image, features.text, scale, bias, world=self.world,
+                              pool_keys=features.pool_keys)
         if not cfg.pc_active(step):
             pc = torch.zeros((), dtype=it.dtype, device=it.device)
             return {"total": it, "it": it, "pc": pc}
