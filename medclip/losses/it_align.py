@@ -31,7 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from medclip.errors import MedclipError
-from medclip.losses.distributed import World, all_gather_no_grad, all_gather_with_grad, all_reduce_max, resolve
+from medclip.losses.distributed import (
+    World,
+    all_gather_no_grad,
+    all_gather_with_grad,
+    all_reduce_max,
+    resolve,
+)
 
 # Initial (log scale, bias) for a sigmoid IT-Align: CLIP-style temperature or SigLIP's paper values.
 SIGMOID_INITS = {
