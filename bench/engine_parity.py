@@ -17,6 +17,7 @@ same ``medclip eval suite shared_real`` (MedPix dev, COVID-19 test). The rows (`
 - ``shipped``: and PC-Align (the recipe's weight, its start step scaled to ``--steps``): the recipe as shipped;
 - candidates, each the recipe plus one change, to compare with ``shipped``: ``long-captions`` (captions
   longer than the context cut to a window of whole sentences instead of truncated at the end);
+  ``long-captions-concepts`` (the window drawn among those that keep the most concept spans);
   ``pool-positives`` (a caption is a positive of every image whose caption pool holds it, e.g. a label
   caption of every image with those labels, where open_clip makes it a negative).
 
@@ -69,6 +70,7 @@ ROWS = {
     "shipped": Row("own"),
     # Candidates beyond the recipe, each against "shipped":
     "long-captions": Row("own", ("data.long_captions=window",), changes="shipped"),
+    "long-captions-concepts": Row("own", ("data.long_captions=concepts",), changes="shipped"),
     "pool-positives": Row("own", ("objective.it_positives=pool",), changes="shipped"),
 }
 

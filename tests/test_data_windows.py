@@ -17,7 +17,7 @@ from torchvision import transforms
 from medclip.data.manifest import Manifest
 from medclip.data.stream import build_train_stream
 from medclip.data.text import SpanTokenizer
-from medclip.data.windows import caption_window, fitting_windows, sentence_bounds
+from medclip.data.windows import caption_window, fitting_windows, most_concepts, sentence_bounds
 from medclip.errors import MedclipError
 
 SENTENCES = [f"Finding {i} shows a small nodule in the upper lobe of the right lung." for i in range(11)]
@@ -57,6 +57,28 @@ def test_window_fits_keeps_whole_sentences_and_moves_concepts():
     assert len(seen_starts) > 3 and effusion_kept > 0  # the end of the caption is reached on some visits
 
 
+def test_concepts_rule_draws_among_the_windows_that_keep_the_most_concepts():
+    tokenizer = SpanTokenizer(SimpleTokenizer())
+    # two concepts in the first sentences, one in the last: no window holds all three
+    concepts = [_concept(LONG, "Finding 0", "C1"), _concept(LONG, "Finding 1", "C2"),
+                _concept(LONG, "pleural effusion", "C3")]
+    kept_by_rule = {}
+    for keep in (False, True):
+        kept_by_rule[keep] = Counter()
+        for seed in range(60):
+            skips = Counter()
+            _, kept = caption_window(random.Random(seed), LONG, concepts, tokenizer.count_tokens, 75, skips,
+                                     keep_concepts=keep)
+            kept_by_rule[keep][len(kept)] += 1
+            assert len(kept) + skips["concept_dropped"] == 3
+    assert kept_by_rule[True] == Counter({2: 60})  # every visit keeps the two concepts of the head
+    assert kept_by_rule[False][0] > 0  # a uniform start often keeps none
+    bounds = sentence_bounds(LONG)
+    windows = fitting_windows([tokenizer.count_tokens(LONG[a:b]) for a, b in bounds], 75)
+    assert most_concepts(windows, bounds, []) == windows  # no concepts: every window ties
+    assert len(most_concepts(windows, bounds, concepts[2:])) < len(windows)
+
+
 def test_a_caption_that_fits_is_left_alone():
     tokenizer = SpanTokenizer(SimpleTokenizer())
     rng = random.Random(0)
@@ -78,7 +100,7 @@ def _long_caption_shard(tmp_path) -> Manifest:
     return Manifest("long", [str(path)], samples=4, caption_fields=["captions"])
 
 
-@pytest.mark.parametrize("rule", ["head", "window"])
+@pytest.mark.parametrize("rule", ["head", "window", "concepts"])
 def test_stream_windows_long_captions_and_keeps_their_concepts(tmp_path, tiny_encoder, rule):
     manifest = _long_caption_shard(tmp_path)
     stream = build_train_stream([manifest], tiny_encoder.tokenizer, TRANSFORM, batch_size=4, seed=1,
@@ -91,7 +113,7 @@ def test_stream_windows_long_captions_and_keeps_their_concepts(tmp_path, tiny_en
         for batch in stream:
             for ids, spans, mask in zip(batch["text"], batch["concept_spans"], batch["concept_mask"]):
                 tokens = [t for t in ids.tolist() if t]
-                if rule == "window":  # whole sentences with room for the end token: nothing truncated
+                if rule != "head":  # whole sentences with room for the end token: nothing truncated
                     assert len(tokens) < context and tokens[-1] == bpe.encoder["<end_of_text>"]
                     assert bpe.decode(tokens[1:-1]).strip().endswith(".")
                 mapped += [bpe.decode(ids[s:e].tolist()).strip() for (s, e), m in zip(spans.tolist(), mask) if m]
@@ -99,9 +121,11 @@ def test_stream_windows_long_captions_and_keeps_their_concepts(tmp_path, tiny_en
         assert mapped == [] and stream.skip_counts()["concept_dropped"] == 24
     else:
         assert mapped and set(mapped) == {"pleural effusion"}
+        if rule == "concepts":  # the window always keeps the one concept
+            assert len(mapped) == 24 and stream.skip_counts().get("concept_dropped", 0) == 0
 
 
 def test_stream_rejects_an_unknown_rule(tmp_path, tiny_encoder):
-    with pytest.raises(MedclipError, match="long_captions must be one of head, window"):
+    with pytest.raises(MedclipError, match="long_captions must be one of head, window, concepts"):
         build_train_stream([_long_caption_shard(tmp_path)], tiny_encoder.tokenizer, TRANSFORM, batch_size=4,
                            long_captions="tail")

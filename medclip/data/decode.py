@@ -116,9 +116,10 @@ class SampleDecoder:
         choice = draw_caption(rng, len(captions), self.cfg.first_caption_share)
         caption = captions[choice]
         concepts = caption_concepts(meta, m.concept_field, choice, self.cfg.max_concepts) if indexed else []
-        if self.cfg.long_captions == "window":  # the same RNG, after the draw: the window replays on resume
+        if self.cfg.long_captions != "head":  # the same RNG, after the draw: the window replays on resume
             caption, concepts = caption_window(rng, caption, concepts, self.tokenizer.count_tokens,
-                                               self.tokenizer.context_length - 2, skips)
+                                               self.tokenizer.context_length - 2, skips,
+                                               keep_concepts=self.cfg.long_captions == "concepts")
         text = tokenize_with_concepts(self.tokenizer, caption, concepts, skips)
         decoded = DecodedSample(sample["__key__"], pixels, text.ids, text.spans, text.cuis, text.positive,
                                 pool_keys=pool_keys(captions, choice))
