@@ -149,14 +149,19 @@ def _objective_case(rank: int, errors: dict):
     full = {"images": images, "text": text, "concept_spans": spans, "concept_ids": ids, "concept_mask": mask}
     # The same-caption case repeats rank 0's first caption as rank 1's last.
     repeated = {**full, "text": build_tokenizer(cfg)(captions[:3] + captions[:1])}
+    # The pool case: rank 0's row 1 and rank 1's row 3 hold a caption the other rank's rows drew.
+    keys = torch.tensor([[11, 12], [13, 21], [21, 21], [14, 11]])
+    pooled = {**full, "pool_keys": keys}
     for name, it_kind, same_caption in [("infonce", "infonce", "negative"), ("sigmoid", "sigmoid", "negative"),
-                                        ("sigmoid_same_caption", "sigmoid", "positive")]:
+                                        ("sigmoid_same_caption", "sigmoid", "positive"),
+                                        ("infonce_pool", "infonce", "negative")]:
         if it_kind == "sigmoid":
             torch.manual_seed(0)
             model = build_model({**cfg, "init_logit_bias": -10.0})
         params = [p for m in (model, heads) for p in m.parameters()]
-        config = ObjectiveConfig(it_kind=it_kind, it_same_caption=same_caption, pc_weight=0.7, pc_chunk_size=2)
-        batch = repeated if same_caption == "positive" else full
+        config = ObjectiveConfig(it_kind=it_kind, it_same_caption=same_caption, pc_weight=0.7, pc_chunk_size=2,
+                                 it_positives="pool" if name.endswith("pool") else "own")
+        batch = repeated if same_caption == "positive" else pooled if name.endswith("pool") else full
         rows = slice(rank * 2, rank * 2 + 2)
         local_batch = {k: v[rows] for k, v in batch.items()}
         local = Objective(config).compute(model, heads, local_batch, step=0)
@@ -223,7 +228,7 @@ def test_world_size_two_equals_concatenated_batch(distributed_errors, case):
 
 @pytest.mark.integration
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["infonce", "sigmoid", "sigmoid_same_caption"])
+@pytest.mark.parametrize("case", ["infonce", "sigmoid", "sigmoid_same_caption", "infonce_pool"])
 def test_objective_world_size_two_equals_concatenated_batch(distributed_errors, case):
     for rank, errors in enumerate(distributed_errors):
         errs = errors[f"objective_{case}"]

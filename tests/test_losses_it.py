@@ -218,6 +218,12 @@ def test_pool_positives_infonce_is_the_soft_target_loss_and_plain_without_sharin
     sig = sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single(), pool_keys=pools)
     labels = image_to_text.float() * 2 - 1
     assert torch.allclose(sig, -F.logsigmoid(labels * (logits + bias)).sum() / 4, atol=1e-6)
+    # with the same-caption rule too, identical token rows (3 and 0 here) are positives as well
+    same = torch.tensor([5, 6, 7, 5])
+    both = sigmoid_loss(image, text, log_scale.exp(), bias, world=World.single(), caption_keys=same, pool_keys=pools)
+    either = image_to_text | (same[:, None] == same[None, :])
+    assert either.sum() > image_to_text.sum()
+    assert torch.allclose(both, -F.logsigmoid((either.float() * 2 - 1) * (logits + bias)).sum() / 4, atol=1e-6)
 
 
 def test_objective_pool_positives_read_the_batch(tiny_encoder):
@@ -236,6 +242,8 @@ def test_objective_pool_positives_read_the_batch(tiny_encoder):
     assert own.forward_features(model, None, batch, step=0).pool_keys is None
     halves = [objective.forward_features(model, None, {k: v[s] for k, v in batch.items()}, step=0)
               for s in (slice(0, 2), slice(2, 4))]
+    # gradient accumulation's path: the parts' features concatenated give the whole batch's loss
+    assert torch.allclose(objective.losses(concat_features(halves), 0, model, None)["it"], loss, atol=1e-6)
     halves[1].pool_keys = halves[1].pool_keys[:, :1]  # a narrower part is padded with its drawn key
     assert torch.equal(concat_features(halves).pool_keys, torch.tensor([[1, 2], [3, 1], [1, 1], [4, 4]]))
     with pytest.raises(MedclipError, match="needs the batch field pool_keys"):

@@ -47,7 +47,7 @@ class StreamConfig:
     # see training.prepare); the others share the rest evenly. None: every caption equally likely.
     first_caption_share: float | None = None
     # A caption longer than the text context: "head" truncates its end (open_clip's tokenizers), "window" draws
-    # a run of whole sentences that fits (medclip.data.windows).
+    # a run of whole sentences that fits, "concepts" one of those keeping the most concepts (medclip.data.windows).
     long_captions: str = "head"
     # Run the shell commands of pipe: shard URLs (the user trusts the manifests; off by default).
     allow_pipe: bool = False

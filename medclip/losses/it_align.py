@@ -134,20 +134,21 @@ def sigmoid_loss(
 
     Normalised like SigLIP: summed over texts, divided by the local batch size. With
     ``caption_keys``, every pair with identical captions is labelled positive; with ``pool_keys``,
-    every pair whose caption is in the image's pool.
+    every pair whose caption is in the image's pool (with both, either makes a positive).
     """
     world = resolve(world)
     all_text = torch.cat(all_gather_with_grad(text_features, world))
     logits = logit_scale * image_features @ all_text.T + logit_bias
     n = image_features.shape[0]
     if pool_keys is not None:
-        labels = pool_positives(pool_keys, world)[0].to(logits.dtype) * 2 - 1
-    elif caption_keys is None:
-        labels = -torch.ones_like(logits)
-        own = torch.arange(n, device=logits.device) + n * world.rank
-        labels[torch.arange(n, device=logits.device), own] = 1.0
+        positives = pool_positives(pool_keys, world)[0]
     else:
-        labels = _same_caption(caption_keys, world).to(logits.dtype) * 2 - 1
+        positives = torch.zeros_like(logits, dtype=torch.bool)
+        own = torch.arange(n, device=logits.device) + n * world.rank
+        positives[torch.arange(n, device=logits.device), own] = True
+    if caption_keys is not None:  # identical tokens: also pairs whose texts differ only where tokens do not
+        positives = positives | _same_caption(caption_keys, world)
+    labels = positives.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(labels * logits).sum() / n
 
 

@@ -125,11 +125,11 @@ class Features:
     image: torch.Tensor  # [B, D] normalized
     text: torch.Tensor  # [B, D] normalized
     caption_keys: torch.Tensor | None = None  # [B] int64, equal for identical captions (it_same_caption)
-    pool_keys: torch.Tensor | None = None  # [B, K] int64 caption keys of each image's pool (it_positives 'pool')
     patches: torch.Tensor | None = None  # [B, P, Dc] heads.embed_patches, not normalized
     concepts: torch.Tensor | None = None  # [B, C, Dc] span (and name) embeddings, not normalized
     concept_mask: torch.Tensor | None = None  # [B, C] bool
     concept_ids: torch.Tensor | None = None  # [B, C] long
+    pool_keys: torch.Tensor | None = None  # [B, K] int64 caption keys of each image's pool (it_positives 'pool')
 
     @property
     def has_concepts(self) -> bool:
@@ -159,10 +159,10 @@ def concat_features(parts: list[Features]) -> Features:
         width = max(p.pool_keys.shape[1] for p in parts)
         pools = torch.cat([pad_pool_keys(p.pool_keys, width) for p in parts])
     if not all(p.has_concepts for p in parts):
-        return Features(image, text, keys, pools)
+        return Features(image, text, keys, pool_keys=pools)
     c = max(p.concept_mask.shape[1] for p in parts)
     return Features(
-        image, text, keys, pools,
+        image, text, keys, pool_keys=pools,
         patches=torch.cat([p.patches for p in parts]),
         concepts=torch.cat([_pad_concepts(p.concepts, c) for p in parts]),
         concept_mask=torch.cat([_pad_concepts(p.concept_mask, c, False) for p in parts]),
@@ -261,7 +261,7 @@ class Objective:
         text_pooled, token_states = towers.text_tokens(model, text)
         keys = hash_captions(text) if self.config.it_same_caption == "positive" else None
         features = Features(F.normalize(image_pooled, dim=-1), F.normalize(text_pooled, dim=-1), keys,
-                            self._pool_keys(batch, images.shape[0]))
+                            pool_keys=self._pool_keys(batch, images.shape[0]))
         if not pc_on:
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])

@@ -85,8 +85,9 @@ class DataConfig:
     gpu_decode: bool = False
     # Chance of drawing a sample's own caption rather than one of its label captions (None: all equal).
     first_caption_share: float | None = None
-    # Captions longer than the text context: head (truncated at the end, as open_clip) or window (a run of whole
-    # sentences that fits, drawn per visit, with its concepts; docs/data.md).
+    # Captions longer than the text context: head (truncated at the end, as open_clip), window (a run of whole
+    # sentences that fits, drawn per visit, with its concepts) or concepts (drawn among the windows that keep
+    # the most concepts; docs/data.md).
     long_captions: str = "head"
     # Samples per epoch over all ranks (None: sum of weight x samples over the sources; see README, Data).
     epoch_samples: int | None = None
