@@ -57,7 +57,8 @@ SPACE: dict[str, Callable] = {
     "first_caption_share": lambda t, r, s: [
         "data.first_caption_share=" + t.suggest_categorical("first_caption_share", ["null", "0.25", "0.5", "0.75"])],
     # A stored study's categorical choices cannot change (Optuna refuses to resume it): a new choice needs a
-    # new parameter name. 'concepts' (data.long_captions) lost on engine_parity's 3 seeds: not searched.
+    # new parameter name. 'concepts' (data.long_captions) did not beat the shipped head truncation on
+    # engine_parity's 3 seeds (MedPix dev mean 51.3 ± 1.3 against 52.5 ± 0.6): not searched.
     "long_captions": lambda t, r, s: [
         f"data.long_captions={t.suggest_categorical('long_captions', ['head', 'window'])}"],
     "it_positives": lambda t, r, s: [
