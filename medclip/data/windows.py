@@ -67,7 +67,8 @@ def most_concepts(windows: list[tuple[int, int]], bounds: list[tuple[int, int]],
     """The windows (sentence ranges) holding the most whole concept spans."""
     spans = [s for s in map(_span, concepts) if s is not None]
     counts = [sum(bounds[first][0] <= a and b <= bounds[last - 1][1] for a, b in spans) for first, last in windows]
-    return [w for w, n in zip(windows, counts) if n == max(counts)]
+    most = max(counts)
+    return [w for w, n in zip(windows, counts) if n == most]
 
 
 def caption_window(rng: random.Random, caption: str, concepts: list[dict], count_tokens: Callable[[str], int],
