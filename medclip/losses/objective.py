@@ -69,8 +69,9 @@ class ObjectiveConfig:
     # negative of it, not only the image's maximum; 0 = off (ConceptCLIP's form).
     pc_patch_negatives: float = 0.0
     use_concept_names: bool = False  # also align the embedding of each concept's name
-    # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings or 'blockN') and
-    # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
+    # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings, the patch
+    # 'stem' without positions or 'blockN') and the k x k neighbourhood it sees; kept in the exported heads'
+    # config, so queries read the same.
     pc_patch_states: str = "last"
     pc_patch_context: int = 1
     pc_patch_head: str = "mlp"  # models.heads.PATCH_HEADS
