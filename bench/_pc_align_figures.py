@@ -35,9 +35,9 @@ def first_per_finding(data_dir: Path) -> list[tuple]:
     return [found[name] for name in CUIS if name in found]
 
 
-def render_findings_figure(run_dir: Path, path: Path) -> list[bool]:
+def render_findings_figure(run_dir: Path, path: Path, stride: int | None = None) -> list[bool]:
     """One held-out image per finding with the run's map of that finding (``medclip explain``: the PC-Align
-    heads when the export has them), its box, the image-level score and whether the map's maximum lies in the
+    heads when the export has them; every ``stride`` pixels, default one cell per patch), its box, the image-level score and whether the map's maximum lies in the
     box (pointing game, tolerance 0). Returns the hits, panel by panel."""
     import matplotlib
 
@@ -58,7 +58,7 @@ def render_findings_figure(run_dir: Path, path: Path) -> list[bool]:
     for ax in axes.ravel():
         ax.axis("off")
     for ax, (sample, name, bbox) in zip(axes.ravel(), panels):
-        maps = explain(encoder, sample.image, [name])
+        maps = explain(encoder, sample.image, [name], stride=stride)
         heat = maps.source_heatmaps()[0]
         hit = pointing_game(heat, bbox)
         hits.append(hit)
@@ -78,5 +78,6 @@ def render_findings_figure(run_dir: Path, path: Path) -> list[bool]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
-    print(f"figure: {path} (first held-out image of each finding, {run_dir}): {sum(hits)}/{len(hits)} hits")
+    print(f"figure: {path} (first held-out image of each finding, {run_dir}, stride {stride}): "
+          f"{sum(hits)}/{len(hits)} hits")
     return hits

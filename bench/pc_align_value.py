@@ -69,6 +69,8 @@ VARIANTS = {
                             ["objective.pc_patch_states=last", "objective.pc_patch_context=1"]),
     "heads_on_block1": ("heads read the first block's tokens with their 3x3 neighbours (a patch next to its "
                         "surroundings)", ["objective.pc_patch_states=block1"]),
+    "heads_on_stem": ("heads read the patch stem without the positional embedding, with their 3x3 neighbours (what "
+                      "a patch shows, not where it is)", ["objective.pc_patch_states=stem"]),
     "conv_head": ("the patch head as two convolutions over the grid (3x3, then 3x3 and 1x1; two non-linearities)",
                   ["objective.pc_patch_head=conv"]),
     "patch_alone": ("heads read each patch embedding without its 3x3 neighbours", ["objective.pc_patch_context=1"]),
@@ -78,6 +80,8 @@ VARIANTS = {
                           ["objective.pc_same_concept=negative"]),
     "pool_topk": ("mean of the top-4 patches instead of the max", ["objective.pc_pool=topk", "objective.pc_topk=4"]),
     "pool_lse": ("smooth maximum (log-sum-exp, tau 0.1) instead of the max", ["objective.pc_pool=lse"]),
+    "patch_negatives": ("also every patch of an image without the concept as its negative (weight 1)",
+                        ["objective.pc_patch_negatives=1.0"]),
 }
 # The same question on real data (``--real``): the shared_real recipe with and without its PC-Align stage,
 # scored by the run's own evaluation (MedPix dev and COVID-19 test: zero-shot, retrieval, linear probes).
@@ -199,8 +203,10 @@ def reference_scores(train_shards: list[Path], val_shards: list[Path], grid: int
     return out
 
 
-def score_run(run_dir: Path, methods: list[str], train_shards: list[Path], val_shards: list[Path]) -> dict:
-    """{method: {pg0, pg1, energy, concept_auc}} for a trained run on its held-out split, and the references."""
+def score_run(run_dir: Path, methods: list[str], train_shards: list[Path], val_shards: list[Path],
+              stride: int | None = None) -> dict:
+    """{method: {pg0, pg1, energy, concept_auc}} for a trained run on its held-out split (maps every ``stride``
+    input pixels, default one per patch), and the references."""
     import medclip
     from medclip.concepts.grounding import evaluate_grounding, grounding_records_from_shards
     from medclip.concepts.zero_shot import concept_label_records_from_shards, evaluate_concept_zero_shot
@@ -213,8 +219,8 @@ def score_run(run_dir: Path, methods: list[str], train_shards: list[Path], val_s
     prior_missed = {tuple(b) for b in out["prior"].pop("prior_missed")}
     for method in methods:
         use_heads = method == "heads"
-        tol0 = evaluate_grounding(encoder, boxes, 0.0, use_heads)
-        tol1 = evaluate_grounding(encoder, boxes, patch, use_heads)
+        tol0 = evaluate_grounding(encoder, boxes, 0.0, use_heads, stride)
+        tol1 = evaluate_grounding(encoder, boxes, patch, use_heads, stride)
         auc = evaluate_concept_zero_shot(encoder, labels, use_heads=use_heads)
         beyond = [r["hit"] for r in tol0.per_record if _box_id(r) in prior_missed]
         out[method] = {"pg0": tol0.pointing_accuracy, "pg1": tol1.pointing_accuracy, "energy": tol0.mean_energy,
@@ -229,13 +235,14 @@ def _box_id(record: dict) -> tuple:
     return record["key"], record["concept"], *record["box"]
 
 
-def cached_scores(run_dir: Path, split: str, data_dir: Path) -> dict:
+def cached_scores(run_dir: Path, split: str, data_dir: Path, stride: int | None = None) -> dict:
     """score_run's result for a finished run, kept beside it (a retrained run starts from an empty folder)."""
-    path = run_dir / "bench-scores.json"
+    path = run_dir / ("bench-scores.json" if stride is None else f"bench-scores-stride{stride}.json")
     if path.is_file() and "per_concept_n" in (scores := json.loads(path.read_text())).get("prior", {}):
         return scores
     with_heads = yaml.safe_load((run_dir / "bench-recipe.yaml").read_text())["objective"]["pc_weight"] > 0
-    scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"], *split_shards(split, data_dir))
+    scores = score_run(run_dir, ["heads", "cosine"] if with_heads else ["cosine"], *split_shards(split, data_dir),
+                       stride)
     path.write_text(json.dumps(scores))
     return scores
 
@@ -256,19 +263,22 @@ def run_split(args, out: Path, split: str) -> None:
             data_dir = run_data_dir(split, run_dir, out, seed, args.data_root)
             results[variant][seed] = {"seconds": info["seconds"],
                                       "suite": {} if split == "planted" else suite_metrics(run_dir),
-                                      "scores": cached_scores(run_dir, split, data_dir)}
+                                      "scores": cached_scores(run_dir, split, data_dir, args.stride)}
     refs = [r["scores"] for r in next((v for v in results.values() if v), {}).values()]
     if not refs:
         raise SystemExit(f"{split}: no finished run to tabulate")
-    table = print_table(table_rows(refs, results, args.variants), f"{split}: {SPLITS[split]}")
+    maps = "one map cell per patch" if args.stride is None else f"maps every {args.stride} px (shift-and-stitch)"
+    table = print_table(table_rows(refs, results, args.variants), f"{split}: {SPLITS[split]}; {maps}")
     table += "\n\n" + per_concept_table(refs, results)
-    (base / "results.json").write_text(json.dumps(results, indent=1))
-    (base / "table.md").write_text(table + "\n")
-    print(f"results: {base / 'results.json'}")
+    suffix = "" if args.stride is None else f"-stride{args.stride}"
+    (base / f"results{suffix}.json").write_text(json.dumps(results, indent=1))
+    (base / f"table{suffix}.md").write_text(table + "\n")
+    print(f"results: {base / f'results{suffix}.json'}")
     if args.figure and split == "demo":
         figures.render_figure(out / "pc_align" / f"seed_{args.seeds[0]}", args.figure.resolve())
     if args.findings_figure and split == "random":
-        figures.render_findings_figure(base / "pc_align" / f"seed_{args.seeds[0]}", args.findings_figure.resolve())
+        figures.render_findings_figure(base / "pc_align" / f"seed_{args.seeds[0]}", args.findings_figure.resolve(),
+                                       args.stride)
 
 
 def reference_data(split: str, seed: int, out: Path, data_root: Path) -> Path:
@@ -354,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the grounding split(s) to train and score on (module docstring)")
     parser.add_argument("--no-model", action="store_true",
                         help="train nothing: build each split's data and print chance, centre and the concept prior")
+    parser.add_argument("--stride", type=int, metavar="PIXELS",
+                        help="score heads and cosine maps sampled every PIXELS input pixels (medclip explain "
+                             "--stride; default one per patch)")
     parser.add_argument("--data-root", type=Path, default=SHARED_DATA, help="../shared/data, for --split planted")
     parser.add_argument("--real", action="store_true",
                         help="instead: shared_real with and without its PC-Align stage (~10 min per run)")

@@ -37,3 +37,7 @@ def test_findings_figure_shows_each_finding_once_with_its_own_box_and_pointing_r
     records = grounding_records_from_shards(sorted((run / "demo_data").glob("demo-val-*.tar")))
     scored = {(r["key"], r["concept"]): r["hit"] for r in evaluate_grounding(encoder, records).per_record}
     assert hits == [scored[(sample.key, name)] for sample, name, _ in panels]
+    # At a stride too (the figure the README shows is drawn every 2 px).
+    hits = figures.render_findings_figure(run, tmp_path / "findings-stride.png", stride=4)
+    scored = {(r["key"], r["concept"]): r["hit"] for r in evaluate_grounding(encoder, records, stride=4).per_record}
+    assert hits == [scored[(sample.key, name)] for sample, name, _ in panels]

@@ -54,8 +54,24 @@ def test_embed_states_are_the_first_blocks_input(tiny_encoder):
         pooled, states = towers.image_tokens(model, images, "embed")
         torch.testing.assert_close(states, _embeddings_by_hand(model.visual, images))
         torch.testing.assert_close(pooled, model.encode_image(images))
-    with pytest.raises(MedclipError, match="'last', 'embed' or 'block<N>'"):
+    with pytest.raises(MedclipError, match="'last', 'embed', 'stem' or 'block<N>'"):
         towers.image_tokens(model, images, "middle")
+
+
+def test_stem_states_are_the_patches_without_their_positions(tiny_encoder):
+    # What a patch shows, not where: the same pixels at two places of the image give the same stem state.
+    model = tiny_encoder.model.eval()
+    visual = model.visual
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    images[:, :, 8:16, 0:8] = images[:, :, 40:48, 24:32]  # patch (1, 0) repeats patch (5, 3)
+    with torch.no_grad():
+        pooled, states = towers.image_tokens(model, images, "stem")
+        torch.testing.assert_close(pooled, model.encode_image(images))
+        by_hand = visual.ln_pre(F.conv2d(images, visual.conv1.weight, stride=8).flatten(2).transpose(1, 2))
+        torch.testing.assert_close(states, by_hand)
+        torch.testing.assert_close(states[:, 8], states[:, 5 * 8 + 3])
+        _, embedded = towers.image_tokens(model, images, "embed")
+    assert not torch.allclose(embedded[:, 8], embedded[:, 5 * 8 + 3])  # 'embed' adds where the patch is
 
 
 def test_block_states_are_that_blocks_output(tiny_encoder):

@@ -142,3 +142,39 @@ def test_bad_config_and_shapes_raise():
     patches, concepts, mask, ids, scale, bias = _batch()
     with pytest.raises(MedclipError, match="disagree"):
         pc_align_loss(patches, concepts, mask[:, :2], ids, scale, bias, world=SINGLE)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+def test_patch_negatives_by_hand(chunk):
+    # Every patch of an image without the concept is a negative of it: w * mean over its patches, per
+    # counted negative pair, beside the max-pooled pair loss; positives gain nothing.
+    patches, concepts, mask, ids, scale, bias = _batch(c=2)
+    mask[1, 1] = True
+    cfg = PCAlignConfig("max", chunk_size=chunk, patch_negatives=0.7)
+    loss = pc_align_loss(patches, concepts, mask, ids, scale.log(), bias, cfg, world=SINGLE)
+    pn, cn = F.normalize(patches, dim=-1), F.normalize(concepts, dim=-1)
+    total = 0.0
+    for i in range(3):
+        for j in range(3):
+            for k in range(2):
+                logits = scale * pn[i] @ cn[j, k] + bias  # [P]
+                if i == j:
+                    total += -F.logsigmoid(logits.max())
+                elif ids[j, k].item() not in ids[i].tolist():
+                    total += -F.logsigmoid(-logits.max()) + 0.7 * (-F.logsigmoid(-logits)).mean()
+    assert torch.allclose(loss, total / 3, atol=1e-10)
+
+
+def test_patch_negatives_gradcheck_and_validation():
+    patches, concepts, mask, ids, scale, bias = _batch()
+    cfg = PCAlignConfig("max", chunk_size=2, patch_negatives=1.0)
+    inputs = tuple(t.clone().requires_grad_() for t in (patches, concepts, scale, bias))
+    assert torch.autograd.gradcheck(lambda pt, ct, s, b: pc_align_loss(pt, ct, mask, ids, s, b, cfg, world=SINGLE),
+                                    inputs, eps=1e-6, atol=1e-5)
+    with pytest.raises(MedclipError, match="patch_negatives must be >= 0"):
+        PCAlignConfig(patch_negatives=-0.5)
+    from medclip.losses.objective import ObjectiveConfig
+
+    assert ObjectiveConfig.from_dict({"pc_patch_negatives": 0.5}).pc_config().patch_negatives == 0.5
+    with pytest.raises(MedclipError, match="patch_negatives"):
+        ObjectiveConfig.from_dict({"pc_patch_negatives": -1})

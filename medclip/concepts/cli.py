@@ -95,7 +95,7 @@ def run_explain(args) -> int:
                                      tolerance=args.tolerance)
         else:
             result = evaluate_grounding(_load_encoder(args), records, tolerance=args.tolerance,
-                                        use_heads=_use_heads(args.method))
+                                        use_heads=_use_heads(args.method), stride=args.stride)
         return _print_json(result.to_dict(), args.output)
     if not args.image:
         raise MedclipError("give an IMAGE to explain (or --grounding SHARDS)")
@@ -107,7 +107,7 @@ def run_explain(args) -> int:
     output = Path(args.output or Path(args.image).with_suffix(".concepts.png").name)
     check_output_file(output, [args.image, args.concepts_file, args.vocab], args.force)
     encoder = _load_encoder(args)
-    maps = explain(encoder, args.image, concepts)
+    maps = explain(encoder, args.image, concepts, stride=args.stride)
     ranked = None
     if args.vocab:
         ranked = rank_concepts(encoder, args.image, _read_names(args.vocab), args.top_k)
@@ -218,6 +218,9 @@ def register(subparsers) -> None:
     exp.add_argument("--force", action="store_true", help="write -o even when it is one of the inputs")
     exp.add_argument("--grounding", nargs="+", metavar="SHARDS",
                      help="shards or directories whose samples carry 'boxes': print pointing game and energy")
+    exp.add_argument("--stride", type=int, metavar="PIXELS",
+                     help="maps every PIXELS input pixels instead of one per patch (shift-and-stitch: "
+                          "(patch / PIXELS)^2 forward passes; must divide the patch)")
     exp.add_argument("--tolerance", type=float, default=0.0, help="pointing-game margin around boxes (pixels)")
     exp.add_argument("--method", choices=["heads", "cosine", "random", "centre", "prior"],
                      help="grounding: PC-Align heads, patch-text cosine, or a model-free reference (a uniformly "

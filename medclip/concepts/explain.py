@@ -88,21 +88,80 @@ def model_view(tensor: torch.Tensor, preprocess_cfg: dict) -> Image.Image:
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | None = None) -> ConceptMaps:
-    """Per-patch scores of ``concepts`` on one image (path, PIL image, DICOM path, array)."""
+def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | None = None,
+            stride: int | None = None) -> ConceptMaps:
+    """Per-patch scores of ``concepts`` on one image (path, PIL image, DICOM path, array).
+
+    ``stride`` (pixels of the model's input, dividing the patch): maps sampled every ``stride`` pixels instead
+    of once per patch, by shift-and-stitch (``shifted_views``: (patch / stride)^2 forward passes). The image
+    scores (and so the ranking) are the unshifted input's, whatever the stride.
+    """
     scorer = scorer or ConceptScorer(encoder)
     names = [c.strip() for c in ([concepts] if isinstance(concepts, str) else concepts)]
     # The encoder's default intensity window applies to 16-bit and DICOM inputs, as in encode_image.
     window = getattr(encoder.preprocess, "window", None)
     source = load_image(image, window)  # PIL images too: upright (EXIF) and RGB, as encode_image sees them
     tensor = encoder.preprocess(source)
-    image_scores, patch = scorer.score(tensor[None], names)
+    patch = patch_pixels(encoder, tensor)
+    steps = _shift_counts(patch, stride)
+    views = tensor[None] if steps == (1, 1) else torch.cat([tensor[None], shifted_views(
+        tensor, patch, stride, black_pixel(encoder.preprocess_cfg))])
+    image_scores, patch_scores = scorer.score(views, names)
     gh, gw = encoder.grid_size
-    if patch.shape[-1] != gh * gw:
-        raise MedclipError(f"model returned {patch.shape[-1]} patches for a {gh}x{gw} grid")
-    return ConceptMaps(names, patch[0].reshape(len(names), gh, gw), image_scores[0],
+    if patch_scores.shape[-1] != gh * gw:
+        raise MedclipError(f"model returned {patch_scores.shape[-1]} patches for a {gh}x{gw} grid")
+    maps = patch_scores[0] if steps == (1, 1) else stitch(patch_scores[1:], (gh, gw), steps)
+    return ConceptMaps(names, maps.reshape(len(names), gh * steps[0], gw * steps[1]), image_scores[0],
                        model_view(tensor, encoder.preprocess_cfg), scorer.method, source.size,
                        view_region(source.size, encoder.preprocess_cfg))
+
+
+def patch_pixels(encoder, tensor: torch.Tensor) -> tuple[int, int]:
+    """(rows, columns) of input pixels per grid cell (a ViT's patch, a CNN's total stride)."""
+    (gh, gw), (height, width) = encoder.grid_size, tensor.shape[-2:]
+    if height % gh or width % gw:
+        raise MedclipError(f"the {gh}x{gw} patch grid does not tile the {width}x{height} input")
+    return height // gh, width // gw
+
+
+def _shift_counts(patch: tuple[int, int], stride: int | None) -> tuple[int, int]:
+    """Views per axis for maps every ``stride`` pixels; (1, 1) for one map per patch."""
+    if stride is None:
+        return 1, 1
+    if stride < 1 or patch[0] % stride or patch[1] % stride:
+        raise MedclipError(f"stride must divide the model's {patch[1]}x{patch[0]}-pixel patch, got {stride}")
+    return patch[0] // stride, patch[1] // stride
+
+
+def black_pixel(preprocess_cfg: dict) -> torch.Tensor:
+    """[3] the normalized value of a black pixel (what open_clip's letterbox padding fills)."""
+    mean = torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
+    std = torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
+    return -mean / std
+
+
+def shifted_views(tensor: torch.Tensor, patch: tuple[int, int], stride: int, fill: torch.Tensor) -> torch.Tensor:
+    """Shift-and-stitch (Long et al., FCN): [3, H, W] -> [n_rows * n_cols, 3, H, W], the input moved by whole
+    pixels so that view (m_row, m_col) (row-major) has its grid cell i centred on input pixel
+    ``stride * (n * i + m) + stride / 2`` on each axis (n = patch / stride; within half a pixel when
+    patch - stride is odd). Pixels moved in from outside the input are ``fill``."""
+    pad_y, pad_x = patch
+    _, height, width = tensor.shape
+    padded = fill.to(tensor)[:, None, None].expand(-1, height + 2 * pad_y, width + 2 * pad_x).clone()
+    padded[:, pad_y:pad_y + height, pad_x:pad_x + width] = tensor
+    shifts = [[round((p - stride) / 2 - m * stride) for m in range(p // stride)] for p in patch]
+    # Moving the content by (dy, dx): view[y, x] = input[y - dy, x - dx].
+    return torch.stack([padded[:, pad_y - dy:pad_y - dy + height, pad_x - dx:pad_x - dx + width]
+                        for dy in shifts[0] for dx in shifts[1]])
+
+
+def stitch(view_scores: torch.Tensor, grid: tuple[int, int], steps: tuple[int, int]) -> torch.Tensor:
+    """Scores of ``shifted_views`` [n_rows * n_cols, C, gh * gw] -> [C, gh * n_rows, gw * n_cols]: cell
+    n * i + m of the fine grid is cell i of view m, on each axis."""
+    (gh, gw), (n_rows, n_cols) = grid, steps
+    concepts = view_scores.shape[1]
+    cells = view_scores.reshape(n_rows, n_cols, concepts, gh, gw)
+    return cells.permute(2, 3, 0, 4, 1).reshape(concepts, gh * n_rows, gw * n_cols)
 
 
 def rank_concepts(encoder, image, vocabulary: Sequence[str], top_k: int = 10,

@@ -214,8 +214,9 @@ def _summarize(scored: list[tuple[GroundingRecord, float, float]], method: str, 
 
 
 def evaluate_grounding(encoder, records: Iterable[GroundingRecord], tolerance: float = 0.0,
-                       use_heads: bool | None = None) -> GroundingResult:
-    """Pointing-game accuracy and mean energy-in-box of ``encoder``'s concept maps over ``records``.
+                       use_heads: bool | None = None, stride: int | None = None) -> GroundingResult:
+    """Pointing-game accuracy and mean energy-in-box of ``encoder``'s concept maps over ``records``
+    (maps every ``stride`` input pixels by shift-and-stitch, ``explain``; default one per patch).
 
     Records of the same image are scored in one pass. A record with an unusable box is skipped and
     counted (``skipped``); an evaluation with no usable record is an error.
@@ -231,7 +232,7 @@ def evaluate_grounding(encoder, records: Iterable[GroundingRecord], tolerance: f
     skipped: dict[str, int] = {}
     for ident, group in by_image.items():
         names = list(dict.fromkeys(r.concept for r in group))
-        heat = explain(encoder, images[ident], names, scorer=scorer).source_heatmaps()
+        heat = explain(encoder, images[ident], names, scorer=scorer, stride=stride).source_heatmaps()
         for record in group:
             c = names.index(record.concept)
             try:

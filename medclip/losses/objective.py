@@ -65,9 +65,13 @@ class ObjectiveConfig:
     # Another caption's mention of one of the image's own concept ids: 'ignore' (no false negatives)
     # or 'negative' (ConceptCLIP's form).
     pc_same_concept: str = "ignore"
+    # Weight of the patch-level negatives (pc_align.py): every patch of an image without a concept is a
+    # negative of it, not only the image's maximum; 0 = off (ConceptCLIP's form).
+    pc_patch_negatives: float = 0.0
     use_concept_names: bool = False  # also align the embedding of each concept's name
-    # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings or 'blockN') and
-    # the k x k neighbourhood it sees; kept in the exported heads' config, so queries read the same.
+    # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings, the patch
+    # 'stem' without positions or 'blockN') and the k x k neighbourhood it sees; kept in the exported heads'
+    # config, so queries read the same.
     pc_patch_states: str = "last"
     pc_patch_context: int = 1
     pc_patch_head: str = "mlp"  # models.heads.PATCH_HEADS
@@ -112,7 +116,8 @@ class ObjectiveConfig:
 
     def pc_config(self) -> PCAlignConfig:
         return PCAlignConfig(pool=self.pc_pool, topk=self.pc_topk, lse_temperature=self.pc_lse_temperature,
-                             chunk_size=self.pc_chunk_size, same_concept=self.pc_same_concept)
+                             chunk_size=self.pc_chunk_size, same_concept=self.pc_same_concept,
+                             patch_negatives=self.pc_patch_negatives)
 
     def pc_active(self, step: int | None) -> bool:
         return self.pc_weight > 0 and (step is None or step >= self.pc_start_step)

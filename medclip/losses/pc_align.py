@@ -11,6 +11,10 @@ Pairs (image i of this rank, concept c of the global batch):
                  concepts (ConceptCLIP counts these as negatives: false negatives; ``same_concept:
                  'negative'`` does the same);
   * negative  -- every other valid concept.
+With ``patch_negatives`` = w > 0, each negative pair also adds w times the mean over the image's patches
+of the binary loss of that patch as a negative: an image without the concept says that none of its
+patches shows it (multiple-instance learning's negative bag), which the max alone teaches one patch
+per pair and step. The patches of a positive pair stay unlabelled but for the maximum.
 Images whose caption has no valid concept are not scored (an unannotated caption says nothing about
 which concepts are absent); padding and negated mentions are never scored as concepts.
 
@@ -56,6 +60,7 @@ class PCAlignConfig:
     lse_temperature: float = 0.1  # tau of pool='lse', in logit units
     chunk_size: int | None = 64  # concepts per chunk; None computes all concepts at once (naive)
     same_concept: str = "ignore"  # see SAME_CONCEPT_RULES
+    patch_negatives: float = 0.0  # weight of the patch-level negatives (module doc); 0 = off
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -66,6 +71,8 @@ class PCAlignConfig:
             raise MedclipError(f"PC-Align topk must be >= 1, got {self.topk}")
         if not self.lse_temperature > 0:
             raise MedclipError(f"PC-Align lse temperature must be > 0, got {self.lse_temperature}")
+        if not self.patch_negatives >= 0:
+            raise MedclipError(f"PC-Align patch_negatives must be >= 0, got {self.patch_negatives}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise MedclipError(f"PC-Align chunk size must be >= 1 or None, got {self.chunk_size}")
 
@@ -182,6 +189,19 @@ def concept_scores(patches, concepts, scale, bias, cfg: PCAlignConfig) -> torch.
     return _ChunkedScores.apply(patches, concepts, scale, bias, cfg)
 
 
+def patch_negative_loss(patches, concepts, scale, bias, negative: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Sum over negative pairs ([B, N] bool) of the mean over patches of -log sigmoid(-logit): raw patches
+    [B, P, D], unit concepts [N, D]. Holds [B, P, chunk] logits with their graph per chunk of concepts."""
+    units = F.normalize(patches, dim=-1, eps=NORM_EPS)
+    total = patches.new_zeros(())
+    step = chunk_size or concepts.shape[0]
+    for start in range(0, concepts.shape[0], step):
+        sl = slice(start, start + step)
+        logits = scale * (units @ concepts[sl].T) + bias  # [B, P, chunk]
+        total = total + (F.softplus(logits).mean(dim=1) * negative[:, sl].to(logits.dtype)).sum()
+    return total
+
+
 @dataclass
 class GlobalConcepts:
     """The valid concepts of the whole (global) batch, padded to the same count on every rank."""
@@ -271,5 +291,8 @@ def pc_align_loss(
     scored_images = all_reduce_sum(concept_mask.any(dim=1).sum().to(patch_embeds.dtype), world)
     scores = concept_scores(patch_embeds, gathered.embeddings, scale, logit_bias, cfg)
     sign = positive.to(scores.dtype) * 2 - 1
-    pair_loss = -F.logsigmoid(sign * scores) * counted.to(scores.dtype)
-    return zero + pair_loss.sum() * world.size / scored_images.clamp_min(1.0)
+    pair_loss = (-F.logsigmoid(sign * scores) * counted.to(scores.dtype)).sum()
+    if cfg.patch_negatives > 0:
+        pair_loss = pair_loss + cfg.patch_negatives * patch_negative_loss(
+            patch_embeds, gathered.embeddings, scale, logit_bias, counted & ~positive, cfg.chunk_size)
+    return zero + pair_loss * world.size / scored_images.clamp_min(1.0)

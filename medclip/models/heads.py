@@ -22,7 +22,9 @@ from medclip.errors import MedclipError
 # position gathers it, not the patch that shows the concept); 'block<N>' = the tokens after the N-th
 # block (1-based), in between: a patch compared with its surroundings but still mostly itself
 # (localised worse than 'embed' on the demo set's random split, one seed: docs/grounding.md).
-PATCH_STATES = ("last", "embed")  # and 'block<N>' (patch_block)
+# 'stem' = the patch stem's output alone, before the positional embedding is added (through ln_pre): what a
+# patch shows, not where it is, so a head reading it cannot learn where a finding usually sits.
+PATCH_STATES = ("last", "embed", "stem")  # and 'block<N>' (patch_block)
 # The patch head's form. 'mlp': each patch's k x k neighbourhood -> hidden -> concept space (one
 # non-linearity; ConceptCLIP's MLP when k = 1). 'conv': the same k x k layer as a convolution over the
 # grid, then a 3x3 convolution and a 1x1 projection (two non-linearities, k + 2 patches seen): a small

@@ -53,12 +53,15 @@ def image_tokens(model, images: torch.Tensor, patch_states: str = "last") -> tup
 
     ``patch_states`` (models.heads.PATCH_STATES): 'last' = the last block's tokens; 'embed' = the patch
     embeddings the first block receives (open_clip ViT: after the positional embedding and ln_pre);
-    'block<N>' = the tokens after the N-th block through ln_post (open_clip ViT). One forward pass.
+    'block<N>' = the tokens after the N-th block through ln_post (open_clip ViT); 'stem' = the patch stem's
+    output through ln_pre, without the positional embedding (open_clip ViT). One forward pass.
     """
     block = check_patch_states(model, patch_states)
     visual = model.visual
     if patch_states == "embed":
         return _vit_embeddings(visual, images)
+    if patch_states == "stem":
+        return _vit_stem(visual, images)
     if isinstance(visual, VisionTransformer):
         return _vit_tokens(visual, images, -1 if block is None else block - 1)
     feats = visual.trunk.forward_features(images)
@@ -128,6 +131,21 @@ def _vit_embeddings(visual: VisionTransformer, images: torch.Tensor) -> tuple[to
         raise MedclipError("could not read the ViT's patch embeddings (ln_pre ran "
                            f"{len(captured)} time(s); patch dropout must be off)")
     return pooled, captured[0][:, 1:]  # open_clip ViTs have one class token, first
+
+
+def _vit_stem(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # conv1's output is the patch content before the class token and positional embedding join it; a forward
+    # hook keeps it from the one pass that also gives the pooled features, and ln_pre (the tower's own norm
+    # of its first block's input) puts it on the scale 'embed' states have.
+    captured = []
+    handle = visual.conv1.register_forward_hook(lambda module, args, output: captured.append(output))
+    try:
+        pooled, _ = _vit_tokens(visual, images)
+    finally:
+        handle.remove()
+    if len(captured) != 1:
+        raise MedclipError(f"could not read the ViT's patch stem (conv1 ran {len(captured)} time(s))")
+    return pooled, visual.ln_pre(captured[0].flatten(2).transpose(1, 2))
 
 
 def set_grad_checkpointing(model, enable: bool = True) -> None:
