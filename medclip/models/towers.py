@@ -117,35 +117,35 @@ def _vit_tokens(visual: VisionTransformer, images: torch.Tensor, block: int = -1
     return out["image_features"], out["image_intermediates"][-1]
 
 
-def _vit_embeddings(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # ln_pre's output is the first block's input (open_clip applies it last in the embedding stem);
-    # a forward hook (public nn.Module API) keeps it from the one pass that also gives the pooled features.
+def _vit_pass_keeping(visual: VisionTransformer, images: torch.Tensor, module, what: str):
+    """(pooled features, ``module``'s output) from one forward pass: a forward hook (public nn.Module API)
+    keeps the output of one stem module from the pass that also gives the pooled features."""
     captured = []
-    handle = visual.ln_pre.register_forward_hook(lambda module, args, output: captured.append(output))
-    try:
-        pooled, _ = _vit_tokens(visual, images)
-    finally:
-        handle.remove()
-    patches = int(visual.grid_size[0] * visual.grid_size[1])
-    if len(captured) != 1 or captured[0].shape[1] != patches + 1:
-        raise MedclipError("could not read the ViT's patch embeddings (ln_pre ran "
-                           f"{len(captured)} time(s); patch dropout must be off)")
-    return pooled, captured[0][:, 1:]  # open_clip ViTs have one class token, first
-
-
-def _vit_stem(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # conv1's output is the patch content before the class token and positional embedding join it; a forward
-    # hook keeps it from the one pass that also gives the pooled features, and ln_pre (the tower's own norm
-    # of its first block's input) puts it on the scale 'embed' states have.
-    captured = []
-    handle = visual.conv1.register_forward_hook(lambda module, args, output: captured.append(output))
+    handle = module.register_forward_hook(lambda mod, args, output: captured.append(output))
     try:
         pooled, _ = _vit_tokens(visual, images)
     finally:
         handle.remove()
     if len(captured) != 1:
-        raise MedclipError(f"could not read the ViT's patch stem (conv1 ran {len(captured)} time(s))")
-    return pooled, visual.ln_pre(captured[0].flatten(2).transpose(1, 2))
+        raise MedclipError(f"could not read the ViT's {what} (it ran {len(captured)} time(s))")
+    return pooled, captured[0]
+
+
+def _vit_embeddings(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # ln_pre's output is the first block's input (open_clip applies it last in the embedding stem).
+    pooled, embedded = _vit_pass_keeping(visual, images, visual.ln_pre, "patch embeddings")
+    patches = int(visual.grid_size[0] * visual.grid_size[1])
+    if embedded.shape[1] != patches + 1:
+        raise MedclipError(f"could not read the ViT's patch embeddings ({embedded.shape[1]} tokens for "
+                           f"{patches} patches and a class token; patch dropout must be off)")
+    return pooled, embedded[:, 1:]  # open_clip ViTs have one class token, first
+
+
+def _vit_stem(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # conv1's output is the patch content before the class token and positional embedding join it; ln_pre
+    # (the tower's own norm of its first block's input) puts it on the scale 'embed' states have.
+    pooled, stem = _vit_pass_keeping(visual, images, visual.conv1, "patch stem")
+    return pooled, visual.ln_pre(stem.flatten(2).transpose(1, 2))
 
 
 def set_grad_checkpointing(model, enable: bool = True) -> None:
