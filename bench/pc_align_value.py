@@ -69,6 +69,8 @@ VARIANTS = {
                             ["objective.pc_patch_states=last", "objective.pc_patch_context=1"]),
     "heads_on_block1": ("heads read the first block's tokens with their 3x3 neighbours (a patch next to its "
                         "surroundings)", ["objective.pc_patch_states=block1"]),
+    "negated_negative": ("a concept the caption names negated ('no hemorrhage') is a negative of its own image, so "
+                         "normal studies are scored", ["objective.pc_negated=negative"]),
     "heads_on_stem": ("heads read the patch stem without the positional embedding, with their 3x3 neighbours (what "
                       "a patch shows, not where it is)", ["objective.pc_patch_states=stem"]),
     "conv_head": ("the patch head as two convolutions over the grid (3x3, then 3x3 and 1x1; two non-linearities)",

@@ -51,18 +51,21 @@ def collate_images(images: list[torch.Tensor | np.ndarray | DeferredJpeg]) -> to
 
 
 def _concept_tensors(samples: list[DecodedSample]) -> dict:
-    """Spans [B, C, 2], ids [B, C] and mask [B, C], padded to the batch's most concepts (C >= 1)."""
+    """Spans [B, C, 2], ids [B, C], mask [B, C] (the caption's concepts that are there) and negated [B, C] (the
+    ones it says are absent, "no hemorrhage"), padded to the batch's most concepts (C >= 1)."""
     b = len(samples)
     c = max([1] + [len(s.spans) for s in samples])
     spans = torch.zeros(b, c, 2, dtype=torch.long)
     ids = torch.zeros(b, c, dtype=torch.long)
     mask = torch.zeros(b, c, dtype=torch.bool)
+    negated = torch.zeros(b, c, dtype=torch.bool)
     for i, s in enumerate(samples):
         for j, (span, cui, pos) in enumerate(zip(s.spans, s.cuis, s.positive)):
             spans[i, j, 0], spans[i, j, 1] = span
             ids[i, j] = cui
             mask[i, j] = pos
-    return {"concept_spans": spans, "concept_ids": ids, "concept_mask": mask}
+            negated[i, j] = not pos
+    return {"concept_spans": spans, "concept_ids": ids, "concept_mask": mask, "concept_negated": negated}
 
 
 def _name_tokens(samples: list[DecodedSample], concepts: int) -> torch.Tensor:

@@ -68,6 +68,9 @@ class ObjectiveConfig:
     # Weight of the patch-level negatives (pc_align.py): every patch of an image without a concept is a
     # negative of it, not only the image's maximum; 0 = off (ConceptCLIP's form).
     pc_patch_negatives: float = 0.0
+    # A concept the image's own caption names negated ("no hemorrhage"): 'ignore' (ConceptCLIP) or 'negative' of
+    # that image, which also scores normal studies (pc_align.py).
+    pc_negated: str = "ignore"
     use_concept_names: bool = False  # also align the embedding of each concept's name
     # What the patch head reads (models.heads.PATCH_STATES: the 'last' block, the patch 'embed'dings, the patch
     # 'stem' without positions or 'blockN') and the k x k neighbourhood it sees; kept in the exported heads'
@@ -117,7 +120,7 @@ class ObjectiveConfig:
     def pc_config(self) -> PCAlignConfig:
         return PCAlignConfig(pool=self.pc_pool, topk=self.pc_topk, lse_temperature=self.pc_lse_temperature,
                              chunk_size=self.pc_chunk_size, same_concept=self.pc_same_concept,
-                             patch_negatives=self.pc_patch_negatives)
+                             patch_negatives=self.pc_patch_negatives, negated=self.pc_negated)
 
     def pc_active(self, step: int | None) -> bool:
         return self.pc_weight > 0 and (step is None or step >= self.pc_start_step)
@@ -135,6 +138,7 @@ class Features:
     concept_mask: torch.Tensor | None = None  # [B, C] bool
     concept_ids: torch.Tensor | None = None  # [B, C] long
     pool_keys: torch.Tensor | None = None  # [B, K] int64 caption keys of each image's pool (it_positives 'pool')
+    concept_negated: torch.Tensor | None = None  # [B, C] bool, concepts the caption names negated (pc_negated)
 
     @property
     def has_concepts(self) -> bool:
@@ -172,6 +176,8 @@ def concat_features(parts: list[Features]) -> Features:
         concepts=torch.cat([_pad_concepts(p.concepts, c) for p in parts]),
         concept_mask=torch.cat([_pad_concepts(p.concept_mask, c, False) for p in parts]),
         concept_ids=torch.cat([_pad_concepts(p.concept_ids, c) for p in parts]),
+        concept_negated=None if parts[0].concept_negated is None
+        else torch.cat([_pad_concepts(p.concept_negated, c, False) for p in parts]),
     )
 
 
@@ -270,6 +276,7 @@ class Objective:
         if not pc_on:
             return features
         spans, ids, mask = self._concept_fields(batch, images.shape[0])
+        negated = self._negated(batch, mask)
         span_mask, mask = self.span_mask(spans, mask, text.shape[1])
         concepts = heads.embed_spans(token_states, span_mask)
         if self.config.use_concept_names:
@@ -279,9 +286,21 @@ class Objective:
             concepts = torch.cat([concepts, names.to(concepts.dtype)], dim=1)
             ids = torch.cat([ids, ids], dim=1)
             mask = torch.cat([mask, name_mask], dim=1)
+            negated = None if negated is None else torch.cat([negated, torch.zeros_like(negated)], dim=1)
         features.patches = heads.embed_patches(patch_states, towers.grid_size(model))
         features.concepts, features.concept_mask, features.concept_ids = concepts, mask, ids
+        features.concept_negated = negated
         return features
+
+    def _negated(self, batch: dict, mask: torch.Tensor) -> torch.Tensor | None:
+        if self.config.pc_negated != "negative":
+            return None
+        negated = batch.get("concept_negated")
+        if negated is None or negated.shape != mask.shape:
+            raise MedclipError(f"objective.pc_negated 'negative' needs the batch field concept_negated [B, C] = "
+                               f"{tuple(mask.shape)} (medclip's training stream gives it), got "
+                               f"{None if negated is None else tuple(negated.shape)}")
+        return negated.bool()
 
     # ---- features -> losses ------------------------------------------------------------------------
 
@@ -303,7 +322,8 @@ class Objective:
             raise MedclipError("PC-Align is on at this step but the features were computed without it; "
                                "pass the step to forward_features")
         pc = pc_align_loss(features.patches, features.concepts, features.concept_mask, features.concept_ids,
-                           heads.logit_scale, heads.logit_bias, cfg.pc_config(), world=self.world)
+                           heads.logit_scale, heads.logit_bias, cfg.pc_config(), world=self.world,
+                           concept_negated=features.concept_negated)
         return {"total": it + cfg.pc_weight * pc, "it": it, "pc": pc}
 
     def compute(self, model, heads, batch: dict, step: int) -> dict[str, torch.Tensor]:

@@ -15,6 +15,9 @@ With ``patch_negatives`` = w > 0, each negative pair also adds w times the mean 
 of the binary loss of that patch as a negative: an image without the concept says that none of its
 patches shows it (multiple-instance learning's negative bag), which the max alone teaches one patch
 per pair and step. The patches of a positive pair stay unlabelled but for the maximum.
+With ``negated`` = 'negative', a concept the image's own caption says is absent ("no hemorrhage") is a
+negative of that image wherever it occurs in the global batch, and an image whose caption names concepts
+only negated (a normal study) is scored on those; 'ignore' leaves negated mentions out, as ConceptCLIP.
 Images whose caption has no valid concept are not scored (an unannotated caption says nothing about
 which concepts are absent); padding and negated mentions are never scored as concepts.
 
@@ -51,6 +54,8 @@ POOLS = ("max", "topk", "lse")
 # A concept of another caption with the same id as one of the image's own: 'ignore' (medclip: not a
 # negative, since the image does show it) or 'negative' (ConceptCLIP: a false negative).
 SAME_CONCEPT_RULES = ("ignore", "negative")
+# A concept the image's own caption names negated: 'ignore' (not scored) or 'negative' (module doc).
+NEGATED_RULES = ("ignore", "negative")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class PCAlignConfig:
     chunk_size: int | None = 64  # concepts per chunk; None computes all concepts at once (naive)
     same_concept: str = "ignore"  # see SAME_CONCEPT_RULES
     patch_negatives: float = 0.0  # weight of the patch-level negatives (module doc); 0 = off
+    negated: str = "ignore"  # see NEGATED_RULES
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -71,6 +77,8 @@ class PCAlignConfig:
             raise MedclipError(f"PC-Align topk must be >= 1, got {self.topk}")
         if not self.lse_temperature > 0:
             raise MedclipError(f"PC-Align lse temperature must be > 0, got {self.lse_temperature}")
+        if self.negated not in NEGATED_RULES:
+            raise MedclipError(f"PC-Align negated must be one of {NEGATED_RULES}, got {self.negated!r}")
         if not self.patch_negatives >= 0:
             raise MedclipError(f"PC-Align patch_negatives must be >= 0, got {self.patch_negatives}")
         if self.chunk_size is not None and self.chunk_size < 1:
@@ -240,9 +248,10 @@ def gather_concepts(concepts, concept_mask, concept_ids, world: World) -> Global
     )
 
 
-def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids,
-                same_concept: str = "ignore") -> tuple[torch.Tensor, torch.Tensor]:
-    """(positive [B, N] bool, counted [B, N] bool) for this rank's images against the global concepts."""
+def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids, same_concept: str = "ignore",
+                negated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positive [B, N] bool, counted [B, N] bool) for this rank's images against the global concepts;
+    ``negated`` [B, C]: the slots of concept_ids the image's caption says are absent (counted as negatives)."""
     batch = concept_mask.shape[0]
     me = torch.arange(batch, device=concept_mask.device) + global_concepts.image_offset
     valid = global_concepts.valid[None, :]
@@ -253,7 +262,12 @@ def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids,
                    & concept_mask[:, :, None]).any(dim=1)
         negative &= ~same_id
     scored_image = concept_mask.any(dim=1, keepdim=True)
-    return positive, (positive | negative) & scored_image
+    counted = (positive | negative) & scored_image
+    if negated is not None:
+        said_absent = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :]) & negated[:, :, None]).any(1)
+        own = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :]) & concept_mask[:, :, None]).any(1)
+        counted |= said_absent & valid & ~own  # a concept the caption also names as present stays its own
+    return positive, counted
 
 
 def pc_align_loss(
@@ -265,11 +279,13 @@ def pc_align_loss(
     logit_bias: torch.Tensor,
     cfg: PCAlignConfig = PCAlignConfig(),
     world: World | None = None,
+    concept_negated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """PC-Align loss of this rank (see module doc).
 
     patch_embeds [B, P, D] and concept_embeds [B, C, D] (not normalized), concept_mask [B, C] bool,
-    concept_ids [B, C] long; logit_scale is log-space (t_c = exp), logit_bias is b_c.
+    concept_ids [B, C] long; logit_scale is log-space (t_c = exp), logit_bias is b_c; concept_negated [B, C]
+    bool, the slots the caption names negated (read with ``cfg.negated`` 'negative').
     """
     world = resolve(world)
     if concept_embeds.shape[:2] != concept_mask.shape or concept_ids.shape != concept_mask.shape:
@@ -279,6 +295,12 @@ def pc_align_loss(
     if patch_embeds.shape[0] != concept_mask.shape[0]:
         raise MedclipError(f"{patch_embeds.shape[0]} images but {concept_mask.shape[0]} concept rows")
     concept_mask = concept_mask.bool()
+    negated = None
+    if cfg.negated == "negative":
+        if concept_negated is None or concept_negated.shape != concept_mask.shape:
+            raise MedclipError(f"PC-Align negated 'negative' needs concept_negated [B, C] = {tuple(concept_mask.shape)}"
+                               f", got {None if concept_negated is None else tuple(concept_negated.shape)}")
+        negated = concept_negated.bool() & ~concept_mask
     scale = logit_scale.exp()
     concepts = F.normalize(concept_embeds, dim=-1)
     gathered = gather_concepts(concepts, concept_mask, concept_ids, world)
@@ -287,8 +309,9 @@ def pc_align_loss(
     zero = (patch_embeds.sum() + kept.sum() + scale + logit_bias) * 0.0
     if gathered is None:
         return zero
-    positive, counted = pair_labels(gathered, concept_mask, concept_ids, cfg.same_concept)
-    scored_images = all_reduce_sum(concept_mask.any(dim=1).sum().to(patch_embeds.dtype), world)
+    positive, counted = pair_labels(gathered, concept_mask, concept_ids, cfg.same_concept, negated)
+    scored = concept_mask.any(dim=1) if negated is None else concept_mask.any(dim=1) | negated.any(dim=1)
+    scored_images = all_reduce_sum(scored.sum().to(patch_embeds.dtype), world)
     scores = concept_scores(patch_embeds, gathered.embeddings, scale, logit_bias, cfg)
     sign = positive.to(scores.dtype) * 2 - 1
     pair_loss = (-F.logsigmoid(sign * scores) * counted.to(scores.dtype)).sum()
