@@ -80,11 +80,16 @@ def view_region(source_size: tuple[int, int], preprocess_cfg: dict) -> tuple[flo
     return (width - side) / 2.0, (height - side) / 2.0, float(side), float(side)
 
 
+def _mean_std(preprocess_cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """([3], [3]) the normalization the encoder's preprocessing applies."""
+    return (torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32),
+            torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32))
+
+
 def model_view(tensor: torch.Tensor, preprocess_cfg: dict) -> Image.Image:
     """The preprocessed tensor [3, H, W] back to an RGB image (undo mean/std normalization)."""
-    mean = torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)[:, None, None]
-    std = torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)[:, None, None]
-    pixels = (tensor.float().cpu() * std + mean).clamp(0, 1)
+    mean, std = _mean_std(preprocess_cfg)
+    pixels = (tensor.float().cpu() * std[:, None, None] + mean[:, None, None]).clamp(0, 1)
     return Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
@@ -102,10 +107,11 @@ def explain(encoder, image, concepts: Sequence[str], scorer: ConceptScorer | Non
     window = getattr(encoder.preprocess, "window", None)
     source = load_image(image, window)  # PIL images too: upright (EXIF) and RGB, as encode_image sees them
     tensor = encoder.preprocess(source)
-    patch = patch_pixels(encoder, tensor)
-    steps = _shift_counts(patch, stride)
-    views = tensor[None] if steps == (1, 1) else torch.cat([tensor[None], shifted_views(
-        tensor, patch, stride, black_pixel(encoder.preprocess_cfg))])
+    steps, views = (1, 1), tensor[None]
+    if stride is not None:  # only then must the grid tile the input (a CNN's grid may round up)
+        patch = patch_pixels(encoder, tensor)
+        steps = _shift_counts(patch, stride)
+        views = torch.cat([views, shifted_views(tensor, patch, stride, black_pixel(encoder.preprocess_cfg))])
     image_scores, patch_scores = scorer.score(views, names)
     gh, gw = encoder.grid_size
     if patch_scores.shape[-1] != gh * gw:
@@ -124,10 +130,8 @@ def patch_pixels(encoder, tensor: torch.Tensor) -> tuple[int, int]:
     return height // gh, width // gw
 
 
-def _shift_counts(patch: tuple[int, int], stride: int | None) -> tuple[int, int]:
-    """Views per axis for maps every ``stride`` pixels; (1, 1) for one map per patch."""
-    if stride is None:
-        return 1, 1
+def _shift_counts(patch: tuple[int, int], stride: int) -> tuple[int, int]:
+    """Views per axis for maps every ``stride`` pixels."""
     if stride < 1 or patch[0] % stride or patch[1] % stride:
         raise MedclipError(f"stride must divide the model's {patch[1]}x{patch[0]}-pixel patch, got {stride}")
     return patch[0] // stride, patch[1] // stride
@@ -135,21 +139,21 @@ def _shift_counts(patch: tuple[int, int], stride: int | None) -> tuple[int, int]
 
 def black_pixel(preprocess_cfg: dict) -> torch.Tensor:
     """[3] the normalized value of a black pixel (what open_clip's letterbox padding fills)."""
-    mean = torch.tensor(preprocess_cfg.get("mean", (0.0, 0.0, 0.0)), dtype=torch.float32)
-    std = torch.tensor(preprocess_cfg.get("std", (1.0, 1.0, 1.0)), dtype=torch.float32)
+    mean, std = _mean_std(preprocess_cfg)
     return -mean / std
 
 
 def shifted_views(tensor: torch.Tensor, patch: tuple[int, int], stride: int, fill: torch.Tensor) -> torch.Tensor:
     """Shift-and-stitch (Long et al., FCN): [3, H, W] -> [n_rows * n_cols, 3, H, W], the input moved by whole
     pixels so that view (m_row, m_col) (row-major) has its grid cell i centred on input pixel
-    ``stride * (n * i + m) + stride / 2`` on each axis (n = patch / stride; within half a pixel when
-    patch - stride is odd). Pixels moved in from outside the input are ``fill``."""
+    ``stride * (n * i + m) + stride / 2`` on each axis (n = patch / stride; half a pixel further on, the same
+    for every view, when patch - stride is odd). Pixels moved in from outside the input are ``fill``."""
     pad_y, pad_x = patch
     _, height, width = tensor.shape
     padded = fill.to(tensor)[:, None, None].expand(-1, height + 2 * pad_y, width + 2 * pad_x).clone()
     padded[:, pad_y:pad_y + height, pad_x:pad_x + width] = tensor
-    shifts = [[round((p - stride) / 2 - m * stride) for m in range(p // stride)] for p in patch]
+    # Floor, not round: Python rounds halves to even, which would give two views the same shift (stride 1).
+    shifts = [[(p - stride) // 2 - m * stride for m in range(p // stride)] for p in patch]
     # Moving the content by (dy, dx): view[y, x] = input[y - dy, x - dx].
     return torch.stack([padded[:, pad_y - dy:pad_y - dy + height, pad_x - dx:pad_x - dx + width]
                         for dy in shifts[0] for dx in shifts[1]])

@@ -6,9 +6,10 @@ accumulation with re-forward (open_clip's accum_freq) it calls the two halves se
 ``objective.losses(concat_features(all_features), step, model, heads)``.
 
 Batch fields (see the data contract): images [B,3,H,W], text [B,L], concept_spans [B,C,2] (token
-start, end-exclusive, position 0 = start token), concept_ids [B,C], concept_mask [B,C]; and, with
+start, end-exclusive, position 0 = start token), concept_ids [B,C], concept_mask [B,C]; with
 ``use_concept_names``, concept_name_tokens [B,C,L'] (the concept's name tokenized like a caption,
-pad ids where there is no concept).
+pad ids where there is no concept); with ``pc_negated: negative``, concept_negated [B,C] (the slots
+the caption names negated).
 """
 
 from __future__ import annotations

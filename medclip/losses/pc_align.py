@@ -257,16 +257,15 @@ def pair_labels(global_concepts: GlobalConcepts, concept_mask, concept_ids, same
     valid = global_concepts.valid[None, :]
     positive = valid & (global_concepts.owners[None, :] == me[:, None])
     negative = valid & ~positive
-    if same_concept == "ignore":  # another caption's mention of one of my own CUIs: neither positive nor negative
-        same_id = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :])
-                   & concept_mask[:, :, None]).any(dim=1)
-        negative &= ~same_id
+    same_id = concept_ids[:, :, None] == global_concepts.ids[None, None, :]  # [B, C, N]
+    own_id = (same_id & concept_mask[:, :, None]).any(dim=1)  # another caption's mention of one of my own CUIs
+    if same_concept == "ignore":  # ... is neither positive nor negative
+        negative &= ~own_id
     scored_image = concept_mask.any(dim=1, keepdim=True)
     counted = (positive | negative) & scored_image
     if negated is not None:
-        said_absent = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :]) & negated[:, :, None]).any(1)
-        own = ((concept_ids[:, :, None] == global_concepts.ids[None, None, :]) & concept_mask[:, :, None]).any(1)
-        counted |= said_absent & valid & ~own  # a concept the caption also names as present stays its own
+        said_absent = (same_id & negated[:, :, None]).any(dim=1)
+        counted |= said_absent & valid & ~own_id  # a concept the caption also names as present stays its own
     return positive, counted
 
 
