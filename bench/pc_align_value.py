@@ -376,6 +376,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.findings_figure and ("random" not in args.split or "pc_align" not in args.variants or args.no_model
                                  or args.real):
         parser.error("--findings-figure draws the pc_align runs of --split random: add both")
+    if args.stride is not None:  # checked before any run trains, not when the first one is scored
+        from medclip.models.registry import get_model_config
+        from medclip.training.config import load_recipe
+
+        patch = get_model_config(load_recipe(RECIPE).model.name)["vision_cfg"]["patch_size"]
+        if args.stride < 1 or patch % args.stride:
+            parser.error(f"--stride must divide the demo model's {patch}-pixel patch, got {args.stride}")
     out = (REPO / args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.real:

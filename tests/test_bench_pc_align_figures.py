@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 from engine_helpers import load_bench
 
@@ -41,3 +42,11 @@ def test_findings_figure_shows_each_finding_once_with_its_own_box_and_pointing_r
     hits = figures.render_findings_figure(run, tmp_path / "findings-stride.png", stride=4)
     scored = {(r["key"], r["concept"]): r["hit"] for r in evaluate_grounding(encoder, records, stride=4).per_record}
     assert hits == [scored[(sample.key, name)] for sample, name, _ in panels]
+
+
+def test_a_stride_that_does_not_divide_the_patch_stops_the_bench_before_training(tmp_path, capsys):
+    bench = load_bench("pc_align_value.py")
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--stride", "3", "--seeds", "0", "--report-only", "--out", str(tmp_path / "out")])
+    assert stop.value.code == 2 and "--stride must divide the demo model's 8-pixel patch, got 3" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing built, nothing trained
